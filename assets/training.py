@@ -1,0 +1,139 @@
+"""Training: a LightGBM churn model per tenant, tracked and registered in MLflow (dagster-mlflow)."""
+
+
+import datetime as dt
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+import dagster as dg
+from resources import modeling
+from resources.feature_store import FEATURE_COLUMNS, FEATURE_VIEW_VERSION, content_hash
+from resources.registry import registered_model_name, runtime_tags
+from resources.tenants import TENANT_PARTITIONS
+
+CANDIDATES_DDL = """
+CREATE TABLE IF NOT EXISTS model_candidates (
+    model_version VARCHAR PRIMARY KEY,
+    trained_at TIMESTAMP NOT NULL,
+    mlflow_run_id VARCHAR NOT NULL,
+    dagster_run_id VARCHAR NOT NULL,
+    dataset_version VARCHAR NOT NULL,
+    feature_view_version VARCHAR NOT NULL,
+    holdout_cutoff TIMESTAMP NOT NULL,
+    model_bytes BIGINT NOT NULL,
+    metrics VARCHAR NOT NULL
+)
+"""
+HOLDOUT_TABLE = "model_holdout_scores"
+
+
+@dg.asset(
+    deps=["churn_training_set"],
+    partitions_def=TENANT_PARTITIONS,
+    group_name="training",
+    kinds={"lightgbm", "mlflow"},
+    # dagster-mlflow's resource is function-style, so this asset names its resources by key.
+    required_resource_keys={"mlflow", "warehouse", "registry"},
+)
+def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """LightGBM churn model trained on a time split, logged to MLflow and registered as
+    ``churn-<tenant>``; the model version carries every lineage tag needed to reproduce it."""
+    tenant = context.partition_key
+    warehouse, registry = context.resources.warehouse, context.resources.registry
+    mlf = context.resources.mlflow
+
+    with warehouse.connect(tenant) as con:
+        training = con.execute("SELECT * FROM churn_training_set ORDER BY prediction_time, account_id").df()
+    if training.empty:
+        raise dg.Failure(f"tenant {tenant!r}: churn_training_set is empty; nothing to train on")
+    dataset_version = content_hash(training)
+    split = modeling.time_split(training)
+    booster = modeling.train_booster(split.train)
+    holdout_scores = modeling.score(booster, split.holdout)
+    y_holdout = split.holdout["churned"].to_numpy()
+    metrics = modeling.evaluate(y_holdout, holdout_scores)
+    importance = modeling.top_features(booster)
+    roc_png, calibration_png = modeling.roc_and_calibration_png(y_holdout, holdout_scores, tenant)
+
+    lineage = {
+        "tenant": tenant,
+        "dataset_version": dataset_version,
+        "feature_view_version": FEATURE_VIEW_VERSION,
+        **runtime_tags(),
+        "dagster_run_id": context.run_id,
+        "dagster_partition": tenant,
+    }
+    run_id = mlflow.active_run().info.run_id
+    mlf.log_params({**modeling.LGBM_PARAMS, "num_boost_round": modeling.NUM_BOOST_ROUND,
+                    "holdout_cutoff": str(split.cutoff.date()), "features": ",".join(FEATURE_COLUMNS)})
+    mlf.log_metrics({**metrics, "train_rows": len(split.train), "holdout_rows": len(split.holdout)})
+    mlf.set_tags(lineage)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, png in (("roc.png", roc_png), ("calibration.png", calibration_png)):
+            (Path(tmp) / name).write_bytes(png)
+            mlf.log_artifact(str(Path(tmp) / name), artifact_path="plots")
+        model_file = Path(tmp) / "model.txt"
+        booster.save_model(str(model_file))
+        model_bytes = model_file.stat().st_size
+    info = mlflow.lightgbm.log_model(
+        booster, name="model", registered_model_name=registered_model_name(tenant),
+    )
+    version = str(info.registered_model_version)
+    registry.tag_version(tenant, version, lineage | {"mlflow_run_id": run_id})
+    mlflow.end_run()
+
+    holdout = split.holdout.assign(score=holdout_scores, model_version=version)
+    with warehouse.transaction(tenant) as con:
+        con.execute(CANDIDATES_DDL)
+        con.execute(
+            "INSERT OR REPLACE INTO model_candidates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [version, dt.datetime.now(dt.UTC).replace(tzinfo=None), run_id, context.run_id, dataset_version,
+             FEATURE_VIEW_VERSION, split.cutoff.to_pydatetime(), model_bytes, json.dumps(metrics)],
+        )
+        con.register("holdout_frame", holdout)
+        con.execute(f"CREATE TABLE IF NOT EXISTS {HOLDOUT_TABLE} AS SELECT * FROM holdout_frame LIMIT 0")
+        con.execute(f"DELETE FROM {HOLDOUT_TABLE} WHERE model_version = ?", [version])  # noqa: S608
+        con.execute(f"INSERT INTO {HOLDOUT_TABLE} BY NAME SELECT * FROM holdout_frame")  # noqa: S608
+        con.unregister("holdout_frame")
+    warehouse.audit(tenant, actor="training", action="model_trained", subject=f"{registered_model_name(tenant)}/{version}",
+                    outcome="registered", details={**metrics, "mlflow_run_id": run_id, "dataset_version": dataset_version})
+
+    return dg.MaterializeResult(
+        metadata={
+            "model_name": registered_model_name(tenant),
+            "model_version": version,
+            "mlflow_run_id": run_id,
+            "dataset_version": dataset_version,
+            "train_rows": dg.MetadataValue.int(len(split.train)),
+            "holdout_rows": dg.MetadataValue.int(len(split.holdout)),
+            "holdout_cutoff": str(split.cutoff.date()),
+            "roc_auc": dg.MetadataValue.float(metrics["roc_auc"]),
+            "pr_auc": dg.MetadataValue.float(metrics["pr_auc"]),
+            "brier": dg.MetadataValue.float(metrics["brier"]),
+            "expected_calibration_error": dg.MetadataValue.float(metrics["ece"]),
+            "model_bytes": dg.MetadataValue.int(model_bytes),
+            "top_features": dg.MetadataValue.md(importance.to_markdown(index=False, floatfmt=".3f")),
+            "roc_curve": _png_metadata(roc_png),
+            "calibration_curve": _png_metadata(calibration_png),
+        }
+    )
+
+
+def _png_metadata(png: bytes) -> dg.MetadataValue:
+    import base64
+
+    return dg.MetadataValue.md(f"![plot](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def latest_candidate(con) -> pd.Series:
+    """The most recently trained model version of this tenant, with its metrics."""
+    con.execute(CANDIDATES_DDL)
+    frame = con.execute("SELECT * FROM model_candidates ORDER BY trained_at DESC LIMIT 1").df()
+    if frame.empty:
+        raise dg.Failure("no trained model candidate yet: materialize churn_model first")
+    row = frame.iloc[0]
+    return row

@@ -1,0 +1,181 @@
+"""Validation gates: blocking asset checks between a trained model and the ``challenger`` alias.
+
+Each gate evaluates the newest model candidate of the tenant, records its result in the
+warehouse table ``gate_results`` and in the audit log, and explains itself in the UI. A failed
+gate blocks ``churn_model_aliases`` in the same run, and that asset also refuses any version
+without a full set of passed gates.
+"""
+
+
+import datetime as dt
+
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+import dagster as dg
+from assets.training import HOLDOUT_TABLE, churn_model, latest_candidate
+from resources import modeling
+from resources.gates import GateOutcome, GatePolicy
+from resources.registry import CHAMPION, ModelRegistry, registered_model_name
+from resources.warehouse import DuckDBWarehouse
+
+GATE_RESULTS_DDL = """
+CREATE TABLE IF NOT EXISTS gate_results (
+    model_version VARCHAR NOT NULL,
+    gate VARCHAR NOT NULL,
+    passed BOOLEAN NOT NULL,
+    value DOUBLE,
+    threshold DOUBLE,
+    reason VARCHAR NOT NULL,
+    dagster_run_id VARCHAR NOT NULL,
+    evaluated_at TIMESTAMP NOT NULL
+)
+"""
+GATES = ("roc_auc_gate", "calibration_gate", "fairness_gate", "latency_gate", "model_size_gate")
+
+
+def tenant_of(context: dg.AssetCheckExecutionContext) -> str:
+    tenant = context.run.tags.get("dagster/partition")
+    if not tenant:
+        raise dg.Failure("validation gates run per tenant: launch them with a tenant partition")
+    return tenant
+
+
+def record_gate(context, warehouse: DuckDBWarehouse, version: str, outcome: GateOutcome) -> dg.AssetCheckResult:
+    """Persist a gate outcome and its audit entry, and turn it into the check result the UI shows."""
+    tenant = tenant_of(context)
+    with warehouse.transaction(tenant) as con:
+        con.execute(GATE_RESULTS_DDL)
+        con.execute(
+            "INSERT INTO gate_results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [version, outcome.gate, outcome.passed, outcome.value, outcome.threshold, outcome.reason,
+             context.run.run_id, dt.datetime.now(dt.UTC).replace(tzinfo=None)],
+        )
+    warehouse.audit(
+        tenant, actor="validation", action=f"gate:{outcome.gate}", subject=f"{registered_model_name(tenant)}/{version}",
+        outcome="passed" if outcome.passed else "failed",
+        details={"value": outcome.value, "threshold": outcome.threshold, "reason": outcome.reason},
+    )
+    return dg.AssetCheckResult(
+        passed=outcome.passed,
+        description=outcome.reason,
+        metadata={
+            "model_version": version,
+            "value": dg.MetadataValue.float(float(outcome.value)),
+            "threshold": dg.MetadataValue.float(float(outcome.threshold)),
+            "reason": outcome.reason,
+        },
+    )
+
+
+def _candidate_and_holdout(warehouse: DuckDBWarehouse, tenant: str) -> tuple[pd.Series, pd.DataFrame]:
+    with warehouse.connect(tenant) as con:
+        candidate = latest_candidate(con)
+        holdout = con.execute(
+            f"SELECT * FROM {HOLDOUT_TABLE} WHERE model_version = ?", [candidate["model_version"]]  # noqa: S608
+        ).df()
+    return candidate, holdout
+
+
+def _gate(**kwargs):
+    # Checks of a partitioned asset run in the asset's partitioned run; the tenant comes from its tags.
+    return dg.asset_check(asset=churn_model, blocking=True, **kwargs)
+
+
+@_gate(description="Holdout ROC AUC is above the floor and not worse than the champion's beyond a tolerance.")
+def roc_auc_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWarehouse,
+                 registry: ModelRegistry, gates: GatePolicy) -> dg.AssetCheckResult:
+    tenant = tenant_of(context)
+    candidate, holdout = _candidate_and_holdout(warehouse, tenant)
+    version = candidate["model_version"]
+    auc = float(roc_auc_score(holdout["churned"], holdout["score"]))
+    if auc < gates.min_roc_auc:
+        return record_gate(context, warehouse, version, GateOutcome(
+            "roc_auc_gate", False, auc, gates.min_roc_auc,
+            f"ROC AUC {auc:.4f} is below the floor {gates.min_roc_auc:.4f}"))
+    champion = registry.alias_version(tenant, CHAMPION)
+    if champion is None or champion.version == version:
+        return record_gate(context, warehouse, version, GateOutcome(
+            "roc_auc_gate", True, auc, gates.min_roc_auc,
+            f"ROC AUC {auc:.4f} >= floor {gates.min_roc_auc:.4f}; no other champion to compare with"))
+    champion_scores = modeling.score(registry.load_booster(tenant, champion.version), holdout)
+    champion_auc = float(roc_auc_score(holdout["churned"], champion_scores))
+    floor = champion_auc - gates.champion_auc_tolerance
+    passed = auc >= floor
+    return record_gate(context, warehouse, version, GateOutcome(
+        "roc_auc_gate", passed, auc, floor,
+        f"ROC AUC {auc:.4f} vs champion v{champion.version} {champion_auc:.4f} on the same holdout "
+        f"(tolerance {gates.champion_auc_tolerance}): {'ok' if passed else 'worse than the champion'}"))
+
+
+@_gate(description="Expected calibration error on the holdout is under the limit.")
+def calibration_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWarehouse,
+                     gates: GatePolicy) -> dg.AssetCheckResult:
+    candidate, holdout = _candidate_and_holdout(warehouse, tenant_of(context))
+    ece = modeling.expected_calibration_error(holdout["churned"].to_numpy(), holdout["score"].to_numpy())
+    passed = ece <= gates.max_expected_calibration_error
+    return record_gate(context, warehouse, candidate["model_version"], GateOutcome(
+        "calibration_gate", passed, ece, gates.max_expected_calibration_error,
+        f"expected calibration error {ece:.4f} {'<=' if passed else '>'} {gates.max_expected_calibration_error}"))
+
+
+@_gate(description="ROC AUC gap between customer segments (fairlearn MetricFrame) is under the limit.")
+def fairness_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWarehouse,
+                  gates: GatePolicy) -> dg.AssetCheckResult:
+    candidate, holdout = _candidate_and_holdout(warehouse, tenant_of(context))
+    table = modeling.fairness_by_group(
+        holdout["churned"].to_numpy(), holdout["score"].to_numpy(), holdout[modeling.FAIRNESS_ATTRIBUTE],
+        min_group_size=gates.fairness_min_group_size,
+    )
+    gap = modeling.fairness_gap(table)
+    passed = gap <= gates.max_fairness_gap
+    result = record_gate(context, warehouse, candidate["model_version"], GateOutcome(
+        "fairness_gate", passed, gap, gates.max_fairness_gap,
+        f"ROC AUC gap across {modeling.FAIRNESS_ATTRIBUTE} is {gap:.4f} "
+        f"({'within' if passed else 'over'} the limit {gates.max_fairness_gap})"))
+    return dg.AssetCheckResult(
+        passed=result.passed, description=result.description,
+        metadata={**result.metadata, "by_group": dg.MetadataValue.md(table.to_markdown(index=False, floatfmt=".3f"))},
+    )
+
+
+@_gate(description="Single-row in-process scoring p99 (encoding + predict) is under the latency budget.")
+def latency_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWarehouse,
+                 registry: ModelRegistry, gates: GatePolicy) -> dg.AssetCheckResult:
+    tenant = tenant_of(context)
+    candidate, holdout = _candidate_and_holdout(warehouse, tenant)
+    booster = registry.load_booster(tenant, candidate["model_version"])
+    latency = modeling.single_row_latency_ms(booster, holdout)
+    passed = latency["p99_ms"] <= gates.max_single_row_p99_ms
+    return record_gate(context, warehouse, candidate["model_version"], GateOutcome(
+        "latency_gate", passed, latency["p99_ms"], gates.max_single_row_p99_ms,
+        f"single-row p99 {latency['p99_ms']:.2f} ms (p50 {latency['p50_ms']:.2f} ms), budget "
+        f"{gates.max_single_row_p99_ms} ms"))
+
+
+@_gate(description="The serialized model is under the size limit.")
+def model_size_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWarehouse,
+                    gates: GatePolicy) -> dg.AssetCheckResult:
+    candidate, _ = _candidate_and_holdout(warehouse, tenant_of(context))
+    size = int(candidate["model_bytes"])
+    passed = size <= gates.max_model_bytes
+    return record_gate(context, warehouse, candidate["model_version"], GateOutcome(
+        "model_size_gate", passed, size, gates.max_model_bytes,
+        f"model file is {size:,} bytes, limit {gates.max_model_bytes:,}"))
+
+
+def failed_or_missing_gates(con, version: str) -> dict[str, str]:
+    """Gates that the version has not passed in its latest evaluation, with the reason."""
+    con.execute(GATE_RESULTS_DDL)
+    rows = con.execute(
+        "SELECT gate, passed, reason FROM gate_results WHERE model_version = ? "
+        "QUALIFY row_number() OVER (PARTITION BY gate ORDER BY evaluated_at DESC) = 1",
+        [version],
+    ).fetchall()
+    latest = {gate: (passed, reason) for gate, passed, reason in rows}
+    problems = {g: "not evaluated" for g in GATES if g not in latest}
+    problems.update({g: reason for g, (passed, reason) in latest.items() if not passed})
+    return problems
+
+
+

@@ -1,0 +1,43 @@
+"""Root assembly of the platform's Dagster definitions (`dagster dev -w workspace.yaml`)."""
+
+from __future__ import annotations
+
+import dagster as dg
+from dagster_mlflow import mlflow_tracking
+
+from assets import automation, deployment, features, ingestion, training, validation
+from resources.feature_store import FeatureStore
+from resources.gates import GatePolicy
+from resources.registry import EXPERIMENT_NAME, ModelRegistry
+from resources.settings import PlatformSettings, configure_environment
+from resources.tenants import TenantCatalog
+from resources.warehouse import DuckDBWarehouse
+
+
+def build_definitions(home: str | None = None, gates: GatePolicy | None = None) -> dg.Definitions:
+    """All definitions, wired to one MLOPS_HOME. Tests build their own with a temporary home."""
+    root = configure_environment(home)
+    settings = PlatformSettings(home=str(root))
+    catalog = TenantCatalog(tenants_file=str(settings.tenants_file))
+    resources = {
+        "settings": settings,
+        "catalog": catalog,
+        "warehouse": DuckDBWarehouse(settings=settings, catalog=catalog),
+        "feature_store": FeatureStore(settings=settings, catalog=catalog),
+        "registry": ModelRegistry(settings=settings),
+        "gates": gates or GatePolicy(),
+        "mlflow": mlflow_tracking.configured(
+            {"experiment_name": EXPERIMENT_NAME, "mlflow_tracking_uri": settings.mlflow_tracking_uri}
+        ),
+    }
+    return dg.Definitions(
+        # Each module sets its own group (ingestion, features, training, deployment).
+        assets=dg.load_assets_from_modules([ingestion, features, training, deployment]),
+        asset_checks=dg.load_asset_checks_from_modules([validation]),
+        jobs=[automation.churn_pipeline],
+        sensors=[automation.tenant_catalog_sensor],
+        resources=resources,
+    )
+
+
+defs = build_definitions()

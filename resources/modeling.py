@@ -1,0 +1,159 @@
+"""Training and evaluation of the churn model: small pure functions the assets call."""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+
+import lightgbm as lgb
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots are rendered to PNG for metadata and MLflow
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from fairlearn.metrics import MetricFrame
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
+
+from resources.feature_store import FEATURE_COLUMNS, to_model_frame, to_model_matrix
+
+LGBM_PARAMS: dict = {
+    "objective": "binary",
+    "learning_rate": 0.05,
+    "num_leaves": 31,
+    "min_data_in_leaf": 50,
+    "feature_fraction": 0.9,
+    "bagging_fraction": 0.9,
+    "bagging_freq": 1,
+    "lambda_l2": 1.0,
+    "seed": 7,
+    "deterministic": True,
+    "force_row_wise": True,
+    "num_threads": 2,
+    "verbose": -1,
+}
+NUM_BOOST_ROUND = 250
+VALIDATION_FRACTION = 0.25
+FAIRNESS_ATTRIBUTE = "segment"
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    train: pd.DataFrame
+    holdout: pd.DataFrame
+    cutoff: pd.Timestamp
+
+
+def time_split(training_set: pd.DataFrame, holdout_fraction: float = VALIDATION_FRACTION) -> TimeSplit:
+    """Train on earlier prediction dates, hold out the latest ones: no future leaks into training."""
+    dates = np.sort(training_set["prediction_time"].unique())
+    if len(dates) < 4:
+        raise ValueError(f"training set spans {len(dates)} prediction dates; at least 4 are needed for a time split")
+    n_holdout = max(1, round(len(dates) * holdout_fraction))
+    cutoff = pd.Timestamp(dates[-n_holdout])
+    train = training_set[training_set["prediction_time"] < cutoff]
+    holdout = training_set[training_set["prediction_time"] >= cutoff]
+    for name, part in (("train", train), ("holdout", holdout)):
+        if part["churned"].nunique() < 2:
+            raise ValueError(f"the {name} split has a single class; the tenant has too few churn events to train")
+    return TimeSplit(train.reset_index(drop=True), holdout.reset_index(drop=True), cutoff)
+
+
+def train_booster(train: pd.DataFrame, params: dict | None = None, rounds: int = NUM_BOOST_ROUND) -> lgb.Booster:
+    dataset = lgb.Dataset(to_model_frame(train), label=train["churned"].to_numpy(), free_raw_data=False)
+    return lgb.train(params or LGBM_PARAMS, dataset, num_boost_round=rounds)
+
+
+def score(booster: lgb.Booster, features: pd.DataFrame, num_threads: int = 0) -> np.ndarray:
+    """Churn probabilities; ``num_threads=1`` for single rows, where thread start-up dominates."""
+    return booster.predict(to_model_matrix(features), num_threads=num_threads)
+
+
+def expected_calibration_error(y_true: np.ndarray, y_score: np.ndarray, bins: int = 10) -> float:
+    """Mean absolute gap between predicted and observed churn rate over equal-count bins."""
+    frac_pos, mean_pred = calibration_curve(y_true, y_score, n_bins=bins, strategy="quantile")
+    counts = np.histogram(y_score, bins=np.quantile(y_score, np.linspace(0, 1, bins + 1)))[0]
+    weights = counts[: len(frac_pos)] / max(counts[: len(frac_pos)].sum(), 1)
+    return float(np.sum(weights * np.abs(frac_pos - mean_pred)))
+
+
+def evaluate(y_true: np.ndarray, y_score: np.ndarray) -> dict[str, float]:
+    return {
+        "roc_auc": float(roc_auc_score(y_true, y_score)),
+        "pr_auc": float(average_precision_score(y_true, y_score)),
+        "brier": float(brier_score_loss(y_true, y_score)),
+        "ece": expected_calibration_error(y_true, y_score),
+        "base_rate": float(np.mean(y_true)),
+    }
+
+
+def _auc_or_nan(y_true, y_pred) -> float:
+    return float(roc_auc_score(y_true, y_pred)) if len(np.unique(y_true)) == 2 else float("nan")
+
+
+def fairness_by_group(
+    y_true: np.ndarray, y_score: np.ndarray, groups: pd.Series, min_group_size: int = 100
+) -> pd.DataFrame:
+    """ROC AUC and selection rate per group (fairlearn MetricFrame); small groups are flagged."""
+    frame = MetricFrame(
+        metrics={"roc_auc": _auc_or_nan, "mean_score": lambda y, p: float(np.mean(p)), "count": lambda y, p: len(y)},
+        y_true=y_true,
+        y_pred=y_score,
+        sensitive_features=groups.rename(groups.name or FAIRNESS_ATTRIBUTE),
+    )
+    table = frame.by_group.reset_index()
+    table["evaluated"] = (table["count"] >= min_group_size) & table["roc_auc"].notna()
+    return table
+
+
+def fairness_gap(table: pd.DataFrame) -> float:
+    evaluated = table.loc[table["evaluated"], "roc_auc"]
+    return float(evaluated.max() - evaluated.min()) if len(evaluated) >= 2 else 0.0
+
+
+def single_row_latency_ms(booster: lgb.Booster, rows: pd.DataFrame, repeats: int = 300) -> dict[str, float]:
+    """In-process latency of scoring one account (encoding + predict), as the service does it."""
+    samples = []
+    records = rows.sample(n=min(len(rows), repeats), replace=len(rows) < repeats, random_state=0)
+    records = records.loc[:, list(FEATURE_COLUMNS)].to_dict("records")
+    for record in records:
+        start = time.perf_counter()
+        score(booster, pd.DataFrame([record]), num_threads=1)
+        samples.append((time.perf_counter() - start) * 1000)
+    arr = np.array(samples)
+    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
+
+
+def top_features(booster: lgb.Booster, n: int = 10) -> pd.DataFrame:
+    gain = booster.feature_importance(importance_type="gain")
+    table = pd.DataFrame({"feature": list(FEATURE_COLUMNS), "gain": gain})
+    table["share"] = table["gain"] / max(table["gain"].sum(), 1e-12)
+    return table.sort_values("gain", ascending=False).head(n).reset_index(drop=True)
+
+
+def roc_and_calibration_png(y_true: np.ndarray, y_score: np.ndarray, title: str) -> tuple[bytes, bytes]:
+    fpr, tpr, _ = roc_curve(y_true, y_score)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot(fpr, tpr, label=f"ROC AUC {roc_auc_score(y_true, y_score):.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {title}")
+    ax.legend(loc="lower right")
+    roc_png = _png(fig)
+    frac_pos, mean_pred = calibration_curve(y_true, y_score, n_bins=10, strategy="quantile")
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot(mean_pred, frac_pos, "o-", label="model")
+    hi = float(max(mean_pred.max(), frac_pos.max()))
+    ax.plot([0, hi], [0, hi], "--", color="grey", label="perfect")
+    ax.set(xlabel="mean predicted churn", ylabel="observed churn rate", title=f"Calibration: {title}")
+    ax.legend(loc="upper left")
+    return roc_png, _png(fig)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

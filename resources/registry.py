@@ -1,0 +1,115 @@
+"""The MLflow model registry: one registered model per tenant (``churn-<tenant>``), aliases only.
+
+``challenger`` marks a candidate that passed every gate; ``champion`` marks what serves.
+Tracking is SQLite under MLOPS_HOME; artifacts go under MLOPS_HOME too, never into the cwd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+import sys
+from functools import cached_property
+
+import dagster as dg
+import lightgbm as lgb
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from resources.settings import PROJECT_ROOT, PlatformSettings
+
+EXPERIMENT_NAME = "saas-churn"
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+LINEAGE_TAGS = (
+    "tenant",
+    "dataset_version",
+    "feature_view_version",
+    "code_version",
+    "lock_hash",
+    "python_version",
+    "platform",
+    "dagster_run_id",
+)
+
+
+def registered_model_name(tenant: str) -> str:
+    return f"churn-{tenant}"
+
+
+def code_version() -> str:
+    """The git commit of the code that runs, with '-dirty' when the work tree has changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def lock_hash() -> str:
+    lock = PROJECT_ROOT / "uv.lock"
+    return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.exists() else "missing"
+
+
+def runtime_tags() -> dict[str, str]:
+    return {
+        "code_version": code_version(),
+        "lock_hash": lock_hash(),
+        "python_version": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+    }
+
+
+class ModelRegistry(dg.ConfigurableResource):
+    """Registered churn models and their aliases, in the MLflow registry under MLOPS_HOME."""
+
+    settings: PlatformSettings
+
+    @cached_property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.settings.mlflow_tracking_uri,
+                            registry_uri=self.settings.mlflow_tracking_uri)
+
+    def ensure_experiment(self) -> str:
+        """Create the experiment with its artifact root under MLOPS_HOME (idempotent)."""
+        self.settings.ensure_home()
+        existing = self.client.get_experiment_by_name(EXPERIMENT_NAME)
+        if existing is not None:
+            return existing.experiment_id
+        try:
+            return self.client.create_experiment(EXPERIMENT_NAME, artifact_location=self.settings.mlflow_artifact_uri)
+        except MlflowException:  # created concurrently by another run
+            return self.client.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
+
+    def alias_version(self, tenant: str, alias: str) -> ModelVersion | None:
+        try:
+            return self.client.get_model_version_by_alias(registered_model_name(tenant), alias)
+        except MlflowException:
+            return None
+
+    def set_alias(self, tenant: str, alias: str, version: str | int) -> None:
+        self.client.set_registered_model_alias(registered_model_name(tenant), alias, str(version))
+
+    def delete_alias(self, tenant: str, alias: str) -> None:
+        self.client.delete_registered_model_alias(registered_model_name(tenant), alias)
+
+    def version(self, tenant: str, version: str | int) -> ModelVersion:
+        return self.client.get_model_version(registered_model_name(tenant), str(version))
+
+    def load_booster(self, tenant: str, version: str | int) -> lgb.Booster:
+        mlflow.set_tracking_uri(self.settings.mlflow_tracking_uri)
+        mlflow.set_registry_uri(self.settings.mlflow_tracking_uri)
+        return mlflow.lightgbm.load_model(f"models:/{registered_model_name(tenant)}/{version}")
+
+    def tag_version(self, tenant: str, version: str | int, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(registered_model_name(tenant), str(version), key, str(value))

@@ -1,0 +1,186 @@
+"""A deterministic, seeded simulator of a B2B SaaS business.
+
+It produces the five raw tables of ``resources.schemas`` for one tenant: accounts, daily product
+usage, billing events, support tickets and churn events. Churn is driven by a latent account
+health that the features see only in part (seat utilisation, usage trend, payment failures,
+tickets), so a good model reaches a realistic ROC AUC, not 1.0.
+
+Named drift scenarios start on ``drift_day``:
+- ``covariate_shift``: a seat-expansion campaign doubles seats for half the accounts; utilisation
+  halves while the churn mechanism stays the same;
+- ``concept_drift``: a competitor poaches heavy users; high usage starts to predict churn, and
+  they leave without the usual decline in activity;
+- ``data_quality``: the usage event feed drops for 40% of accounts;
+- ``none``: no change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+
+from resources.schemas import PLANS, SEGMENTS, TICKET_CATEGORIES
+from resources.tenants import TenantSpec
+
+SIMULATION_START = dt.date(2026, 4, 1)
+_PLAN_PRICE = {"starter": 15.0, "pro": 45.0, "enterprise": 110.0}
+
+
+def simulation_dates(spec: TenantSpec) -> tuple[dt.date, dt.date]:
+    """First and last simulated day (inclusive)."""
+    return SIMULATION_START, SIMULATION_START + dt.timedelta(days=spec.days - 1)
+
+
+def simulate_tenant(spec: TenantSpec) -> dict[str, pd.DataFrame]:
+    """Simulate one tenant's business; the same spec always gives the same tables."""
+    rng = np.random.default_rng(spec.seed)
+    # Scenario draws come from their own stream, so the days before drift_day are identical to
+    # those of scenario "none".
+    drift_rng = np.random.default_rng([spec.seed, 1])
+    n, days = spec.n_accounts, spec.days
+    start = np.datetime64(SIMULATION_START, "D")
+
+    # --- accounts -------------------------------------------------------------------------
+    segment_idx = rng.choice(3, size=n, p=[0.6, 0.3, 0.1])
+    company_size = np.round(
+        np.exp(rng.normal([3.0, 5.0, 7.5], 0.6, size=(n, 3))[np.arange(n), segment_idx])
+    ).astype(np.int64).clip(1, 1_000_000)
+    plan_probs = np.array([[0.7, 0.27, 0.03], [0.25, 0.6, 0.15], [0.05, 0.35, 0.6]])
+    plan_idx = np.array([rng.choice(3, p=plan_probs[s]) for s in segment_idx])
+    seats = np.maximum(1, np.round(company_size * rng.uniform(0.2, 0.8, n))).astype(np.int64)
+    price = np.array([_PLAN_PRICE[p] for p in PLANS])[plan_idx]
+    mrr = np.round(seats * price * rng.uniform(0.8, 1.1, n), 2)
+    # 85% signed up before the window (up to three years), 15% during it.
+    new = rng.random(n) < 0.15
+    signup_day = np.where(new, rng.integers(0, max(days - 60, 1), n), -rng.integers(1, 1100, n))
+
+    # Latent health: partly visible through utilisation, tickets and billing, partly not.
+    health = rng.normal(0, 1, n)
+    utilisation = 1 / (1 + np.exp(-(0.9 * health + rng.normal(0, 0.6, n) - 0.3)))
+    tenure_at_start = -np.minimum(signup_day, 0)
+    risk = (
+        -0.9 * health
+        + 0.55 * (plan_idx == 0)
+        - 0.45 * (segment_idx == 2)
+        + 0.5 * (tenure_at_start < 120)
+        + rng.normal(0, 0.5, n)
+    )
+    hazard = 0.0009 * np.exp(risk)
+
+    first_day = np.maximum(signup_day, 0)
+    churn_day = first_day + rng.geometric(np.clip(hazard, 1e-6, 0.5)) - 1
+    ramp = rng.integers(10, 60, n)  # activity declines over this many days before churning
+
+    # The usual path to churn (declining usage, failed payments, tickets) follows this day.
+    trajectory_day = churn_day
+    if spec.scenario == "concept_drift" and spec.drift_day is not None:
+        # Heavy users now leave for a competitor at a high rate, abruptly: their usage, billing
+        # and tickets show none of the usual warning signs before they go.
+        d0 = spec.drift_day
+        heavy = (utilisation > np.quantile(utilisation, 0.5)) & (churn_day >= d0) & (first_day < d0)
+        redraw = d0 + drift_rng.geometric(0.012, n) - 1
+        churn_day = np.where(heavy, np.minimum(churn_day, redraw), churn_day)
+
+    # --- daily usage ----------------------------------------------------------------------
+    day = np.arange(days)
+    active = (day[None, :] >= first_day[:, None]) & (day[None, :] < churn_day[:, None])
+    decline = np.clip((trajectory_day[:, None] - day[None, :]) / ramp[:, None], 0.1, 1.0)
+    weekday = np.where(((day + start.astype("datetime64[D]").view("int64") + 3) % 7) >= 5, 0.35, 1.0)
+    seats_by_day = np.repeat(seats[:, None], days, axis=1)
+    if spec.scenario == "covariate_shift" and spec.drift_day is not None:
+        expand = drift_rng.random(n) < 0.5
+        seats_by_day[expand, spec.drift_day :] *= 2
+    expected_users = seats[:, None] * utilisation[:, None] * decline * weekday[None, :]
+    # Drawn day by day, so that a scenario changing day d onwards leaves days before d untouched.
+    active_users = np.empty((n, days), dtype=np.int64)
+    sessions = np.empty((n, days), dtype=np.int64)
+    feature_events = np.empty((n, days), dtype=np.int64)
+    for d in range(days):
+        active_users[:, d] = rng.poisson(expected_users[:, d] * active[:, d])
+        sessions[:, d] = rng.poisson(active_users[:, d] * 2.5)
+        feature_events[:, d] = rng.poisson(sessions[:, d] * 6.0)
+    # Per-cell draws for billing and tickets, independent of the scenario.
+    cell_rng = np.random.default_rng([spec.seed, 2])
+    u_fail, u_ticket, u_severe, u_severity, u_category = cell_rng.random((5, n, days))
+    u_b_seconds, u_t_seconds = cell_rng.integers(0, 86_400, (2, n, days))
+    keep = active.copy()
+    if spec.scenario == "data_quality" and spec.drift_day is not None:
+        dropped = drift_rng.random(n) < 0.4
+        keep[dropped, spec.drift_day :] = False
+    acc_idx, day_idx = np.nonzero(keep)
+    account_ids = np.array([f"{spec.name}-{i:06d}" for i in range(n)])
+
+    usage = pd.DataFrame(
+        {
+            "account_id": account_ids[acc_idx],
+            "event_date": start + day_idx.astype("timedelta64[D]"),
+            "active_users": active_users[acc_idx, day_idx],
+            "sessions": sessions[acc_idx, day_idx],
+            "feature_events": feature_events[acc_idx, day_idx],
+        }
+    )
+    usage["event_date"] = usage["event_date"].astype("datetime64[ns]")
+
+    # --- billing: a monthly invoice; failures are likelier for risky and leaving accounts ----
+    invoice = active & (((day[None, :] - signup_day[:, None]) % 30) == 0)
+    near_churn = (trajectory_day[:, None] - day[None, :]) < 45
+    p_fail = np.clip(0.03 * np.exp(0.6 * risk)[:, None] * np.where(near_churn, 2.5, 1.0), 0, 0.9)
+    failed = invoice & (u_fail < p_fail)
+    b_acc, b_day = np.nonzero(invoice)
+    billing = pd.DataFrame(
+        {
+            "event_id": [f"{spec.name}-inv-{a}-{d}" for a, d in zip(b_acc, b_day, strict=True)],
+            "account_id": account_ids[b_acc],
+            "event_time": (start + b_day.astype("timedelta64[D]")).astype("datetime64[ns]")
+            + pd.to_timedelta(u_b_seconds[b_acc, b_day], unit="s"),
+            "event_type": np.where(failed[b_acc, b_day], "payment_failed", "invoice_paid"),
+            "amount": mrr[b_acc],
+        }
+    )
+
+    # --- support tickets: more, and more severe, as an account heads for the door ----------
+    ticket_rate = 0.01 * (1 + np.log1p(seats))[:, None] / 4 * np.where(near_churn, 2.5, 1.0)
+    opened = active & (u_ticket < ticket_rate)
+    t_acc, t_day = np.nonzero(opened)
+    severe = u_severe[t_acc, t_day] < np.where(near_churn[t_acc, t_day], 0.45, 0.12)
+    severity = np.where(severe, 3, 1) + (u_severity[t_acc, t_day] < 0.5)
+    tickets = pd.DataFrame(
+        {
+            "ticket_id": [f"{spec.name}-tkt-{a}-{d}" for a, d in zip(t_acc, t_day, strict=True)],
+            "account_id": account_ids[t_acc],
+            "opened_at": (start + t_day.astype("timedelta64[D]")).astype("datetime64[ns]")
+            + pd.to_timedelta(u_t_seconds[t_acc, t_day], unit="s"),
+            "severity": severity.astype(np.int64),
+            "category": np.array(TICKET_CATEGORIES)[(u_category[t_acc, t_day] * len(TICKET_CATEGORIES)).astype(int)],
+        }
+    )
+
+    # --- accounts table (seats as of the last day) and churn events ----------------------
+    accounts = pd.DataFrame(
+        {
+            "account_id": account_ids,
+            "plan": np.array(PLANS)[plan_idx],
+            "seats": seats_by_day[:, -1].astype(np.int64),
+            "mrr": mrr,
+            "signup_date": (start + signup_day.astype("timedelta64[D]")).astype("datetime64[ns]"),
+            "region": spec.region,
+            "segment": np.array(SEGMENTS)[segment_idx],
+            "company_size": company_size,
+        }
+    )
+    churned = churn_day < days
+    churn = pd.DataFrame(
+        {
+            "account_id": account_ids[churned],
+            "churned_at": (start + churn_day[churned].astype("timedelta64[D]")).astype("datetime64[ns]"),
+        }
+    )
+    return {
+        "raw_accounts": accounts,
+        "raw_usage_events": usage,
+        "raw_billing_events": billing,
+        "raw_support_tickets": tickets,
+        "raw_churn_events": churn,
+    }

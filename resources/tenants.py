@@ -1,0 +1,98 @@
+"""The tenants the platform serves: who they are, where their data lives, how they are simulated.
+
+Tenants are Dagster dynamic partitions (``TENANT_PARTITIONS``), so a tenant can be added at runtime.
+The catalog here is the source of truth for a tenant's region and simulator settings: the three
+built-in demo tenants plus any added under ``MLOPS_HOME/tenants.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from resources.settings import write_atomic
+
+TENANT_PARTITIONS = dg.DynamicPartitionsDefinition(name="tenant")
+
+REGIONS = ("eu", "us", "apac")
+SCENARIOS = ("none", "covariate_shift", "concept_drift", "data_quality")
+_TENANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{1,39}$")
+
+
+class UnknownTenantError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class TenantSpec:
+    """One customer of the SaaS product, with the settings of its simulated business."""
+
+    name: str
+    region: str
+    n_accounts: int
+    seed: int
+    days: int = 180
+    scenario: str = "none"
+    drift_day: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _TENANT_NAME.match(self.name):
+            raise ValueError(
+                f"tenant name {self.name!r} is invalid: use 2-40 lowercase letters, digits, '-' or '_'"
+            )
+        if self.region not in REGIONS:
+            raise ValueError(f"tenant {self.name!r}: region {self.region!r} is not one of {REGIONS}")
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"tenant {self.name!r}: scenario {self.scenario!r} is not one of {SCENARIOS}")
+        if self.n_accounts < 50:
+            raise ValueError(f"tenant {self.name!r}: n_accounts must be at least 50, got {self.n_accounts}")
+        if self.days < 90:
+            raise ValueError(f"tenant {self.name!r}: days must be at least 90, got {self.days}")
+
+
+# Three tenants of different sizes and regions: 10,500 accounts, 180 days of history.
+DEFAULT_TENANTS: tuple[TenantSpec, ...] = (
+    TenantSpec(name="acme", region="eu", n_accounts=6000, seed=101),
+    TenantSpec(name="globex", region="us", n_accounts=3000, seed=202),
+    TenantSpec(name="initech", region="us", n_accounts=1500, seed=303),
+)
+
+
+class TenantCatalog(dg.ConfigurableResource):
+    """Looks tenants up by name: built-in defaults, overridden or extended by ``tenants.json``."""
+
+    tenants_file: str
+
+    def _custom(self) -> dict[str, TenantSpec]:
+        path = Path(self.tenants_file)
+        if not path.exists():
+            return {}
+        raw = json.loads(path.read_text())
+        return {name: TenantSpec(**spec) for name, spec in raw.items()}
+
+    def all(self) -> dict[str, TenantSpec]:
+        specs = {t.name: t for t in DEFAULT_TENANTS}
+        specs.update(self._custom())
+        return specs
+
+    def get(self, name: str) -> TenantSpec:
+        specs = self.all()
+        if name not in specs:
+            raise UnknownTenantError(
+                f"unknown tenant {name!r}: known tenants are {sorted(specs)}; add one with "
+                "`python -m resources.cli add-tenant`"
+            )
+        return specs[name]
+
+    def add(self, spec: TenantSpec) -> None:
+        """Register (or update) a tenant in ``tenants.json``, atomically."""
+        path = Path(self.tenants_file)
+        custom = {name: asdict(s) for name, s in self._custom().items()}
+        custom[spec.name] = asdict(spec)
+        write_atomic(path, json.dumps(custom, indent=2, sort_keys=True).encode())

@@ -1,0 +1,41 @@
+"""Shared fixtures: every test gets real DuckDB files, a real MLflow registry and a real Dagster
+instance inside a temporary MLOPS_HOME."""
+
+from __future__ import annotations
+
+import pytest
+from dagster import DagsterInstance
+
+from resources.tenants import TenantSpec
+
+# A small tenant: big enough for a meaningful model, small enough for a fast suite.
+TEST_TENANT = TenantSpec(name="testco", region="eu", n_accounts=1500, seed=11, days=150)
+
+
+@pytest.fixture(scope="session")
+def platform_home(tmp_path_factory):
+    """A home with the small test tenant registered and the whole churn pipeline materialized once."""
+    from definitions import build_definitions
+
+    home = tmp_path_factory.mktemp("mlops_home")
+    defs = build_definitions(str(home))
+    defs.resources["settings"].ensure_home()
+    defs.resources["catalog"].add(TEST_TENANT)
+    with DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions("tenant", [TEST_TENANT.name])
+        result = defs.resolve_job_def("churn_pipeline").execute_in_process(
+            instance=instance, partition_key=TEST_TENANT.name, raise_on_error=False
+        )
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    return {"home": home, "defs": defs, "run_id": result.run_id}
+
+
+@pytest.fixture()
+def defs_for(platform_home):
+    """Definitions over the session home, optionally with other gate thresholds."""
+    from definitions import build_definitions
+
+    def make(**kwargs):
+        return build_definitions(str(platform_home["home"]), **kwargs)
+
+    return make

@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+from resources.settings import PROJECT_ROOT
+
+
+def test_definitions_load_without_deprecation_warnings(tmp_path):
+    # A fresh interpreter, so import-time warnings are seen, and turned into errors.
+    code = (
+        "import warnings; warnings.simplefilter('error', DeprecationWarning);"
+        "import definitions; d = definitions.defs;"
+        "g = d.resolve_asset_graph();"
+        "print(sorted({g.get(k).group_name for k in g.get_all_asset_keys()}));"
+        "print(d.resolve_job_def('churn_pipeline').name)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+        env={"MLOPS_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "['deployment', 'features', 'ingestion', 'training']" in proc.stdout
+    assert "churn_pipeline" in proc.stdout
+    # Loading definitions writes nothing.
+    assert not (tmp_path / "home").exists()
+
+
+def test_every_stage_is_in_the_asset_graph():
+    from definitions import build_definitions
+
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets", "raw_churn_events",
+            "account_features_daily", "churn_training_set", "online_feature_snapshot", "churn_model",
+            "churn_model_aliases"} <= keys
+    checks = {k.name for k in graph.asset_check_keys}
+    assert {"roc_auc_gate", "calibration_gate", "fairness_gate", "latency_gate", "model_size_gate",
+            "training_data_integrity", "no_training_serving_skew", "inbox_files_accepted"} <= checks
+    # Every per-tenant asset is partitioned by the dynamic tenant partitions.
+    assert all(graph.get(k).partitions_def is not None for k in graph.get_all_asset_keys())
+
+
+def test_telemetry_is_switched_off_by_the_project(monkeypatch):
+    from resources.settings import TELEMETRY_OFF, configure_environment
+
+    for key in TELEMETRY_OFF:
+        monkeypatch.delenv(key, raising=False)
+    configure_environment()
+    import os
+
+    assert os.environ["NML_DISABLE_USAGE_LOGGING"] == "1"
+    assert os.environ["BENTOML_DO_NOT_TRACK"] == "true"
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert os.environ["DAGSTER_DISABLE_TELEMETRY"] == "1"

@@ -1,0 +1,117 @@
+"""Point-in-time correctness: a label at time t sees only features known before t."""
+
+import datetime as dt
+
+import duckdb
+import pandas as pd
+import pytest
+
+from resources.feature_store import (
+    FEATURE_COLUMNS,
+    FeatureStore,
+    compare_feature_rows,
+    offline_rows_at,
+    to_model_frame,
+)
+from resources.schemas import RAW_TABLES
+from resources.settings import PlatformSettings
+from resources.tenants import TenantCatalog
+
+START = dt.date(2026, 1, 1)
+SPIKE_DAY = 42  # a prediction date: first day + 35, then every 7 days
+
+
+def _load(con, name, frame):
+    con.execute(RAW_TABLES[name].ddl())
+    con.register("f", frame.assign(source="test"))
+    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM f")  # noqa: S608 - test table
+    con.unregister("f")
+
+
+@pytest.fixture()
+def store(tmp_path):
+    settings = PlatformSettings(home=str(tmp_path))
+    return FeatureStore(settings=settings, catalog=TenantCatalog(tenants_file=str(tmp_path / "t.json")))
+
+
+@pytest.fixture()
+def con():
+    """One account; on the prediction day itself usage explodes and a severe ticket is opened."""
+    con = duckdb.connect()
+    days = pd.date_range(START, periods=100, freq="D")
+    _load(con, "raw_accounts", pd.DataFrame({
+        "account_id": ["a1"], "plan": ["pro"], "seats": [10], "mrr": [450.0],
+        "signup_date": [pd.Timestamp(START)], "region": ["eu"], "segment": ["smb"], "company_size": [20]}))
+    events = [1_000_000 if i == SPIKE_DAY else 10 for i in range(100)]
+    _load(con, "raw_usage_events", pd.DataFrame({
+        "account_id": "a1", "event_date": days, "active_users": 5, "sessions": 8, "feature_events": events}))
+    _load(con, "raw_billing_events", pd.DataFrame({
+        "event_id": ["b1"], "account_id": ["a1"], "event_time": [days[SPIKE_DAY] + pd.Timedelta(hours=1)],
+        "event_type": ["payment_failed"], "amount": [450.0]}))
+    _load(con, "raw_support_tickets", pd.DataFrame({
+        "ticket_id": ["t1"], "account_id": ["a1"], "opened_at": [days[SPIKE_DAY] + pd.Timedelta(hours=9)],
+        "severity": [4], "category": ["outage"]}))
+    _load(con, "raw_churn_events", pd.DataFrame({"account_id": ["a1"], "churned_at": [days[SPIKE_DAY + 20]]}))
+    return con
+
+
+def test_training_row_at_t_never_sees_events_of_day_t(con, store):
+    store.build_daily_features(con)
+    training = store.build_training_set(con)
+    row = training[training["prediction_time"] == pd.Timestamp(START) + pd.Timedelta(days=SPIKE_DAY)].iloc[0]
+    # The churn comes 20 days later: inside the 30-day horizon.
+    assert row["churned"] == 1
+    # Features come from the day before the prediction date.
+    assert row["feature_date"] == pd.Timestamp(START) + pd.Timedelta(days=SPIKE_DAY - 1)
+    assert row["events_7d"] == 70  # 7 quiet days, not the spike
+    assert row["payment_failures_30d"] == 0
+    assert row["max_ticket_severity_30d"] == 0
+
+    # A naive join on the calendar date (feature_date <= t) would leak the day-t events.
+    leaky = con.execute(
+        "SELECT f.events_7d, f.max_ticket_severity_30d FROM churn_labels l ASOF JOIN account_features_daily f "
+        "ON l.account_id = f.account_id AND l.prediction_time >= f.feature_date "
+        "WHERE l.prediction_time = ?", [pd.Timestamp(START) + pd.Timedelta(days=SPIKE_DAY)]
+    ).fetchone()
+    assert leaky == (1_000_060, 4)
+
+    # And one week later the spike is legitimately known.
+    later = training[training["prediction_time"] == pd.Timestamp(START) + pd.Timedelta(days=SPIKE_DAY + 7)].iloc[0]
+    assert later["events_7d"] == 1_000_060
+    assert later["max_ticket_severity_30d"] == 4
+
+
+def test_labels_are_only_produced_once_mature(con, store):
+    store.build_daily_features(con)
+    training = store.build_training_set(con)
+    last_event = pd.Timestamp(START) + pd.Timedelta(days=99)
+    assert (training["prediction_time"] + pd.Timedelta(days=30) <= last_event + pd.Timedelta(days=1)).all()
+    # After churning the account is no longer scored.
+    assert (training["prediction_time"] <= pd.Timestamp(START) + pd.Timedelta(days=SPIKE_DAY + 20)).all()
+
+
+def test_online_snapshot_equals_offline_features_at_the_same_time(con, store, tmp_path, monkeypatch):
+    store.build_daily_features(con)
+    monkeypatch.setattr(FeatureStore, "online_dir", lambda self, tenant: tmp_path / "online")
+    pointer = store.write_online_snapshot("t", con)
+    online = store.read_online_snapshot("t")
+    assert pointer["version"] == 1 and len(online) == 1
+    offline = offline_rows_at(con, ["a1"], pd.Timestamp(online["available_at"].max()))
+    assert compare_feature_rows(online, offline) == []
+    # A real difference is reported, naming account and column.
+    tampered = online.assign(events_30d=online["events_30d"] + 1)
+    assert compare_feature_rows(tampered, offline) == [
+        f"a1.events_30d: online={tampered['events_30d'][0]!r} offline={offline['events_30d'][0]!r}"]
+    # A second publication is a new immutable version; the first file is untouched.
+    second = store.write_online_snapshot("t", con)
+    assert second["version"] == 2
+    assert (tmp_path / "online" / pointer["path"]).exists()
+
+
+def test_model_frame_has_fixed_columns_and_category_levels():
+    rows = pd.DataFrame([{c: 1.0 for c in FEATURE_COLUMNS} | {"plan": "pro", "segment": "smb", "extra": 5}])
+    frame = to_model_frame(rows)
+    assert list(frame.columns) == list(FEATURE_COLUMNS)
+    assert list(frame["plan"].cat.categories) == ["starter", "pro", "enterprise"]
+    with pytest.raises(KeyError, match="lacks columns"):
+        to_model_frame(rows.drop(columns=["mrr"]))
