@@ -2,6 +2,7 @@
 
 
 import dagster as dg
+
 from resources.inbox import move_aside, unknown_tenant_folders
 from resources.settings import PlatformSettings
 from resources.tenants import TENANT_PARTITIONS, TenantCatalog

@@ -2,6 +2,7 @@
 
 
 import dagster as dg
+
 from assets.training import churn_model, latest_candidate
 from assets.validation import failed_or_missing_gates
 from resources.registry import CHALLENGER, CHAMPION, ModelRegistry, registered_model_name

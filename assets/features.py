@@ -2,11 +2,11 @@
 all built from the feature views declared once in ``resources.feature_store``."""
 
 
+import dagster as dg
 import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-import dagster as dg
 from resources.feature_store import (
     CATEGORICAL_FEATURES,
     FEATURE_COLUMNS,

@@ -6,10 +6,10 @@ import json
 import tempfile
 from pathlib import Path
 
+import dagster as dg
 import mlflow
 import pandas as pd
 
-import dagster as dg
 from resources import modeling
 from resources.feature_store import FEATURE_COLUMNS, FEATURE_VIEW_VERSION, content_hash
 from resources.registry import registered_model_name, runtime_tags
@@ -95,7 +95,7 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
              FEATURE_VIEW_VERSION, split.cutoff.to_pydatetime(), model_bytes, json.dumps(metrics)],
         )
         con.register("holdout_frame", holdout)
-        con.execute(f"CREATE TABLE IF NOT EXISTS {HOLDOUT_TABLE} AS SELECT * FROM holdout_frame LIMIT 0")
+        con.execute(f"CREATE TABLE IF NOT EXISTS {HOLDOUT_TABLE} AS SELECT * FROM holdout_frame LIMIT 0")  # noqa: S608 - constant table name
         con.execute(f"DELETE FROM {HOLDOUT_TABLE} WHERE model_version = ?", [version])  # noqa: S608
         con.execute(f"INSERT INTO {HOLDOUT_TABLE} BY NAME SELECT * FROM holdout_frame")  # noqa: S608
         con.unregister("holdout_frame")

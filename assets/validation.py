@@ -9,10 +9,10 @@ without a full set of passed gates.
 
 import datetime as dt
 
+import dagster as dg
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-import dagster as dg
 from assets.training import HOLDOUT_TABLE, churn_model, latest_candidate
 from resources import modeling
 from resources.gates import GateOutcome, GatePolicy

@@ -21,19 +21,13 @@ are met (this is a benchmark, not a test), and 1 when the two implementations di
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import os
-import statistics
-import sys
-import time
-from collections.abc import Callable
 
 import duckdb
 import numpy as np
 import pandas as pd
 
-from resources.feature_store import FEATURE_COLUMNS, LOOKBACK_DAYS, NUMERIC_FEATURES, compute_features
+from resources.feature_store import FEATURE_COLUMNS, LOOKBACK_DAYS
 from resources.schemas import BILLING_EVENT_TYPES, PLANS, RAW_TABLES, SEGMENTS, TICKET_CATEGORIES
 from resources.simulator import SIMULATION_START
 
@@ -171,7 +165,7 @@ def _sql_list(values: tuple[str, ...]) -> str:
 def load(con: duckdb.DuckDBPyConnection, sim: dict[str, pd.DataFrame]) -> None:
     """Create the raw tables from their declared DDL and fill them (strings are built in SQL)."""
     start = f"DATE '{SIMULATION_START.isoformat()}'"
-    acc_id = "printf('bench-%07d', acc)"
+    acc_id = "printf('bench-%06d', acc)"
     selects = {
         "raw_accounts": f"""
             SELECT {acc_id}, {_sql_list(PLANS)}[plan + 1], seats, mrr, {start} + signup_day, 'us',
@@ -181,7 +175,7 @@ def load(con: duckdb.DuckDBPyConnection, sim: dict[str, pd.DataFrame]) -> None:
             SELECT {acc_id}, {start} + day, active_users, sessions, feature_events, '{SOURCE}'
             FROM sim_usage""",
         "raw_billing_events": f"""
-            SELECT printf('bench-inv-%07d-%03d', acc, day), {acc_id},
+            SELECT printf('bench-inv-%06d-%03d', acc, day), {acc_id},
                    CAST({start} + day AS TIMESTAMP) + to_seconds(second),
                    {_sql_list(BILLING_EVENT_TYPES)}[CAST(failed AS INTEGER) + 1], amount, '{SOURCE}'
             FROM sim_billing""",
@@ -196,7 +190,7 @@ def load(con: duckdb.DuckDBPyConnection, sim: dict[str, pd.DataFrame]) -> None:
         source = {"accounts": "accounts", "usage": "usage", "billing": "billing", "support": "tickets"}[short]
         con.register(f"sim_{source}", sim[source])
         con.execute(RAW_TABLES[name].ddl())
-        con.execute(f"INSERT INTO {name} {select}")  # noqa: S608 - fixed SQL built above
+        con.execute(f"INSERT INTO {name} {select}")
         con.unregister(f"sim_{source}")
 
 

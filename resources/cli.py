@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 
 def _defs(home: str | None):
@@ -31,7 +32,10 @@ def run_pipeline(home: str | None = None, tenants: list[str] | None = None) -> i
         instance.add_dynamic_partitions("tenant", [n for n in names if n not in existing])
         for name in names:
             start = time.perf_counter()
-            result = job.execute_in_process(instance=instance, partition_key=name, raise_on_error=False)
+            result = job.execute_in_process(
+                instance=instance, partition_key=name, raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            )
             status = "ok" if result.success else "FAILED"
             print(f"[{name}] churn_pipeline {status} in {time.perf_counter() - start:.1f}s (run {result.run_id})")
             if not result.success:
@@ -79,6 +83,11 @@ def verify_audit(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Beta/preview notices of the pinned libraries are for their developers, not for operators.
+    from dagster import BetaWarning, PreviewWarning
+
+    warnings.filterwarnings("ignore", category=BetaWarning)
+    warnings.filterwarnings("ignore", category=PreviewWarning)
     parser = argparse.ArgumentParser(prog="python -m resources.cli")
     parser.add_argument("--home", help="MLOPS_HOME (default: $MLOPS_HOME or ./.mlops)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,11 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--days", type=int, default=180)
     add.add_argument("--scenario", default="none")
     add.add_argument("--drift-day", type=int, default=None)
+    sub.add_parser("init", help="create MLOPS_HOME and the Dagster instance config")
     ver = sub.add_parser("verify-audit", help="check the tenant's audit log hash chain")
     ver.add_argument("tenant")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_pipeline(args.home, args.tenant)
+    if args.command == "init":
+        root = _defs(args.home).resources["settings"].ensure_home()
+        print(f"MLOPS_HOME ready at {root}")
+        return 0
     if args.command == "add-tenant":
         return add_tenant(args)
     return verify_audit(args)

@@ -119,9 +119,8 @@ def _parse_csv_types(path: Path, table: RawTable, frame: pd.DataFrame) -> pd.Dat
                 f"expected {col.sql_type.lower()}, got {raw[first]!r} on data row {first + 1} "
                 f"({int(bad.sum())} bad cells)",
             )
-        if col.sql_type in ("BIGINT", "INTEGER"):
-            if (parsed.dropna() % 1 != 0).any():
-                raise InboxRejection(path, col.name, "expected whole numbers, found fractions")
+        if col.sql_type in ("BIGINT", "INTEGER") and (parsed.dropna() % 1 != 0).any():
+            raise InboxRejection(path, col.name, "expected whole numbers, found fractions")
         frame[col.name] = parsed
     return frame
 
