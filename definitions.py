@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dagster as dg
-from dagster_mlflow import mlflow_tracking
 
 from assets import automation, deployment, features, ingestion, training, validation
 from resources.feature_store import FeatureStore
 from resources.gates import GatePolicy
-from resources.registry import EXPERIMENT_NAME, ModelRegistry
+from resources.registry import EXPERIMENT_NAME, ModelRegistry, mlflow_tracking_in_home
 from resources.settings import PlatformSettings, configure_environment
 from resources.tenants import TenantCatalog
 from resources.warehouse import DuckDBWarehouse
@@ -26,7 +25,7 @@ def build_definitions(home: str | None = None, gates: GatePolicy | None = None) 
         "feature_store": FeatureStore(settings=settings, catalog=catalog),
         "registry": ModelRegistry(settings=settings),
         "gates": gates or GatePolicy(),
-        "mlflow": mlflow_tracking.configured(
+        "mlflow": mlflow_tracking_in_home.configured(
             {"experiment_name": EXPERIMENT_NAME, "mlflow_tracking_uri": settings.mlflow_tracking_uri}
         ),
     }

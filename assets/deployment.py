@@ -39,7 +39,7 @@ def churn_model_aliases(context: dg.AssetExecutionContext, warehouse: DuckDBWare
         assigned.append(CHAMPION)
         champion_version = version
     else:
-        champion_version = champion.version
+        champion_version = str(champion.version)
     warehouse.audit(tenant, actor="deployment", action="alias_assigned", subject=f"{name}/{version}",
                     outcome="assigned", details={"aliases": assigned, "champion_version": champion_version})
     return dg.MaterializeResult(

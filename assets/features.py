@@ -19,7 +19,6 @@ from resources.feature_store import (
     raw_date_range,
 )
 from resources.gates import GatePolicy
-from resources.registry import ModelRegistry
 from resources.tenants import TENANT_PARTITIONS
 from resources.warehouse import DuckDBWarehouse
 
@@ -92,11 +91,9 @@ def churn_training_set(
     context: dg.AssetExecutionContext,
     warehouse: DuckDBWarehouse,
     feature_store: FeatureStore,
-    registry: ModelRegistry,
     gates: GatePolicy,
 ):
     """Mature churn labels joined point-in-time (DuckDB ASOF) to the offline features."""
-    registry.ensure_experiment()  # MLflow artifacts must land under MLOPS_HOME, not the cwd
     with warehouse.transaction(context.partition_key) as con:
         training = feature_store.build_training_set(con)
         _, last_day = raw_date_range(con)

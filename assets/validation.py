@@ -94,7 +94,7 @@ def roc_auc_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWareho
             "roc_auc_gate", False, auc, gates.min_roc_auc,
             f"ROC AUC {auc:.4f} is below the floor {gates.min_roc_auc:.4f}"))
     champion = registry.alias_version(tenant, CHAMPION)
-    if champion is None or champion.version == version:
+    if champion is None or str(champion.version) == version:
         return record_gate(context, warehouse, version, GateOutcome(
             "roc_auc_gate", True, auc, gates.min_roc_auc,
             f"ROC AUC {auc:.4f} >= floor {gates.min_roc_auc:.4f}; no other champion to compare with"))

@@ -21,13 +21,19 @@ are met (this is a benchmark, not a test), and 1 when the two implementations di
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
 
 import duckdb
 import numpy as np
 import pandas as pd
 
-from resources.feature_store import FEATURE_COLUMNS, LOOKBACK_DAYS
+from resources.feature_store import FEATURE_COLUMNS, LOOKBACK_DAYS, NUMERIC_FEATURES, compute_features
 from resources.schemas import BILLING_EVENT_TYPES, PLANS, RAW_TABLES, SEGMENTS, TICKET_CATEGORIES
 from resources.simulator import SIMULATION_START
 
@@ -99,7 +105,9 @@ def simulate(n_events: int) -> dict[str, pd.DataFrame]:
     # Usage, generated day-major (the order in which a daily ingest appends it).
     day = np.arange(DAYS, dtype=np.int16)
     live = (day[:, None] >= p["first_day"][None, :]) & (day[:, None] < p["churn_day"][None, :])
-    idle = rng.random((DAYS, n), dtype=np.float32) < np.where(weekend, _P_IDLE_WEEKEND, _P_IDLE_WEEKDAY)[:, None]
+    idle = (
+        rng.random((DAYS, n), dtype=np.float32) < np.where(weekend, _P_IDLE_WEEKEND, _P_IDLE_WEEKDAY)[:, None]
+    )
     day_idx, acc_idx = np.nonzero(live & ~idle)
     expected_users = (p["seats"] * p["utilisation"])[acc_idx] * np.where(weekend, 0.35, 1.0)[day_idx]
     active_users = np.maximum(rng.poisson(expected_users), 1)
@@ -116,9 +124,7 @@ def simulate(n_events: int) -> dict[str, pd.DataFrame]:
     )
 
     # Billing: a monthly invoice on the signup anniversary; about 4% of payments fail.
-    inv_day, inv_acc = np.nonzero(
-        live & (((day[:, None] - p["signup_day"][None, :]) % 30) == 0)
-    )
+    inv_day, inv_acc = np.nonzero(live & (((day[:, None] - p["signup_day"][None, :]) % 30) == 0))
     billing = pd.DataFrame(
         {
             "acc": inv_acc.astype(np.int32),
@@ -136,6 +142,7 @@ def simulate(n_events: int) -> dict[str, pd.DataFrame]:
     severe = rng.random(n_tickets) < 0.15
     tickets = pd.DataFrame(
         {
+            "ticket": np.arange(n_tickets),
             "acc": live_acc[pick].astype(np.int32),
             "day": live_day[pick].astype(np.int32),
             "second": rng.integers(0, 86_400, n_tickets),
@@ -162,44 +169,51 @@ def _sql_list(values: tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
+# How each raw table is filled from the simulated (integer-coded) frame registered as ``sim``: the
+# strings are built in SQL, vectorised. Account ids have 12 characters, like the simulator's.
+_LOAD_SQL = {
+    "raw_accounts": (
+        "accounts",
+        """SELECT ACC_ID, PLANS[plan + 1], seats, mrr, START + signup_day, 'us', SEGMENTS[segment + 1],
+                  company_size, 'SOURCE' FROM sim""",
+    ),
+    "raw_usage_events": (
+        "usage",
+        "SELECT ACC_ID, START + day, active_users, sessions, feature_events, 'SOURCE' FROM sim",
+    ),
+    "raw_billing_events": (
+        "billing",
+        """SELECT printf('bench-inv-%06d-%03d', acc, day), ACC_ID, CAST(START + day AS TIMESTAMP) + to_seconds(second),
+                  BILLING_EVENT_TYPES[CAST(failed AS INTEGER) + 1], amount, 'SOURCE' FROM sim""",
+    ),
+    "raw_support_tickets": (
+        "tickets",
+        """SELECT printf('bench-tkt-%08d', ticket), ACC_ID, CAST(START + day AS TIMESTAMP) + to_seconds(second),
+                  severity, TICKET_CATEGORIES[category + 1], 'SOURCE' FROM sim""",
+    ),
+}
+_LOAD_TOKENS = {
+    "ACC_ID": "printf('bench-%06d', acc)",
+    "START": f"DATE '{SIMULATION_START.isoformat()}'",
+    "SOURCE": SOURCE,
+    "BILLING_EVENT_TYPES": _sql_list(BILLING_EVENT_TYPES),
+    "TICKET_CATEGORIES": _sql_list(TICKET_CATEGORIES),
+    "SEGMENTS": _sql_list(SEGMENTS),
+    "PLANS": _sql_list(PLANS),
+}
+
+
 def load(con: duckdb.DuckDBPyConnection, sim: dict[str, pd.DataFrame]) -> None:
-    """Create the raw tables from their declared DDL and fill them (strings are built in SQL)."""
-    start = f"DATE '{SIMULATION_START.isoformat()}'"
-    acc_id = "printf('bench-%06d', acc)"
-    selects = {
-        "raw_accounts": f"""
-            SELECT {acc_id}, {_sql_list(PLANS)}[plan + 1], seats, mrr, {start} + signup_day, 'us',
-                   {_sql_list(SEGMENTS)}[segment + 1], company_size, '{SOURCE}'
-            FROM sim_accounts""",
-        "raw_usage_events": f"""
-            SELECT {acc_id}, {start} + day, active_users, sessions, feature_events, '{SOURCE}'
-            FROM sim_usage""",
-        "raw_billing_events": f"""
-            SELECT printf('bench-inv-%06d-%03d', acc, day), {acc_id},
-                   CAST({start} + day AS TIMESTAMP) + to_seconds(second),
-                   {_sql_list(BILLING_EVENT_TYPES)}[CAST(failed AS INTEGER) + 1], amount, '{SOURCE}'
-            FROM sim_billing""",
-        "raw_support_tickets": f"""
-            SELECT printf('bench-tkt-%08d', row_number() OVER ()), {acc_id},
-                   CAST({start} + day AS TIMESTAMP) + to_seconds(second), severity,
-                   {_sql_list(TICKET_CATEGORIES)}[category + 1], '{SOURCE}'
-            FROM sim_tickets""",
-    }
-    for name, select in selects.items():
-        short = name.removeprefix("raw_").removesuffix("_events").removesuffix("_tickets")
-        source = {"accounts": "accounts", "usage": "usage", "billing": "billing", "support": "tickets"}[short]
-        con.register(f"sim_{source}", sim[source])
-        con.execute(RAW_TABLES[name].ddl())
-        con.execute(f"INSERT INTO {name} {select}")
-        con.unregister(f"sim_{source}")
-
-
-def raw_frames(con: duckdb.DuckDBPyConnection) -> dict[str, pd.DataFrame]:
-    """The raw tables as pandas reads them from the warehouse (the pandas path's input)."""
-    frames = {}
-    for name in ("raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets"):
-        frames[name] = con.execute(f"SELECT * EXCLUDE (source) FROM {name}").df()  # noqa: S608
-    return frames
+    """Create the raw tables from their declared DDL (resources.schemas) and fill them."""
+    for name, (key, select) in _LOAD_SQL.items():
+        for token, value in _LOAD_TOKENS.items():
+            select = select.replace(token, value)
+        con.register("sim", sim[key])
+        try:
+            con.execute(RAW_TABLES[name].ddl())
+            con.execute("INSERT INTO " + name + " " + select)
+        finally:
+            con.unregister("sim")
 
 
 # --- the same features, in pandas -----------------------------------------------------------------
@@ -214,7 +228,9 @@ def pandas_features(raw: dict[str, pd.DataFrame], lo: dt.date, hi: dt.date) -> p
     accounts = raw["raw_accounts"].set_index("account_id")
     usage = raw["raw_usage_events"]
     unit = usage["event_date"].dt.unit
-    days = pd.date_range(pd.Timestamp(lo) - pd.Timedelta(days=LOOKBACK_DAYS), pd.Timestamp(hi), freq="D", unit=unit)
+    days = pd.date_range(
+        pd.Timestamp(lo) - pd.Timedelta(days=LOOKBACK_DAYS), pd.Timestamp(hi), freq="D", unit=unit
+    )
 
     # Daily inputs, keyed like the grid.
     keys = ["account_id", "feature_date"]
@@ -238,7 +254,11 @@ def pandas_features(raw: dict[str, pd.DataFrame], lo: dt.date, hi: dt.date) -> p
             high=tickets["severity"].ge(3).astype("int64"),
         )
         .groupby(keys)
-        .agg(tickets=("severity", "size"), high_severity_tickets=("high", "sum"), max_severity=("severity", "max"))
+        .agg(
+            tickets=("severity", "size"),
+            high_severity_tickets=("high", "sum"),
+            max_severity=("severity", "max"),
+        )
     )
 
     # The dense grid: every account, every day from the start of the look-back or its signup.
@@ -251,8 +271,15 @@ def pandas_features(raw: dict[str, pd.DataFrame], lo: dt.date, hi: dt.date) -> p
 
     # Trailing windows over the per-account rows (one row per day).
     by_account = daily.groupby(level="account_id", sort=False)
-    summed = ["active_day", "feature_events", "sessions", "active_users", "payment_failures", "tickets",
-              "high_severity_tickets"]
+    summed = [
+        "active_day",
+        "feature_events",
+        "sessions",
+        "active_users",
+        "payment_failures",
+        "tickets",
+        "high_severity_tickets",
+    ]
     cum = by_account[summed].cumsum()
     cum_by_account = cum.groupby(level="account_id", sort=False)
     n_rows = by_account.cumcount().to_numpy() + 1
@@ -287,10 +314,165 @@ def pandas_features(raw: dict[str, pd.DataFrame], lo: dt.date, hi: dt.date) -> p
     out = out[(out.index.get_level_values("feature_date") >= pd.Timestamp(lo))].reset_index()
 
     # Account attributes.
-    out = out.join(accounts[["plan", "seats", "mrr", "company_size", "signup_date", "segment"]], on="account_id")
+    out = out.join(
+        accounts[["plan", "seats", "mrr", "company_size", "signup_date", "segment"]], on="account_id"
+    )
     out["available_at"] = out["feature_date"] + pd.Timedelta(days=1)
     out["seat_utilisation_7d"] = out["avg_active_users_7d"] / out["seats"]
     out["tenure_days"] = (out["feature_date"] - out["signup_date"]).dt.days.astype("float64")
     for col in ("seats", "mrr", "company_size"):
         out[col] = out[col].astype("float64")
     return out[list(OUTPUT_COLUMNS)]
+
+
+# --- checking and timing ----------------------------------------------------------------------------
+def compare(duck: pd.DataFrame, pand: pd.DataFrame) -> list[str]:
+    """Every difference between the two feature frames, after sorting by (account_id, feature_date)."""
+    if list(duck.columns) != list(pand.columns):
+        return [f"columns differ: duckdb={list(duck.columns)} pandas={list(pand.columns)}"]
+    if len(duck) != len(pand):
+        return [f"row counts differ: duckdb={len(duck):,} pandas={len(pand):,}"]
+    keys = ["account_id", "feature_date"]
+    duck = duck.sort_values(keys, ignore_index=True)
+    pand = pand.sort_values(keys, ignore_index=True)
+    problems = []
+    for col in OUTPUT_COLUMNS:
+        a, b = duck[col], pand[col]
+        if col in NUMERIC_FEATURES:
+            x, y = a.to_numpy(dtype="float64"), b.to_numpy(dtype="float64")
+            bad = ~np.isclose(x, y, equal_nan=True)
+        elif col in ("feature_date", "available_at"):
+            bad = a.astype("datetime64[ns]").to_numpy() != b.astype("datetime64[ns]").to_numpy()
+        else:
+            bad = a.astype(str).to_numpy() != b.astype(str).to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            problems.append(
+                f"{col}: {int(bad.sum()):,} rows differ, e.g. {duck.at[i, 'account_id']} {duck.at[i, 'feature_date']}:"
+                f" duckdb={a.iat[i]!r} pandas={b.iat[i]!r}"
+            )
+    return problems
+
+
+def timed(fn: Callable[[], object], repeat: int, label: str) -> tuple[list[float], object]:
+    times, result = [], None
+    for i in range(repeat):
+        result = None  # let the previous result go before the next run
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+        print(f"  {label} run {i + 1}/{repeat}: {times[-1]:.2f} s", flush=True)
+    return times, result
+
+
+def _fmt(times: list[float]) -> str:
+    return f"{min(times):.2f} / {statistics.median(times):.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=DEFAULT_EVENTS, help="usage event rows to simulate")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each path (at least 3)")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the SQL alone (CREATE TEMP TABLE AS) and the fetch of its result as a DataFrame",
+    )
+    args = parser.parse_args(argv)
+    repeat = max(3, args.repeat)
+
+    t0 = time.perf_counter()
+    sim = simulate(args.events)
+    t_sim = time.perf_counter() - t0
+    con = duckdb.connect()  # in memory
+    t0 = time.perf_counter()
+    load(con, sim)
+    raw = {
+        name: con.execute(f"SELECT * EXCLUDE (source) FROM {name}").df()  # noqa: S608 - known tables
+        for name in ("raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets")
+    }
+    t_load = time.perf_counter() - t0
+    del sim
+    n_events = len(raw["raw_usage_events"])
+    n_accounts = len(raw["raw_accounts"])
+    lo, hi = (
+        pd.Timestamp(x).date()
+        for x in con.execute("SELECT min(event_date), max(event_date) FROM raw_usage_events").fetchone()
+    )
+    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+    print(
+        f"simulated {n_events:,} usage events, {n_accounts:,} accounts, {len(raw['raw_billing_events']):,} billing "
+        f"events, {len(raw['raw_support_tickets']):,} tickets, {lo} .. {hi} in {t_sim:.1f} s; "
+        f"loaded into DuckDB (and read back for pandas) in {t_load:.1f} s (neither is measured)",
+        flush=True,
+    )
+
+    print(
+        "timing DuckDB: resources.feature_store.compute_features (FEATURE_VIEW_SQL -> DataFrame)", flush=True
+    )
+    duck_times, duck = timed(lambda: compute_features(con, lo, hi), repeat, "duckdb")
+    breakdown = {}
+    if args.breakdown:
+        from resources.feature_store import FEATURE_VIEW_SQL
+
+        sql = "CREATE OR REPLACE TEMP TABLE bench_features AS " + FEATURE_VIEW_SQL
+        breakdown["SQL only (CREATE TEMP TABLE AS)"], _ = timed(
+            lambda: con.execute(sql, {"lo": lo, "hi": hi}), repeat, "duckdb sql only"
+        )
+        breakdown["fetch of the result as a DataFrame"], _ = timed(
+            lambda: con.execute("SELECT * FROM bench_features").df(), repeat, "duckdb fetch .df()"
+        )
+        con.execute("DROP TABLE bench_features")
+    print("timing pandas: benchmarks.features.pandas_features", flush=True)
+    pandas_times, pand = timed(lambda: pandas_features(raw, lo, hi), repeat, "pandas")
+
+    problems = compare(duck, pand)
+    n_rows = len(duck)
+    del duck, pand
+
+    duck_best, pandas_best = min(duck_times), min(pandas_times)
+    speedup = pandas_best / duck_best
+    speed_ok = speedup >= TARGET_SPEEDUP
+    if args.events >= DEFAULT_EVENTS:
+        time_verdict = "PASS" if duck_best < TARGET_SECONDS else "FAIL"
+    else:
+        time_verdict = f"n/a (target is for {DEFAULT_EVENTS:,} events)"
+
+    print()
+    print(
+        f"Features: {n_events:,} usage events ({n_accounts:,} accounts, {DAYS} days) -> {n_rows:,} feature rows "
+        f"x {len(OUTPUT_COLUMNS)} columns; {os.cpu_count()} CPU cores, DuckDB {duckdb.__version__} "
+        f"(threads={threads}), pandas {pd.__version__}, numpy {np.__version__}; {repeat} runs each, "
+        "seconds as best / median"
+    )
+    print()
+    print(
+        "| input events | DuckDB s | pandas s | speed-up (best) | DuckDB >= 3x faster | DuckDB < 3 s at 10M |"
+    )
+    print("|---:|---:|---:|---:|:---|:---|")
+    print(
+        f"| {n_events:,} | {_fmt(duck_times)} | {_fmt(pandas_times)} | {speedup:.2f}x "
+        f"| {'PASS' if speed_ok else 'FAIL'} | {time_verdict} |"
+    )
+    if breakdown:
+        print()
+        print("| DuckDB breakdown | s (best / median) |")
+        print("|:---|---:|")
+        print(f"| compute_features (SQL + fetch as DataFrame) | {_fmt(duck_times)} |")
+        for label, times in breakdown.items():
+            print(f"| {label} | {_fmt(times)} |")
+    print()
+    if problems:
+        print(f"results match: NO ({len(problems)} columns differ)")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print(
+        f"results match: yes ({n_rows:,} rows, {len(OUTPUT_COLUMNS)} columns; np.isclose on numeric features, "
+        "exact on keys, dates and categories, after sorting by account_id, feature_date)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

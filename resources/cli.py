@@ -47,7 +47,7 @@ def run_pipeline(home: str | None = None, tenants: list[str] | None = None) -> i
     for name in names:
         champion = registry.alias_version(name, "champion")
         challenger = registry.alias_version(name, "challenger")
-        print(f"  churn-{name}: champion={champion.version if champion else '-'} "
+        print(f"  churn-{name}: champion={str(champion.version) if champion else '-'} "
               f"challenger={challenger.version if challenger else '-'}")
     print(f"\nState:   {settings.root}")
     print("UI:      make ui   -> http://127.0.0.1:3000 (asset graph, checks, runs)")

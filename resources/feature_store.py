@@ -219,6 +219,20 @@ def to_model_matrix(features: pd.DataFrame) -> np.ndarray:
     return matrix
 
 
+_CATEGORY_CODES = {col: {level: float(i) for i, level in enumerate(levels)} for col, levels in CATEGORICAL_FEATURES.items()}
+
+
+def encode_records(records: list[dict]) -> np.ndarray:
+    """``to_model_matrix`` for a few records, without pandas: the single-account hot path."""
+    matrix = np.empty((len(records), len(FEATURE_COLUMNS)), dtype=np.float64)
+    for r, record in enumerate(records):
+        for i, col in enumerate(FEATURE_COLUMNS):
+            value = record[col]
+            codes = _CATEGORY_CODES.get(col)
+            matrix[r, i] = codes.get(value, np.nan) if codes is not None else float(value)
+    return matrix
+
+
 def content_hash(frame: pd.DataFrame) -> str:
     """A stable content hash of a data frame (row order and dtypes included)."""
     hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()

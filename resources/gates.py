@@ -17,7 +17,7 @@ class GatePolicy(dg.ConfigurableResource):
     # Largest allowed ROC AUC gap between customer segments (fairlearn MetricFrame).
     max_fairness_gap: float = 0.15
     fairness_min_group_size: int = 100
-    max_single_row_p99_ms: float = 50.0
+    max_single_row_p99_ms: float = 10.0
     max_model_bytes: int = 20_000_000
     # Freshness: the newest training label may be at most this many days older than the newest raw event.
     max_label_staleness_days: int = 45

@@ -17,7 +17,7 @@ from fairlearn.metrics import MetricFrame
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
-from resources.feature_store import FEATURE_COLUMNS, to_model_frame, to_model_matrix
+from resources.feature_store import FEATURE_COLUMNS, encode_records, to_model_frame, to_model_matrix
 
 LGBM_PARAMS: dict = {
     "objective": "binary",
@@ -118,9 +118,11 @@ def single_row_latency_ms(booster: lgb.Booster, rows: pd.DataFrame, repeats: int
     samples = []
     records = rows.sample(n=min(len(rows), repeats), replace=len(rows) < repeats, random_state=0)
     records = records.loc[:, list(FEATURE_COLUMNS)].to_dict("records")
+    for record in records[:20]:  # warm-up
+        booster.predict(encode_records([record]), num_threads=1)
     for record in records:
         start = time.perf_counter()
-        score(booster, pd.DataFrame([record]), num_threads=1)
+        booster.predict(encode_records([record]), num_threads=1)
         samples.append((time.perf_counter() - start) * 1000)
     arr = np.array(samples)
     return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}

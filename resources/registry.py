@@ -15,6 +15,8 @@ from functools import cached_property
 import dagster as dg
 import lightgbm as lgb
 import mlflow
+from dagster_mlflow import mlflow_tracking
+from dagster_mlflow.resources import CONFIG_SCHEMA as MLFLOW_CONFIG_SCHEMA
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -113,3 +115,15 @@ class ModelRegistry(dg.ConfigurableResource):
     def tag_version(self, tenant: str, version: str | int, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_model_version_tag(registered_model_name(tenant), str(version), key, str(value))
+
+
+@dg.resource(
+    config_schema=MLFLOW_CONFIG_SCHEMA,
+    required_resource_keys={"registry"},
+    description="dagster-mlflow's tracking resource, started after the experiment exists under MLOPS_HOME.",
+)
+def mlflow_tracking_in_home(context):
+    # dagster-mlflow creates a missing experiment with MLflow's default artifact root (./mlruns in
+    # the working directory); creating it first keeps artifacts under MLOPS_HOME.
+    context.resources.registry.ensure_experiment()
+    return mlflow_tracking.resource_fn(context)

@@ -12,6 +12,11 @@ from resources.tenants import TenantSpec
 TEST_TENANT = TenantSpec(name="testco", region="eu", n_accounts=1500, seed=11, days=150)
 
 
+def open_instance(home) -> DagsterInstance:
+    """The real Dagster instance of a home (not whichever DAGSTER_HOME the process last set)."""
+    return DagsterInstance.from_config(str(home / "dagster"))
+
+
 @pytest.fixture(scope="session")
 def platform_home(tmp_path_factory):
     """A home with the small test tenant registered and the whole churn pipeline materialized once."""
@@ -21,13 +26,13 @@ def platform_home(tmp_path_factory):
     defs = build_definitions(str(home))
     defs.resources["settings"].ensure_home()
     defs.resources["catalog"].add(TEST_TENANT)
-    with DagsterInstance.get() as instance:
+    with open_instance(home) as instance:
         instance.add_dynamic_partitions("tenant", [TEST_TENANT.name])
         result = defs.resolve_job_def("churn_pipeline").execute_in_process(
             instance=instance, partition_key=TEST_TENANT.name, raise_on_error=False
         )
     assert result.success, [e.message for e in result.all_events if e.is_failure]
-    return {"home": home, "defs": defs, "run_id": result.run_id}
+    return {"home": home, "defs": defs, "run_id": result.run_id, "instance": lambda: open_instance(home)}
 
 
 @pytest.fixture()
