@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import automation, deployment, features, ingestion, training, validation
+from assets import automation, deployment, features, ingestion, monitoring, training, validation
 from resources.feature_store import FeatureStore
 from resources.gates import GatePolicy
 from resources.registry import EXPERIMENT_NAME, ModelRegistry, mlflow_tracking_in_home
@@ -30,10 +30,10 @@ def build_definitions(home: str | None = None, gates: GatePolicy | None = None) 
         ),
     }
     return dg.Definitions(
-        # Each module sets its own group (ingestion, features, training, deployment).
-        assets=dg.load_assets_from_modules([ingestion, features, training, deployment]),
+        # Each module sets its own group (ingestion, features, training, deployment, monitoring).
+        assets=dg.load_assets_from_modules([ingestion, features, training, deployment, monitoring]),
         asset_checks=dg.load_asset_checks_from_modules([validation]),
-        jobs=[automation.churn_pipeline],
+        jobs=[automation.churn_pipeline, automation.prediction_log_job],
         sensors=[automation.tenant_catalog_sensor],
         resources=resources,
     )

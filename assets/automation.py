@@ -16,6 +16,14 @@ churn_pipeline = dg.define_asset_job(
 )
 
 
+prediction_log_job = dg.define_asset_job(
+    "prediction_log_ingestion",
+    selection=dg.AssetSelection.assets("prediction_log"),
+    description="Ingest the service's closed prediction-log segments for one tenant.",
+    executor_def=dg.in_process_executor,
+)
+
+
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def tenant_catalog_sensor(context: dg.SensorEvaluationContext, catalog: TenantCatalog, settings: PlatformSettings):
     """Adds a tenant partition for every tenant in the catalog, and rejects inbox folders of

@@ -349,7 +349,7 @@ def compare(duck: pd.DataFrame, pand: pd.DataFrame) -> list[str]:
             i = int(np.flatnonzero(bad)[0])
             problems.append(
                 f"{col}: {int(bad.sum()):,} rows differ, e.g. {duck.at[i, 'account_id']} {duck.at[i, 'feature_date']}:"
-                f" duckdb={a.iat[i]!r} pandas={b.iat[i]!r}"
+                f" duckdb={a.iat[i]} pandas={b.iat[i]}"
             )
     return problems
 
@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         pd.Timestamp(x).date()
         for x in con.execute("SELECT min(event_date), max(event_date) FROM raw_usage_events").fetchone()
     )
+    load_start = os.getloadavg()[0]
     threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
     print(
         f"simulated {n_events:,} usage events, {n_accounts:,} accounts, {len(raw['raw_billing_events']):,} billing "
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Features: {n_events:,} usage events ({n_accounts:,} accounts, {DAYS} days) -> {n_rows:,} feature rows "
         f"x {len(OUTPUT_COLUMNS)} columns; {os.cpu_count()} CPU cores, DuckDB {duckdb.__version__} "
         f"(threads={threads}), pandas {pd.__version__}, numpy {np.__version__}; {repeat} runs each, "
-        "seconds as best / median"
+        f"seconds as best / median; 1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
     print()
     print(

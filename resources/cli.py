@@ -82,6 +82,38 @@ def verify_audit(args) -> int:
     return 1
 
 
+def api_key(args) -> int:
+    from resources.serving import ApiKeyStore, serving_dir
+
+    defs = _defs(args.home)
+    settings = defs.resources["settings"]
+    store = ApiKeyStore(serving_dir(settings.root))
+    if args.action == "create":
+        defs.resources["catalog"].get(args.target)
+        store.path.parent.mkdir(parents=True, exist_ok=True)
+        print(store.create(args.target))
+    else:
+        store.revoke(args.target)
+        print(f"revoked key {args.target}")
+    return 0
+
+
+def deployment_action(args) -> int:
+    from assets.deployment import promote_challenger, rollback_champion
+
+    r = _defs(args.home).resources
+    r["catalog"].get(args.tenant)
+    if args.command == "rollback":
+        current, previous = rollback_champion(args.tenant, r["registry"], r["settings"], r["warehouse"],
+                                              reason=args.reason)
+        print(f"{args.tenant}: champion rolled back from v{current} to v{previous}")
+    else:
+        entry = promote_challenger(args.tenant, r["registry"], r["feature_store"], r["settings"], r["warehouse"],
+                                   reason=args.reason)
+        print(f"{args.tenant}: champion is now v{entry['champion']['version']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # Beta/preview notices of the pinned libraries are for their developers, not for operators.
     from dagster import BetaWarning, PreviewWarning
@@ -104,7 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("init", help="create MLOPS_HOME and the Dagster instance config")
     ver = sub.add_parser("verify-audit", help="check the tenant's audit log hash chain")
     ver.add_argument("tenant")
+    key = sub.add_parser("api-key", help="create (for a tenant) or revoke (by key id) a service API key")
+    key.add_argument("action", choices=["create", "revoke"])
+    key.add_argument("target", help="tenant name for create, key id for revoke")
+    for name in ("rollback", "promote"):
+        cmd = sub.add_parser(name, help=f"{name} the tenant's champion in the registry and the running service")
+        cmd.add_argument("tenant")
+        cmd.add_argument("--reason", default=f"manual {name}")
     args = parser.parse_args(argv)
+    if args.command == "api-key":
+        return api_key(args)
+    if args.command in ("rollback", "promote"):
+        return deployment_action(args)
     if args.command == "demo":
         return run_pipeline(args.home, args.tenant)
     if args.command == "init":

@@ -1,0 +1,1 @@
+"""BentoML services: the churn service (CPU) and its GPU variant."""

@@ -1,0 +1,274 @@
+"""The churn prediction service: every tenant, champion + shadow challenger, hot model swaps.
+
+Start it with ``bentoml serve bentos.service:ChurnService``. It reads only the serving bundle (see
+``resources.serving``): never the warehouse, never the registry.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Annotated
+
+import bentoml
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from bentoml.exceptions import BentoMLException
+from pydantic import BaseModel, Field
+
+from resources.feature_store import to_model_matrix
+from resources.serving import (
+    MANIFEST,
+    ApiKeyStore,
+    PredictionLogWriter,
+    read_manifest,
+    serving_dir,
+    verify_key,
+)
+from resources.settings import configure_environment
+
+MAX_BATCH = 10_000
+TenantName = Annotated[str, Field(min_length=2, max_length=40, pattern=r"^[a-z][a-z0-9_-]+$")]
+AccountId = Annotated[str, Field(min_length=1, max_length=64)]
+
+REQUEST_LATENCY = bentoml.metrics.Histogram(
+    name="churn_prediction_latency_seconds",
+    documentation="Scoring latency per tenant, model version and role (champion or challenger)",
+    labelnames=["tenant", "model_version", "role"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+PREDICTIONS = bentoml.metrics.Counter(
+    name="churn_predictions_total",
+    documentation="Predictions served per tenant, model version and role",
+    labelnames=["tenant", "model_version", "role"],
+)
+
+
+class Prediction(BaseModel):
+    prediction_id: str
+    tenant: str
+    account_id: str
+    score: float
+    model_version: str
+
+
+class BatchPrediction(BaseModel):
+    tenant: str
+    model_version: str
+    predictions: list[Prediction]
+
+
+class ServiceError(BentoMLException):
+    """An error with an HTTP status, and a message that names the problem."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message, error_code=status)
+
+
+@dataclass(frozen=True)
+class Model:
+    version: str
+    booster: lgb.Booster
+
+
+@dataclass(frozen=True)
+class TenantDeployment:
+    """Everything needed to score one tenant, immutable: a swap replaces the whole object."""
+
+    tenant: str
+    champion: Model
+    challenger: Model | None
+    snapshot_version: int
+    account_index: dict[str, int]
+    features: np.ndarray
+
+
+def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDeployment | None) -> TenantDeployment:
+    def model(spec: dict | None, old: Model | None) -> Model | None:
+        if spec is None:
+            return None
+        if old is not None and old.version == spec["version"]:
+            return old
+        return Model(str(spec["version"]), lgb.Booster(model_file=str(folder / spec["model_file"])))
+
+    old_models = {}
+    if previous is not None:
+        old_models = {m.version: m for m in (previous.champion, previous.challenger) if m is not None}
+    champion = model(entry["champion"], old_models.get(str(entry["champion"]["version"])))
+    challenger_spec = entry.get("challenger")
+    if challenger_spec and str(challenger_spec["version"]) == champion.version:
+        challenger_spec = None  # a model does not shadow itself
+    challenger = model(challenger_spec, old_models.get(str(challenger_spec["version"])) if challenger_spec else None)
+    snapshot_version = int(entry["snapshot"]["version"])
+    if previous is not None and previous.snapshot_version == snapshot_version:
+        index, features = previous.account_index, previous.features
+    else:
+        frame = pd.read_parquet(folder / entry["snapshot"]["file"])
+        index = {account: i for i, account in enumerate(frame["account_id"])}
+        features = to_model_matrix(frame)
+    return TenantDeployment(tenant, champion, challenger, snapshot_version, index, features)
+
+
+@bentoml.service(
+    name="churn_service",
+    workers=1,
+    traffic={"timeout": 30},
+    # Per-request access logging and tracing cost more than scoring itself; metrics stay on.
+    logging={"access": {"enabled": False}},
+    tracing={"sample_rate": 0.0},
+    endpoints={"livez": "/livez", "readyz": "/readyz"},
+)
+class ChurnService:
+    """Churn scores for every tenant from its champion model, with the challenger in shadow."""
+
+    poll_interval_s = 0.5
+
+    def __init__(self) -> None:
+        self.home = configure_environment()
+        self.folder = serving_dir(self.home)
+        self.log_writer = PredictionLogWriter(self.home)
+        self.shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
+        self.deployments: dict[str, TenantDeployment] = {}
+        self.api_keys: dict = {}
+        self._manifest_mtime: float | None = None
+        self._keys_mtime: float | None = None
+        self._stop = threading.Event()
+        self.refresh()
+        # A large, long-lived heap (boosters, feature matrices) makes full collections slow:
+        # freeze what start-up allocated so the collector skips it on every request.
+        gc.collect()
+        gc.freeze()
+        self._watcher = threading.Thread(target=self._watch, name="manifest-watcher", daemon=True)
+        self._watcher.start()
+
+    # --- state ---------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Load a changed manifest or key file; swaps whole objects, so requests never see half."""
+        manifest_path, keys_path = self.folder / MANIFEST, self.folder / "api_keys.json"
+        mtime = manifest_path.stat().st_mtime if manifest_path.exists() else None
+        if mtime != self._manifest_mtime:
+            manifest = read_manifest(self.folder)
+            self.deployments = {
+                tenant: load_deployment(self.folder, tenant, entry, self.deployments.get(tenant))
+                for tenant, entry in manifest["tenants"].items()
+            }
+            self._manifest_mtime = mtime
+        kmtime = keys_path.stat().st_mtime if keys_path.exists() else None
+        if kmtime != self._keys_mtime:
+            self.api_keys = ApiKeyStore(self.folder).snapshot()
+            self._keys_mtime = kmtime
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.refresh()
+            except Exception as exc:  # a bad manifest must not kill the watcher; keep serving the last good one
+                print(f"churn_service: manifest reload failed, still serving the previous models: {exc!r}")
+            self.log_writer.rotate_due(time.monotonic())
+
+    def __is_ready__(self) -> bool:
+        return bool(self.deployments) and all(d.champion is not None for d in self.deployments.values())
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.shadow_pool.shutdown(wait=True)
+        self.log_writer.close()
+
+    # --- request handling ----------------------------------------------------------------
+    def _authorize(self, ctx: bentoml.Context, tenant: str) -> TenantDeployment:
+        headers = ctx.request.headers
+        presented = headers.get("x-api-key")
+        auth = headers.get("authorization", "")
+        if not presented and auth.lower().startswith("bearer "):
+            presented = auth[7:].strip()
+        key = verify_key(self.api_keys, presented)
+        if key is None:
+            raise ServiceError(HTTPStatus.UNAUTHORIZED, "missing or invalid API key (send 'Authorization: Bearer <key>')")
+        if key.tenant != tenant:
+            raise ServiceError(HTTPStatus.FORBIDDEN, f"this API key belongs to another tenant, not {tenant!r}")
+        deployment = self.deployments.get(tenant)
+        if deployment is None:
+            raise ServiceError(HTTPStatus.NOT_FOUND, f"tenant {tenant!r} has no deployed model")
+        return deployment
+
+    def _rows(self, deployment: TenantDeployment, account_ids: list[str]) -> list[int]:
+        index = deployment.account_index
+        missing = [a for a in account_ids if a not in index]
+        if missing:
+            shown = ", ".join(repr(a) for a in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ServiceError(HTTPStatus.NOT_FOUND, f"unknown account(s) for tenant {deployment.tenant!r}: {shown}{more}")
+        return [index[a] for a in account_ids]
+
+    def _score(self, deployment: TenantDeployment, model: Model, rows: list[int], role: str) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        matrix = deployment.features[rows]
+        scores = model.booster.predict(matrix, num_threads=1 if len(rows) < 512 else 0)
+        elapsed = time.perf_counter() - start
+        REQUEST_LATENCY.labels(deployment.tenant, model.version, role).observe(elapsed)
+        PREDICTIONS.labels(deployment.tenant, model.version, role).inc(len(rows))
+        return scores, elapsed * 1000
+
+    def _log(self, deployment, model, role, ids, accounts, scores, latency_ms, endpoint) -> None:
+        now = pd.Timestamp.now("UTC").tz_localize(None)
+        per_row = latency_ms / max(len(ids), 1)
+        self.log_writer.append(
+            [
+                {
+                    "prediction_id": pid, "tenant": deployment.tenant, "account_id": account, "role": role,
+                    "model_version": model.version, "score": float(score), "latency_ms": per_row,
+                    "snapshot_version": deployment.snapshot_version, "endpoint": endpoint, "requested_at": now,
+                }
+                for pid, account, score in zip(ids, accounts, scores, strict=True)
+            ],
+            time.monotonic(),
+        )
+
+    def _shadow(self, deployment: TenantDeployment, rows, ids, accounts, endpoint) -> None:
+        challenger = deployment.challenger
+        scores, latency = self._score(deployment, challenger, rows, "challenger")
+        self._log(deployment, challenger, "challenger", ids, accounts, scores, latency, endpoint)
+
+    def _predict(self, tenant: str, account_ids: list[str], ctx: bentoml.Context, endpoint: str):
+        deployment = self._authorize(ctx, tenant)
+        rows = self._rows(deployment, account_ids)
+        scores, latency = self._score(deployment, deployment.champion, rows, "champion")
+        ids = [uuid.uuid4().hex for _ in account_ids]
+        self._log(deployment, deployment.champion, "champion", ids, account_ids, scores, latency, endpoint)
+        if deployment.challenger is not None:
+            # Off the hot path: the response carries the champion's score alone.
+            self.shadow_pool.submit(self._shadow, deployment, rows, ids, account_ids, endpoint)
+        return deployment, ids, scores
+
+    @bentoml.api(route="/v1/predict")
+    def predict(self, tenant: TenantName, account_id: AccountId, ctx: bentoml.Context) -> Prediction:
+        """Churn probability of one account, from the tenant's online features and champion model."""
+        deployment, ids, scores = self._predict(tenant, [account_id], ctx, "predict")
+        return Prediction(prediction_id=ids[0], tenant=tenant, account_id=account_id, score=float(scores[0]),
+                          model_version=deployment.champion.version)
+
+    @bentoml.api(route="/v1/predict_batch")
+    def predict_batch(
+        self,
+        tenant: TenantName,
+        account_ids: Annotated[list[AccountId], Field(min_length=1, max_length=MAX_BATCH)],
+        ctx: bentoml.Context,
+    ) -> BatchPrediction:
+        """Churn probabilities of up to 10,000 accounts in one request."""
+        deployment, ids, scores = self._predict(tenant, account_ids, ctx, "predict_batch")
+        version = deployment.champion.version
+        return BatchPrediction(
+            tenant=tenant, model_version=version,
+            predictions=[
+                Prediction(prediction_id=pid, tenant=tenant, account_id=a, score=float(s), model_version=version)
+                for pid, a, s in zip(ids, account_ids, scores, strict=True)
+            ],
+        )
