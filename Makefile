@@ -11,7 +11,7 @@ export DAGSTER_DISABLE_TELEMETRY := 1
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: install chromium demo test lint ui clean
+.PHONY: install chromium demo test lint ui serve clean
 
 install:
 	@command -v uv >/dev/null 2>&1 || test -x $(UV) || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
@@ -37,6 +37,10 @@ lint: install
 ui: install
 	$(RUN) python -m resources.cli init
 	$(RUN) dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+## make serve: the BentoML churn service (OpenAPI docs at http://127.0.0.1:3001/)
+serve: install
+	$(RUN) bentoml serve bentos.service:ChurnService --host 127.0.0.1 --port 3001
 
 clean:
 	rm -rf $(MLOPS_HOME)
