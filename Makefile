@@ -11,11 +11,17 @@ export DAGSTER_DISABLE_TELEMETRY := 1
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: install chromium demo test lint ui serve clean
+.PHONY: install gpu-extras chromium demo test lint ui serve bentos clean
 
 install:
 	@command -v uv >/dev/null 2>&1 || test -x $(UV) || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
-	@$(UV) sync --frozen --quiet
+	@$(UV) sync --frozen --inexact --quiet
+
+# PyTorch + Hummingbird, for the GPU image and its CPU-side equivalence test only. pip takes the
+# CPU build of torch that this machine image carries; uv would download a multi-GB CUDA build.
+gpu-extras: install
+	@.venv/bin/python -c "import torch, hummingbird" 2>/dev/null || \
+	  python3 -m pip --python .venv/bin/python install --quiet torch==2.13.0 hummingbird-ml==0.4.12
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -27,7 +33,7 @@ demo: install
 	$(RUN) python -m resources.cli demo
 
 ## make test: the whole test suite
-test: install chromium
+test: install chromium gpu-extras
 	$(RUN) pytest
 
 lint: install
@@ -41,6 +47,13 @@ ui: install
 ## make serve: the BentoML churn service (OpenAPI docs at http://127.0.0.1:3001/)
 serve: install
 	$(RUN) bentoml serve bentos.service:ChurnService --host 127.0.0.1 --port 3001
+
+## make bentos: build the CPU and GPU bentos with the current serving bundle packaged inside
+bentos: install
+	@test -f $(MLOPS_HOME)/serving/manifest.json || { echo "no serving bundle: run make demo first"; exit 1; }
+	@if [ "$(MLOPS_HOME)" != "$(CURDIR)/.mlops" ]; then rm -rf .mlops/serving && mkdir -p .mlops && cp -r $(MLOPS_HOME)/serving .mlops/serving; fi
+	BENTOML_HOME=$(MLOPS_HOME)/bentoml $(RUN) bentoml build -f bentos/bentofile.cpu.yaml .
+	BENTOML_HOME=$(MLOPS_HOME)/bentoml $(RUN) bentoml build -f bentos/bentofile.gpu.yaml .
 
 clean:
 	rm -rf $(MLOPS_HOME)

@@ -210,12 +210,16 @@ class ChurnService:
 
     def _score(self, deployment: TenantDeployment, model: Model, rows: list[int], role: str) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        matrix = deployment.features[rows]
-        scores = model.booster.predict(matrix, num_threads=1 if len(rows) < 512 else 0)
+        scores = self._scores(model, deployment.features[rows])
         elapsed = time.perf_counter() - start
         REQUEST_LATENCY.labels(deployment.tenant, model.version, role).observe(elapsed)
         PREDICTIONS.labels(deployment.tenant, model.version, role).inc(len(rows))
         return scores, elapsed * 1000
+
+    def _scores(self, model: Model, matrix: np.ndarray) -> np.ndarray:
+        """Churn probabilities of ``matrix`` from ``model``; the GPU service overrides this."""
+        # One thread for small requests: OpenMP start-up costs more than the trees.
+        return model.booster.predict(matrix, num_threads=1 if len(matrix) < 512 else 0)
 
     def _log(self, deployment, model, role, ids, accounts, scores, latency_ms, endpoint) -> None:
         now = pd.Timestamp.now("UTC").tz_localize(None)

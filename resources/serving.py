@@ -47,7 +47,13 @@ PREDICTION_LOG_COLUMNS = {
 
 def serving_dir(home: Path) -> Path:
     """The bundle the service reads: ``$MLOPS_SERVING_DIR`` (inside a bento) or ``<home>/serving``."""
-    return Path(os.environ.get(SERVING_DIR_ENV) or Path(home) / "serving")
+    configured = os.environ.get(SERVING_DIR_ENV)
+    if configured:
+        # Relative to the project root (inside a bento: its src/ folder), not the working directory.
+        from resources.settings import PROJECT_ROOT
+
+        return (PROJECT_ROOT / configured).resolve()
+    return Path(home) / "serving"
 
 
 def read_manifest(folder: Path) -> dict:
