@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import automation, deployment, features, ingestion, monitoring, training, validation
+from assets import automation, deployment, features, ingestion, monitoring, reports, training, validation
 from resources.feature_store import FeatureStore
 from resources.gates import GatePolicy
+from resources.notebooks import NotebookRunner
 from resources.registry import EXPERIMENT_NAME, ModelRegistry, mlflow_tracking_in_home
 from resources.settings import PlatformSettings, configure_environment
 from resources.tenants import TenantCatalog
@@ -25,13 +26,14 @@ def build_definitions(home: str | None = None, gates: GatePolicy | None = None) 
         "feature_store": FeatureStore(settings=settings, catalog=catalog),
         "registry": ModelRegistry(settings=settings),
         "gates": gates or GatePolicy(),
+        "notebooks": NotebookRunner(settings=settings),
         "mlflow": mlflow_tracking_in_home.configured(
             {"experiment_name": EXPERIMENT_NAME, "mlflow_tracking_uri": settings.mlflow_tracking_uri}
         ),
     }
     return dg.Definitions(
-        # Each module sets its own group (ingestion, features, training, deployment, monitoring).
-        assets=dg.load_assets_from_modules([ingestion, features, training, deployment, monitoring]),
+        # Each module sets its own group (ingestion, features, training, deployment, monitoring, reports).
+        assets=dg.load_assets_from_modules([ingestion, features, training, deployment, monitoring, reports]),
         asset_checks=dg.load_asset_checks_from_modules([validation]),
         jobs=[automation.churn_pipeline, automation.prediction_log_job],
         sensors=[automation.tenant_catalog_sensor],

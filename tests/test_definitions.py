@@ -18,7 +18,7 @@ def test_definitions_load_without_deprecation_warnings(tmp_path):
         env={"MLOPS_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "['deployment', 'features', 'ingestion', 'monitoring', 'training']" in proc.stdout
+    assert "['deployment', 'features', 'ingestion', 'monitoring', 'reports', 'training']" in proc.stdout
     assert "churn_pipeline" in proc.stdout
     # Loading definitions writes nothing.
     assert not (tmp_path / "home").exists()
