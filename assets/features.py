@@ -15,8 +15,8 @@ from resources.feature_store import (
     FeatureStore,
     compare_feature_rows,
     content_hash,
+    feature_origin,
     offline_rows_at,
-    raw_date_range,
 )
 from resources.gates import GatePolicy
 from resources.tenants import TENANT_PARTITIONS
@@ -32,16 +32,16 @@ SKEW_SAMPLE_SIZE = 200
     group_name="features",
     kinds={"duckdb"},
 )
-def account_features_daily(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, feature_store: FeatureStore):
-    """Offline feature table: one row per account and day, from the declared feature views."""
+def account_features(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, feature_store: FeatureStore):
+    """Offline feature table: one row per account and week, from the declared feature views."""
     with warehouse.transaction(context.partition_key) as con:
-        rows = feature_store.build_daily_features(con)
-        lo, hi = raw_date_range(con)
+        rows = feature_store.build_features(con)
+        origin, weeks = feature_origin(con)
     return dg.MaterializeResult(
         metadata={
             "rows": dg.MetadataValue.int(rows),
-            "first_feature_date": str(lo),
-            "last_feature_date": str(hi),
+            "weeks": dg.MetadataValue.int(weeks),
+            "available_until": str(origin),
             "feature_view_version": FEATURE_VIEW_VERSION,
             "features": dg.MetadataValue.md("\n".join(f"- `{c}`" for c in FEATURE_COLUMNS)),
         }
@@ -52,7 +52,7 @@ def training_set_schema(max_staleness_days: int, last_event: pd.Timestamp) -> pa
     """Data contract of a training set: types, no nulls, plausible ranges, fresh labels."""
     numeric = {c: pa.Column(float, pa.Check.ge(0), nullable=False) for c in NUMERIC_FEATURES}
     numeric["seat_utilisation_7d"] = pa.Column(float, pa.Check.in_range(0, 50), nullable=False)
-    numeric["max_ticket_severity_30d"] = pa.Column(float, pa.Check.in_range(0, 4), nullable=False)
+    numeric["max_ticket_severity_28d"] = pa.Column(float, pa.Check.in_range(0, 4), nullable=False)
     return pa.DataFrameSchema(
         {
             "account_id": pa.Column(str, nullable=False),
@@ -74,7 +74,7 @@ def training_set_schema(max_staleness_days: int, last_event: pd.Timestamp) -> pa
 
 
 @dg.asset(
-    deps=[account_features_daily, "raw_churn_events"],
+    deps=[account_features, "raw_churn_events"],
     partitions_def=TENANT_PARTITIONS,
     group_name="features",
     kinds={"duckdb"},
@@ -96,7 +96,7 @@ def churn_training_set(
     """Mature churn labels joined point-in-time (DuckDB ASOF) to the offline features."""
     with warehouse.transaction(context.partition_key) as con:
         training = feature_store.build_training_set(con)
-        _, last_day = raw_date_range(con)
+        origin, _ = feature_origin(con)
     version = content_hash(training)
     yield dg.MaterializeResult(
         metadata={
@@ -109,7 +109,7 @@ def churn_training_set(
         }
     )
     try:
-        training_set_schema(gates.max_label_staleness_days, pd.Timestamp(last_day)).validate(training, lazy=True)
+        training_set_schema(gates.max_label_staleness_days, pd.Timestamp(origin)).validate(training, lazy=True)
         failures = None
     except SchemaErrors as exc:
         failures = exc.failure_cases
@@ -129,7 +129,7 @@ def churn_training_set(
 
 
 @dg.asset(
-    deps=[account_features_daily],
+    deps=[account_features],
     partitions_def=TENANT_PARTITIONS,
     group_name="features",
     kinds={"duckdb", "parquet"},

@@ -44,8 +44,7 @@ def churn_model_and_rows(model_file: str | None) -> tuple[lgb.Booster, np.ndarra
     con = duckdb.connect()
     for name, frame in simulate_tenant(TENANT).items():
         con.register(name, frame)
-    lo, hi = fs.raw_date_range(con)
-    con.execute("CREATE TABLE account_features_daily AS " + fs.FEATURE_VIEW_SQL, {"lo": lo, "hi": hi})
+    fs.build_feature_table(con)
     training_set = con.execute("WITH churn_labels AS (" + fs.LABELS_SQL + ") " + fs.TRAINING_SET_SQL).df()
     if model_file:
         booster = lgb.Booster(model_file=model_file)

@@ -1,10 +1,10 @@
 """Feature views, declared once, and everything built from them.
 
-The feature views are SQL over the raw tables, keyed by ``(account_id, feature_date)``: a row holds
-what was known at the end of ``feature_date`` and becomes available at ``available_at`` (the next
-midnight). From the same SQL the store builds:
+The feature views are SQL over the raw tables, keyed by ``(account_id, feature_week)``: a row holds
+what was known at the end of the week's last day ``feature_date`` and becomes available at
+``available_at`` (the next midnight). From the same SQL the store builds:
 
-- the offline daily feature table, over the whole history;
+- the offline feature table, over the whole history;
 - point-in-time correct training sets: an ASOF join gives a label at time t the latest feature row
   with ``available_at <= t``, never one computed from events at or after t;
 - the online snapshot (the latest row per account), computed over a bounded look-back window and
@@ -30,124 +30,130 @@ from resources.tenants import TenantCatalog
 NUMERIC_FEATURES: tuple[str, ...] = (
     "active_days_7d",
     "events_7d",
-    "events_30d",
-    "usage_trend_7d_vs_30d",
-    "sessions_30d",
+    "events_28d",
+    "usage_trend_7d_vs_28d",
+    "sessions_28d",
     "avg_active_users_7d",
-    "avg_active_users_30d",
+    "avg_active_users_28d",
     "seat_utilisation_7d",
     "seats",
     "mrr",
     "company_size",
     "tenure_days",
-    "payment_failures_30d",
-    "payment_failures_90d",
-    "tickets_30d",
-    "high_severity_tickets_30d",
-    "max_ticket_severity_30d",
+    "payment_failures_28d",
+    "payment_failures_91d",
+    "tickets_28d",
+    "high_severity_tickets_28d",
+    "max_ticket_severity_28d",
 )
 CATEGORICAL_FEATURES: dict[str, tuple[str, ...]] = {"plan": PLANS, "segment": SEGMENTS}
 FEATURE_COLUMNS: tuple[str, ...] = NUMERIC_FEATURES + tuple(CATEGORICAL_FEATURES)
-KEY_COLUMNS = ("account_id", "feature_date", "available_at")
-# Widest window below is 90 days: the online snapshot needs at least that much history.
-LOOKBACK_DAYS = 90
+KEY_COLUMNS = ("account_id", "feature_week", "feature_date", "available_at")
+FEATURE_TABLE = "account_features"
+# Features are weekly: week w covers the days [origin + 7w, origin + 7w + 6], where the origin is
+# the day after the newest event, so the newest week always ends with the newest data. Windows
+# are 1, 4 and 13 weeks; the widest needs LOOKBACK_WEEKS of history.
+LOOKBACK_WEEKS = 13
 LABEL_HORIZON_DAYS = 30
-PREDICTION_EVERY_DAYS = 7
 MIN_HISTORY_DAYS = 35
 
-# One definition of every feature. $lo/$hi bound the feature dates that are returned; the grid
-# starts LOOKBACK_DAYS earlier so that every window is complete.
+# One definition of every feature. Events are first summed per account and week (one hash
+# aggregate over the raw rows, no sort), then windows run over the small account x week grid.
+# $origin: DATE; $first_week..$last_week: the (negative) weeks returned; $scan_from/$scan_to:
+# the days read (the returned weeks plus LOOKBACK_WEEKS - 1 weeks before them).
 FEATURE_VIEW_SQL = """
-WITH days AS (
-    SELECT CAST(d AS DATE) AS feature_date
-    FROM range(CAST($lo AS DATE) - INTERVAL (LOOKBACK) DAY, CAST($hi AS DATE) + INTERVAL 1 DAY, INTERVAL 1 DAY) t(d)
+WITH usage_weekly AS (
+    SELECT account_id, CAST(floor(date_diff('day', CAST($origin AS DATE), CAST(event_date AS DATE)) / 7) AS INTEGER) AS week,
+           count(*) AS active_days, sum(active_users) AS user_days, sum(sessions) AS sessions,
+           sum(feature_events) AS events
+    FROM raw_usage_events
+    WHERE event_date >= CAST($scan_from AS DATE) AND event_date < CAST($scan_to AS DATE)
+    GROUP BY ALL
 ),
-grid AS (
-    SELECT a.account_id, d.feature_date
-    FROM raw_accounts a JOIN days d ON d.feature_date >= CAST(a.signup_date AS DATE)
-),
-billing_daily AS (
-    SELECT account_id, CAST(event_time AS DATE) AS feature_date,
+billing_weekly AS (
+    SELECT account_id, CAST(floor(date_diff('day', CAST($origin AS DATE), CAST(event_time AS DATE)) / 7) AS INTEGER) AS week,
            count(*) FILTER (WHERE event_type = 'payment_failed') AS payment_failures
-    FROM raw_billing_events GROUP BY ALL
+    FROM raw_billing_events
+    WHERE event_time >= CAST($scan_from AS DATE) AND event_time < CAST($scan_to AS DATE)
+    GROUP BY ALL
 ),
-tickets_daily AS (
-    SELECT account_id, CAST(opened_at AS DATE) AS feature_date,
+tickets_weekly AS (
+    SELECT account_id, CAST(floor(date_diff('day', CAST($origin AS DATE), CAST(opened_at AS DATE)) / 7) AS INTEGER) AS week,
            count(*) AS tickets, count(*) FILTER (WHERE severity >= 3) AS high_severity_tickets,
            max(severity) AS max_severity
-    FROM raw_support_tickets GROUP BY ALL
+    FROM raw_support_tickets
+    WHERE opened_at >= CAST($scan_from AS DATE) AND opened_at < CAST($scan_to AS DATE)
+    GROUP BY ALL
 ),
-daily AS (
-    SELECT g.account_id, g.feature_date,
-           CAST(u.account_id IS NOT NULL AS INTEGER) AS active_day,
-           coalesce(u.active_users, 0) AS active_users,
-           coalesce(u.sessions, 0) AS sessions,
-           coalesce(u.feature_events, 0) AS feature_events,
-           coalesce(b.payment_failures, 0) AS payment_failures,
-           coalesce(t.tickets, 0) AS tickets,
-           coalesce(t.high_severity_tickets, 0) AS high_severity_tickets,
-           coalesce(t.max_severity, 0) AS max_severity
+grid AS (
+    -- every week an account existed in (its last day on or after the signup day)
+    SELECT a.account_id, CAST(w.week AS INTEGER) AS week
+    FROM raw_accounts a, range(CAST($first_week AS INTEGER) - (LOOKBACK_WEEKS - 1), CAST($last_week AS INTEGER) + 1) w(week)
+    WHERE date_diff('day', CAST($origin AS DATE), CAST(a.signup_date AS DATE)) < 7 * (w.week + 1)
+),
+weekly AS (
+    SELECT g.account_id, g.week,
+           coalesce(u.active_days, 0) AS active_days, coalesce(u.user_days, 0) AS user_days,
+           coalesce(u.sessions, 0) AS sessions, coalesce(u.events, 0) AS events,
+           coalesce(b.payment_failures, 0) AS payment_failures, coalesce(t.tickets, 0) AS tickets,
+           coalesce(t.high_severity_tickets, 0) AS high_severity_tickets, coalesce(t.max_severity, 0) AS max_severity
     FROM grid g
-    LEFT JOIN raw_usage_events u ON u.account_id = g.account_id AND u.event_date = g.feature_date
-    LEFT JOIN billing_daily b ON b.account_id = g.account_id AND b.feature_date = g.feature_date
-    LEFT JOIN tickets_daily t ON t.account_id = g.account_id AND t.feature_date = g.feature_date
+    LEFT JOIN usage_weekly u USING (account_id, week)
+    LEFT JOIN billing_weekly b USING (account_id, week)
+    LEFT JOIN tickets_weekly t USING (account_id, week)
 ),
 windowed AS (
-    SELECT account_id, feature_date,
-           sum(active_day) OVER w7 AS active_days_7d,
-           sum(feature_events) OVER w7 AS events_7d,
-           sum(feature_events) OVER w30 AS events_30d,
-           sum(sessions) OVER w30 AS sessions_30d,
-           avg(active_users) OVER w7 AS avg_active_users_7d,
-           avg(active_users) OVER w30 AS avg_active_users_30d,
-           sum(payment_failures) OVER w30 AS payment_failures_30d,
-           sum(payment_failures) OVER w90 AS payment_failures_90d,
-           sum(tickets) OVER w30 AS tickets_30d,
-           sum(high_severity_tickets) OVER w30 AS high_severity_tickets_30d,
-           max(max_severity) OVER w30 AS max_ticket_severity_30d
-    FROM daily
-    WINDOW w7 AS (PARTITION BY account_id ORDER BY feature_date RANGE BETWEEN INTERVAL 6 DAY PRECEDING AND CURRENT ROW),
-           w30 AS (PARTITION BY account_id ORDER BY feature_date RANGE BETWEEN INTERVAL 29 DAY PRECEDING AND CURRENT ROW),
-           w90 AS (PARTITION BY account_id ORDER BY feature_date RANGE BETWEEN INTERVAL 89 DAY PRECEDING AND CURRENT ROW)
+    SELECT account_id, week, active_days AS active_days_7d, events AS events_7d, user_days AS user_days_7d,
+           sum(events) OVER w4 AS events_28d,
+           sum(sessions) OVER w4 AS sessions_28d,
+           sum(user_days) OVER w4 AS user_days_28d,
+           sum(payment_failures) OVER w4 AS payment_failures_28d,
+           sum(payment_failures) OVER w13 AS payment_failures_91d,
+           sum(tickets) OVER w4 AS tickets_28d,
+           sum(high_severity_tickets) OVER w4 AS high_severity_tickets_28d,
+           max(max_severity) OVER w4 AS max_ticket_severity_28d
+    FROM weekly
+    WINDOW w4 AS (PARTITION BY account_id ORDER BY week ROWS BETWEEN 3 PRECEDING AND CURRENT ROW),
+           w13 AS (PARTITION BY account_id ORDER BY week ROWS BETWEEN 12 PRECEDING AND CURRENT ROW)
 )
 SELECT w.account_id,
-       w.feature_date,
-       CAST(w.feature_date + INTERVAL 1 DAY AS TIMESTAMP) AS available_at,
+       w.week AS feature_week,
+       CAST($origin AS DATE) + CAST(7 * w.week + 6 AS INTEGER) AS feature_date,
+       CAST(CAST($origin AS DATE) + CAST(7 * (w.week + 1) AS INTEGER) AS TIMESTAMP) AS available_at,
        CAST(w.active_days_7d AS DOUBLE) AS active_days_7d,
        CAST(w.events_7d AS DOUBLE) AS events_7d,
-       CAST(w.events_30d AS DOUBLE) AS events_30d,
-       CASE WHEN w.events_30d > 0 THEN w.events_7d / (w.events_30d * 7.0 / 30.0) ELSE 0.0 END AS usage_trend_7d_vs_30d,
-       CAST(w.sessions_30d AS DOUBLE) AS sessions_30d,
-       w.avg_active_users_7d,
-       w.avg_active_users_30d,
-       w.avg_active_users_7d / a.seats AS seat_utilisation_7d,
+       CAST(w.events_28d AS DOUBLE) AS events_28d,
+       CASE WHEN w.events_28d > 0 THEN w.events_7d / (w.events_28d / 4.0) ELSE 0.0 END AS usage_trend_7d_vs_28d,
+       CAST(w.sessions_28d AS DOUBLE) AS sessions_28d,
+       w.user_days_7d / 7.0 AS avg_active_users_7d,
+       w.user_days_28d / 28.0 AS avg_active_users_28d,
+       w.user_days_7d / 7.0 / a.seats AS seat_utilisation_7d,
        CAST(a.seats AS DOUBLE) AS seats,
        a.mrr,
        CAST(a.company_size AS DOUBLE) AS company_size,
-       CAST(date_diff('day', CAST(a.signup_date AS DATE), w.feature_date) AS DOUBLE) AS tenure_days,
-       CAST(w.payment_failures_30d AS DOUBLE) AS payment_failures_30d,
-       CAST(w.payment_failures_90d AS DOUBLE) AS payment_failures_90d,
-       CAST(w.tickets_30d AS DOUBLE) AS tickets_30d,
-       CAST(w.high_severity_tickets_30d AS DOUBLE) AS high_severity_tickets_30d,
-       CAST(w.max_ticket_severity_30d AS DOUBLE) AS max_ticket_severity_30d,
+       CAST(date_diff('day', CAST(a.signup_date AS DATE), CAST($origin AS DATE) + CAST(7 * (w.week + 1) AS INTEGER)) AS DOUBLE) AS tenure_days,
+       CAST(w.payment_failures_28d AS DOUBLE) AS payment_failures_28d,
+       CAST(w.payment_failures_91d AS DOUBLE) AS payment_failures_91d,
+       CAST(w.tickets_28d AS DOUBLE) AS tickets_28d,
+       CAST(w.high_severity_tickets_28d AS DOUBLE) AS high_severity_tickets_28d,
+       CAST(w.max_ticket_severity_28d AS DOUBLE) AS max_ticket_severity_28d,
        a.plan,
        a.segment
 FROM windowed w JOIN raw_accounts a USING (account_id)
-WHERE w.feature_date BETWEEN CAST($lo AS DATE) AND CAST($hi AS DATE)
-""".replace("(LOOKBACK)", str(LOOKBACK_DAYS))
+WHERE w.week BETWEEN CAST($first_week AS INTEGER) AND CAST($last_week AS INTEGER)
+""".replace("LOOKBACK_WEEKS", str(LOOKBACK_WEEKS))
 
-# Labels: for each prediction date, every account live at that date; positive when it churns in
-# the following LABEL_HORIZON_DAYS. Only mature labels (horizon fully observed) are produced.
+# Labels: at every week boundary (prediction time) with enough history, every account live at
+# that time; positive when it churns in the following LABEL_HORIZON_DAYS. Only mature labels.
 LABELS_SQL = """
 WITH bounds AS (
-    SELECT min(event_date) AS first_day, max(event_date) AS last_day FROM raw_usage_events
+    SELECT CAST(min(event_date) AS DATE) AS first_day, CAST(max(event_date) AS DATE) + 1 AS origin FROM raw_usage_events
 ),
 prediction_dates AS (
-    SELECT CAST(d AS TIMESTAMP) AS prediction_time
-    FROM bounds, range(
-        CAST(first_day AS TIMESTAMP) + INTERVAL (MIN_HISTORY) DAY,
-        CAST(last_day AS TIMESTAMP) - INTERVAL (HORIZON) DAY + INTERVAL 1 DAY,
-        INTERVAL (EVERY) DAY) t(d)
+    SELECT CAST(origin - CAST(7 * k AS INTEGER) AS TIMESTAMP) AS prediction_time
+    FROM bounds, range(1, 1000) t(k)
+    WHERE origin - CAST(7 * k AS INTEGER) >= first_day + (MIN_HISTORY)
+      AND origin - CAST(7 * k AS INTEGER) + (HORIZON) <= origin
 )
 SELECT a.account_id, p.prediction_time,
        CAST(c.churned_at IS NOT NULL AND c.churned_at < p.prediction_time + INTERVAL (HORIZON) DAY AS INTEGER) AS churned
@@ -155,15 +161,13 @@ FROM prediction_dates p
 JOIN raw_accounts a ON a.signup_date < p.prediction_time
 LEFT JOIN raw_churn_events c USING (account_id)
 WHERE c.churned_at IS NULL OR c.churned_at >= p.prediction_time
-""".replace("(MIN_HISTORY)", str(MIN_HISTORY_DAYS)).replace("(HORIZON)", str(LABEL_HORIZON_DAYS)).replace(
-    "(EVERY)", str(PREDICTION_EVERY_DAYS)
-)
+""".replace("(MIN_HISTORY)", str(MIN_HISTORY_DAYS)).replace("(HORIZON)", str(LABEL_HORIZON_DAYS))
 
 # The point-in-time join: a label at prediction_time sees only rows available at or before it.
 TRAINING_SET_SQL = """
 SELECT l.account_id, l.prediction_time, l.churned, f.* EXCLUDE (account_id)
 FROM churn_labels l
-ASOF JOIN account_features_daily f
+ASOF JOIN account_features f
   ON l.account_id = f.account_id AND l.prediction_time >= f.available_at
 ORDER BY l.prediction_time, l.account_id
 """
@@ -173,16 +177,35 @@ FEATURE_VIEW_VERSION = hashlib.sha256(
 ).hexdigest()[:16]
 
 
-def compute_features(con: duckdb.DuckDBPyConnection, lo: dt.date, hi: dt.date) -> pd.DataFrame:
-    """Feature rows for every account and every feature date in [lo, hi]."""
-    return con.execute(FEATURE_VIEW_SQL, {"lo": lo, "hi": hi}).df()
-
-
-def raw_date_range(con: duckdb.DuckDBPyConnection) -> tuple[dt.date, dt.date]:
+def feature_origin(con: duckdb.DuckDBPyConnection) -> tuple[dt.date, int]:
+    """The origin (day after the newest event) and the number of weeks of history."""
     lo, hi = con.execute("SELECT min(event_date), max(event_date) FROM raw_usage_events").fetchone()
     if lo is None:
         raise ValueError("raw_usage_events is empty: there is nothing to build features from")
-    return pd.Timestamp(lo).date(), pd.Timestamp(hi).date()
+    lo, hi = pd.Timestamp(lo).date(), pd.Timestamp(hi).date()
+    return hi + dt.timedelta(days=1), -(-((hi - lo).days + 1) // 7)
+
+
+def _view_params(origin: dt.date, first_week: int, last_week: int) -> dict:
+    return {
+        "origin": origin,
+        "first_week": first_week,
+        "last_week": last_week,
+        "scan_from": origin + dt.timedelta(days=7 * (first_week - (LOOKBACK_WEEKS - 1))),
+        "scan_to": origin + dt.timedelta(days=7 * (last_week + 1)),
+    }
+
+
+def compute_features(con: duckdb.DuckDBPyConnection, origin: dt.date, first_week: int, last_week: int) -> pd.DataFrame:
+    """Feature rows for every account and every week in [first_week, last_week] (weeks are < 0)."""
+    return con.execute(FEATURE_VIEW_SQL, _view_params(origin, first_week, last_week)).df()
+
+
+def build_feature_table(con: duckdb.DuckDBPyConnection) -> int:
+    """(Re)build the offline table ``account_features`` over the whole history; returns its rows."""
+    origin, weeks = feature_origin(con)
+    con.execute(f"CREATE OR REPLACE TABLE {FEATURE_TABLE} AS " + FEATURE_VIEW_SQL, _view_params(origin, -weeks, -1))
+    return con.execute(f"SELECT count(*) FROM {FEATURE_TABLE}").fetchone()[0]  # noqa: S608 - constant
 
 
 def to_model_frame(features: pd.DataFrame) -> pd.DataFrame:
@@ -247,14 +270,9 @@ class FeatureStore(dg.ConfigurableResource):
     settings: PlatformSettings
     catalog: TenantCatalog
 
-    def build_daily_features(self, con: duckdb.DuckDBPyConnection) -> int:
-        """(Re)build the offline table ``account_features_daily`` over the whole history."""
-        lo, hi = raw_date_range(con)
-        con.execute(
-            "CREATE OR REPLACE TABLE account_features_daily AS " + FEATURE_VIEW_SQL,
-            {"lo": lo, "hi": hi},
-        )
-        return con.execute("SELECT count(*) FROM account_features_daily").fetchone()[0]
+    def build_features(self, con: duckdb.DuckDBPyConnection) -> int:
+        """(Re)build the offline feature table over the whole history."""
+        return build_feature_table(con)
 
     def build_training_set(self, con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
         """Mature labels joined point-in-time to the offline features; stored as ``churn_training_set``."""
@@ -275,11 +293,11 @@ class FeatureStore(dg.ConfigurableResource):
     def write_online_snapshot(self, tenant: str, con: duckdb.DuckDBPyConnection) -> dict:
         """Compute the latest feature row per account and publish it as a new immutable version.
 
-        Only the last LOOKBACK_DAYS of events are read: this is the serving path, independent of
+        Only the last LOOKBACK_WEEKS of events are read: this is the serving path, independent of
         the offline table, which is why the skew check compares the two.
         """
-        _, hi = raw_date_range(con)
-        snapshot = compute_features(con, hi, hi).sort_values("account_id").reset_index(drop=True)
+        origin, _ = feature_origin(con)
+        snapshot = compute_features(con, origin, -1, -1).sort_values("account_id").reset_index(drop=True)
         online = self.online_dir(tenant)
         online.mkdir(parents=True, exist_ok=True)
         version = _next_version(online)
@@ -291,7 +309,7 @@ class FeatureStore(dg.ConfigurableResource):
             "tenant": tenant,
             "version": version,
             "path": path.name,
-            "feature_date": str(hi),
+            "feature_date": str(origin - dt.timedelta(days=1)),
             "feature_view_version": FEATURE_VIEW_VERSION,
             "rows": len(snapshot),
             "content_hash": content_hash(snapshot),
@@ -321,7 +339,7 @@ def offline_rows_at(con: duckdb.DuckDBPyConnection, account_ids: list[str], as_o
     con.register("skew_spine", spine)
     try:
         return con.execute(
-            "SELECT f.* FROM skew_spine s ASOF JOIN account_features_daily f "
+            "SELECT f.* FROM skew_spine s ASOF JOIN account_features f "
             "ON s.account_id = f.account_id AND s.as_of >= f.available_at ORDER BY f.account_id"
         ).df()
     finally:

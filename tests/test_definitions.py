@@ -31,7 +31,7 @@ def test_every_stage_is_in_the_asset_graph():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert {"raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets", "raw_churn_events",
-            "account_features_daily", "churn_training_set", "online_feature_snapshot", "churn_model",
+            "account_features", "churn_training_set", "online_feature_snapshot", "churn_model",
             "churn_model_aliases"} <= keys
     checks = {k.name for k in graph.asset_check_keys}
     assert {"roc_auc_gate", "calibration_gate", "fairness_gate", "latency_gate", "model_size_gate",

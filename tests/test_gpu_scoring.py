@@ -46,8 +46,7 @@ def churn_model():
     con = duckdb.connect()
     for name, frame in simulate_tenant(spec).items():
         con.register(name, frame)
-    lo, hi = fs.raw_date_range(con)
-    con.execute("CREATE TABLE account_features_daily AS " + fs.FEATURE_VIEW_SQL, {"lo": lo, "hi": hi})
+    fs.build_feature_table(con)
     training_set = con.execute("WITH churn_labels AS (" + fs.LABELS_SQL + ") " + fs.TRAINING_SET_SQL).df()
     split = time_split(training_set)
     booster = train_booster(split.train, rounds=ROUNDS)

@@ -14,7 +14,7 @@ from tests.conftest import TEST_TENANT
 
 pytestmark = pytest.mark.slow
 ASSETS = ["raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets", "raw_churn_events",
-          "account_features_daily", "churn_training_set", "online_feature_snapshot", "churn_model",
+          "account_features", "churn_training_set", "online_feature_snapshot", "churn_model",
           "churn_model_aliases"]
 
 

@@ -18,7 +18,7 @@ from resources.settings import PlatformSettings
 from resources.tenants import TenantCatalog
 
 START = dt.date(2026, 1, 1)
-SPIKE_DAY = 42  # a prediction date: first day + 35, then every 7 days
+SPIKE_DAY = 44  # a prediction date: week boundaries count back from the day after the data (day 100)
 
 
 def _load(con, name, frame):
@@ -56,7 +56,7 @@ def con():
 
 
 def test_training_row_at_t_never_sees_events_of_day_t(con, store):
-    store.build_daily_features(con)
+    store.build_features(con)
     training = store.build_training_set(con)
     row = training[training["prediction_time"] == pd.Timestamp(START) + pd.Timedelta(days=SPIKE_DAY)].iloc[0]
     # The churn comes 20 days later: inside the 30-day horizon.
@@ -64,13 +64,13 @@ def test_training_row_at_t_never_sees_events_of_day_t(con, store):
     # Features come from the day before the prediction date.
     assert row["feature_date"] == pd.Timestamp(START) + pd.Timedelta(days=SPIKE_DAY - 1)
     assert row["events_7d"] == 70  # 7 quiet days, not the spike
-    assert row["payment_failures_30d"] == 0
-    assert row["max_ticket_severity_30d"] == 0
+    assert row["payment_failures_28d"] == 0
+    assert row["max_ticket_severity_28d"] == 0
 
-    # A naive join on the calendar date (feature_date <= t) would leak the day-t events.
+    # A naive join on the week's first day (week start <= t) would leak the events of day t on.
     leaky = con.execute(
-        "SELECT f.events_7d, f.max_ticket_severity_30d FROM churn_labels l ASOF JOIN account_features_daily f "
-        "ON l.account_id = f.account_id AND l.prediction_time >= f.feature_date "
+        "SELECT f.events_7d, f.max_ticket_severity_28d FROM churn_labels l ASOF JOIN account_features f "
+        "ON l.account_id = f.account_id AND l.prediction_time >= f.feature_date - INTERVAL 6 DAY "
         "WHERE l.prediction_time = ?", [pd.Timestamp(START) + pd.Timedelta(days=SPIKE_DAY)]
     ).fetchone()
     assert leaky == (1_000_060, 4)
@@ -78,11 +78,11 @@ def test_training_row_at_t_never_sees_events_of_day_t(con, store):
     # And one week later the spike is legitimately known.
     later = training[training["prediction_time"] == pd.Timestamp(START) + pd.Timedelta(days=SPIKE_DAY + 7)].iloc[0]
     assert later["events_7d"] == 1_000_060
-    assert later["max_ticket_severity_30d"] == 4
+    assert later["max_ticket_severity_28d"] == 4
 
 
 def test_labels_are_only_produced_once_mature(con, store):
-    store.build_daily_features(con)
+    store.build_features(con)
     training = store.build_training_set(con)
     last_event = pd.Timestamp(START) + pd.Timedelta(days=99)
     assert (training["prediction_time"] + pd.Timedelta(days=30) <= last_event + pd.Timedelta(days=1)).all()
@@ -91,7 +91,7 @@ def test_labels_are_only_produced_once_mature(con, store):
 
 
 def test_online_snapshot_equals_offline_features_at_the_same_time(con, store, tmp_path, monkeypatch):
-    store.build_daily_features(con)
+    store.build_features(con)
     monkeypatch.setattr(FeatureStore, "online_dir", lambda self, tenant: tmp_path / "online")
     pointer = store.write_online_snapshot("t", con)
     online = store.read_online_snapshot("t")
@@ -99,9 +99,9 @@ def test_online_snapshot_equals_offline_features_at_the_same_time(con, store, tm
     offline = offline_rows_at(con, ["a1"], pd.Timestamp(online["available_at"].max()))
     assert compare_feature_rows(online, offline) == []
     # A real difference is reported, naming account and column.
-    tampered = online.assign(events_30d=online["events_30d"] + 1)
+    tampered = online.assign(events_28d=online["events_28d"] + 1)
     assert compare_feature_rows(tampered, offline) == [
-        f"a1.events_30d: online={tampered['events_30d'][0]!r} offline={offline['events_30d'][0]!r}"]
+        f"a1.events_28d: online={tampered['events_28d'][0]!r} offline={offline['events_28d'][0]!r}"]
     # A second publication is a new immutable version; the first file is untouched.
     second = store.write_online_snapshot("t", con)
     assert second["version"] == 2
