@@ -1,4 +1,4 @@
-"""Features: the offline daily feature table, point-in-time training sets and the online snapshot,
+"""Features: the offline weekly feature table, point-in-time training sets and the online snapshot,
 all built from the feature views declared once in ``resources.feature_store``."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 import warnings
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from dagster import BetaWarning, PreviewWarning
 
     warnings.filterwarnings("ignore", category=BetaWarning)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=PreviewWarning)
     parser = argparse.ArgumentParser(prog="python -m resources.cli")
     parser.add_argument("--home", help="MLOPS_HOME (default: $MLOPS_HOME or ./.mlops)")
