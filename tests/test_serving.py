@@ -12,6 +12,7 @@ import time
 
 import lightgbm as lgb
 import pandas as pd
+import psutil
 import pytest
 import requests
 
@@ -31,6 +32,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_ready(proc, url, log) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"bentoml serve exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"service not ready in 120 s:\n{log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="module")
 def service(platform_home, tmp_path_factory):
     home = platform_home["home"]
@@ -48,24 +63,21 @@ def service(platform_home, tmp_path_factory):
             cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"bentoml serve exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    else:
+    try:
+        _wait_ready(proc, url, log)
+    except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"service not ready in 120 s:\n{log.read_text()[-3000:]}")
+        raise
+    # BentoML's workers may leave the process group: remember the whole tree to clean it up.
+    tree = [proc_ for proc_ in psutil.Process(proc.pid).children(recursive=True)]
     yield {"url": url, "key": tenant_key, "other_key": other_key, "revoked_key": revoked_key, "proc": proc,
            "home": home, "log": log}
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for leftover in alive:
+        leftover.kill()
 
 
 def _post(service, route, body, key="default", raw=None):
