@@ -103,17 +103,24 @@ weekly AS (
     LEFT JOIN tickets_weekly t USING (account_id, week)
 ),
 windowed AS (
+    -- Weeks of an account run without gaps, so a 4-week window is the week plus its 3 lags
+    -- (cheaper than a framed aggregate); the 13-week sum keeps its frame.
     SELECT account_id, week, active_days AS active_days_7d, events AS events_7d, user_days AS user_days_7d,
-           sum(events) OVER w4 AS events_28d,
-           sum(sessions) OVER w4 AS sessions_28d,
-           sum(user_days) OVER w4 AS user_days_28d,
-           sum(payment_failures) OVER w4 AS payment_failures_28d,
+           events + lag(events, 1, 0) OVER w + lag(events, 2, 0) OVER w + lag(events, 3, 0) OVER w AS events_28d,
+           sessions + lag(sessions, 1, 0) OVER w + lag(sessions, 2, 0) OVER w + lag(sessions, 3, 0) OVER w
+               AS sessions_28d,
+           user_days + lag(user_days, 1, 0) OVER w + lag(user_days, 2, 0) OVER w + lag(user_days, 3, 0) OVER w
+               AS user_days_28d,
+           payment_failures + lag(payment_failures, 1, 0) OVER w + lag(payment_failures, 2, 0) OVER w
+               + lag(payment_failures, 3, 0) OVER w AS payment_failures_28d,
            sum(payment_failures) OVER w13 AS payment_failures_91d,
-           sum(tickets) OVER w4 AS tickets_28d,
-           sum(high_severity_tickets) OVER w4 AS high_severity_tickets_28d,
-           max(max_severity) OVER w4 AS max_ticket_severity_28d
+           tickets + lag(tickets, 1, 0) OVER w + lag(tickets, 2, 0) OVER w + lag(tickets, 3, 0) OVER w AS tickets_28d,
+           high_severity_tickets + lag(high_severity_tickets, 1, 0) OVER w + lag(high_severity_tickets, 2, 0) OVER w
+               + lag(high_severity_tickets, 3, 0) OVER w AS high_severity_tickets_28d,
+           greatest(max_severity, lag(max_severity, 1, 0) OVER w, lag(max_severity, 2, 0) OVER w,
+                    lag(max_severity, 3, 0) OVER w) AS max_ticket_severity_28d
     FROM weekly
-    WINDOW w4 AS (PARTITION BY account_id ORDER BY week ROWS BETWEEN 3 PRECEDING AND CURRENT ROW),
+    WINDOW w AS (PARTITION BY account_id ORDER BY week),
            w13 AS (PARTITION BY account_id ORDER BY week ROWS BETWEEN 12 PRECEDING AND CURRENT ROW)
 )
 SELECT w.account_id,
