@@ -6,6 +6,8 @@ Start it with ``bentoml serve bentos.service:ChurnService``. It reads only the s
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import gc
 import threading
 import time
@@ -122,7 +124,8 @@ def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDepl
     traffic={"timeout": 30},
     # Per-request access logging and tracing cost more than scoring itself; metrics stay on.
     logging={"access": {"enabled": False}},
-    tracing={"sample_rate": 0.0},
+    # The OpenTelemetry middleware creates spans even at sample rate 0: skip the scoring routes.
+    tracing={"sample_rate": 0.0, "excluded_urls": ["/v1/predict"]},
     endpoints={"livez": "/livez", "readyz": "/readyz"},
 )
 class ChurnService:
@@ -133,7 +136,8 @@ class ChurnService:
     def __init__(self) -> None:
         self.home = configure_environment()
         self.folder = serving_dir(self.home)
-        self.log_writer = PredictionLogWriter(self.home)
+        # Segments rotate once a second from the watcher thread, not inside a request.
+        self.log_writer = PredictionLogWriter(self.home, max_rows=1_000_000, max_age_s=1.0)
         self.shadow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
         self.deployments: dict[str, TenantDeployment] = {}
         self.api_keys: dict = {}
@@ -145,6 +149,7 @@ class ChurnService:
         # freeze what start-up allocated so the collector skips it on every request.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(10_000, 50, 1000)
         self._watcher = threading.Thread(target=self._watch, name="manifest-watcher", daemon=True)
         self._watcher.start()
 
@@ -212,17 +217,22 @@ class ChurnService:
         start = time.perf_counter()
         scores = self._scores(model, deployment.features[rows])
         elapsed = time.perf_counter() - start
-        REQUEST_LATENCY.labels(deployment.tenant, model.version, role).observe(elapsed)
-        PREDICTIONS.labels(deployment.tenant, model.version, role).inc(len(rows))
+        latency_metric, count_metric = self._metric_children(deployment.tenant, model.version, role)
+        latency_metric.observe(elapsed)
+        count_metric.inc(len(rows))
         return scores, elapsed * 1000
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - the service lives as long as its process
+    def _metric_children(self, tenant: str, version: str, role: str):
+        return REQUEST_LATENCY.labels(tenant, version, role), PREDICTIONS.labels(tenant, version, role)
 
     def _scores(self, model: Model, matrix: np.ndarray) -> np.ndarray:
         """Churn probabilities of ``matrix`` from ``model``; the GPU service overrides this."""
-        # One thread for small requests: OpenMP start-up costs more than the trees.
-        return model.booster.predict(matrix, num_threads=1 if len(matrix) < 512 else 0)
+        # One OpenMP thread: champion and shadow already run on two threads of a small machine.
+        return model.booster.predict(matrix, num_threads=1)
 
     def _log(self, deployment, model, role, ids, accounts, scores, latency_ms, endpoint) -> None:
-        now = pd.Timestamp.now("UTC").tz_localize(None)
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         per_row = latency_ms / max(len(ids), 1)
         self.log_writer.append(
             [

@@ -206,7 +206,7 @@ def test_shadow_predictions_are_logged_under_the_same_id_and_ingested_once(servi
         response = _post(service, "/v1/predict", {"tenant": TENANT, "account_id": account})
         assert response.status_code == 200 and response.json()["model_version"] == "1"
         ids.append(response.json()["prediction_id"])
-    time.sleep(6.5)  # segments rotate after 5 s
+    time.sleep(3)  # segments rotate after 1 s
     first = _ingest_log(defs, platform_home)
     assert first["segments_ingested"].value >= 1
     second = _ingest_log(defs, platform_home)

@@ -1,0 +1,560 @@
+"""Benchmark: the BentoML churn service against a bare ASGI server scoring the same model.
+
+Run from the repository root, against a platform home that has a published serving bundle
+(``python -m resources.cli --home /tmp/benchhome demo``)::
+
+    .venv/bin/python -m benchmarks.serving --home /tmp/benchhome                # ~1 minute
+    .venv/bin/python -m benchmarks.serving --home /tmp/benchhome --soak 300     # + 5 min soak
+    # the same against a patched copy of the service (module copy.py in /tmp/x):
+    .venv/bin/python -m benchmarks.serving --home /tmp/benchhome --service copy:ChurnService --pythonpath /tmp/x
+
+In one run, side by side, it
+
+1. starts ``bentoml serve bentos.service:ChurnService`` (its own process group, killed at the
+   end) and measures the cold start: seconds from process start to ``/readyz`` 200, then checks
+   that every tenant of the manifest answers a prediction;
+2. starts a bare uvicorn + Starlette server (``benchmarks.serving_support.bare_app``, one
+   worker) that loads the same champion model file and online snapshot and calls
+   ``Booster.predict`` on one numpy row -- the baseline;
+3. drives both, one after the other, with the same ``wrk`` load (8 connections, 2 threads, same
+   duration, ``benchmarks/serving_support/post.lua``: single-account POSTs cycling over a few
+   account ids, with the auth header) and prints req/s, p50/p90/p99 and the ratio. Shadow
+   scoring is on whenever the manifest names a challenger for the tenant (the table says so);
+4. measures ``/v1/predict_batch`` with 1,000 accounts per request (accounts/s);
+5. optionally (``--soak SECONDS``) keeps single-predict load on the service and samples the RSS
+   of its processes every 10 s (first/last/max and growth; growth after the first minute too);
+6. prints PASS/FAIL against the targets. The exit status is 0 whether or not they are met (1 only
+   when the benchmark itself cannot run, e.g. ``wrk`` is missing or the service does not start).
+
+Short-lived API keys are created for the run (one per tenant) and revoked at the end. The
+service writes its prediction logs into the home, as in production. All traffic is to 127.0.0.1.
+Note that wrk shares the machine's CPUs with the server under test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SUPPORT = Path(__file__).resolve().parent / "serving_support"
+LUA = SUPPORT / "post.lua"
+
+TARGET_COLD_START_S = 5.0
+TARGET_P99_MS = 5.0
+TARGET_THROUGHPUT_RATIO = 0.5
+TARGET_BATCH_ACCOUNTS_S = 100_000
+TARGET_SOAK_GROWTH_PCT = 5.0
+SOAK_SAMPLE_S = 10.0
+SOAK_WARMUP_S = 60.0  # reported separately: RSS growth after the first minute of soak
+
+
+# --- processes -----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log: Path
+    started: float  # perf_counter just before Popen
+    ready_s: float | None = None
+
+    def stop(self) -> None:
+        """SIGTERM to the process group, then SIGKILL to whatever of the process tree is left."""
+        import psutil
+
+        tree = tree_processes(self.proc.pid)  # before the parent goes: workers may sit in their own sessions
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=15)
+        _, alive = psutil.wait_procs(tree, timeout=5)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def start_server(name: str, cmd: list[str], port: int, env: dict, logdir: Path) -> Server:
+    log = logdir / f"{name}.log"
+    handle = log.open("wb")
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,  # own process group: killpg takes the workers too
+    )
+    handle.close()
+    return Server(name, proc, port, log, started)
+
+
+def wait_ready(server: Server, path: str = "/readyz", timeout_s: float = 120.0) -> float:
+    """Seconds from process start to the first 200 on ``path``; raises if it dies or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            status, _ = request(server.port, "GET", path, timeout=1.0)
+            if status == 200:
+                server.ready_s = time.perf_counter() - server.started
+                return server.ready_s
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"{server.name} not ready on {path} after {timeout_s:.0f} s:\n{server.log_tail()}")
+
+
+def request(port: int, method: str, path: str, body: dict | None = None, token: str | None = None,
+            timeout: float = 30.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+# --- load ----------------------------------------------------------------------------------
+@dataclass
+class WrkResult:
+    label: str
+    requests: int
+    duration_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    errors: dict = field(default_factory=dict)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def wrk_command(port: int, path: str, bodies: Path, token: str, duration_s: float, connections: int,
+                threads: int) -> tuple[list[str], dict]:
+    cmd = [
+        "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration_s))}s",
+        "--timeout", "10s", "--latency", "-s", str(LUA), f"http://127.0.0.1:{port}",
+    ]
+    env = {**os.environ, "WRK_PATH": path, "WRK_BODIES": str(bodies), "WRK_TOKEN": token}
+    return cmd, env
+
+
+def parse_wrk(label: str, output: str) -> WrkResult:
+    for line in output.splitlines():
+        if line.startswith("WRK_JSON "):
+            d = json.loads(line[len("WRK_JSON "):])
+            ms = lambda us: us / 1000.0  # noqa: E731
+            return WrkResult(
+                label, d["requests"], d["duration_us"] / 1e6, ms(d["p50_us"]), ms(d["p90_us"]),
+                ms(d["p99_us"]), ms(d["p999_us"]), ms(d["max_us"]), d["errors"],
+            )
+    raise RuntimeError(f"no WRK_JSON line in wrk's output (did the lua done() run?):\n{output}")
+
+
+def run_wrk(label: str, port: int, path: str, bodies: Path, token: str, duration_s: float,
+            connections: int, threads: int) -> WrkResult:
+    cmd, env = wrk_command(port, path, bodies, token, duration_s, connections, threads)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr}\n{out.stdout}")
+    return parse_wrk(label, out.stdout)
+
+
+def write_bodies(path: Path, bodies: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(b, separators=(",", ":")) + "\n" for b in bodies))
+    return path
+
+
+# --- memory --------------------------------------------------------------------------------
+def tree_processes(pid: int) -> list:
+    """The process and all its descendants (circus starts BentoML's workers in sessions of their own,
+    so the process group of ``bentoml serve`` alone does not hold them)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def rss_sample(pid: int) -> tuple[int, int]:
+    """(RSS of the largest BentoML worker process, RSS of ``bentoml serve`` and all its children), bytes."""
+    import psutil
+
+    total, worker = 0, 0
+    for p in tree_processes(pid):
+        try:
+            rss = p.memory_info().rss
+            cmdline = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        total += rss
+        if "_bentoml_impl.worker" in cmdline:
+            worker = max(worker, rss)
+    return worker, total
+
+
+def model_ceiling(folder: Path, entry: dict, batch_size: int) -> dict:
+    """In-process Booster.predict timings of the champion (and challenger), one thread: the floor
+    any server pays per request, and the accounts/s one core can score at most."""
+    import lightgbm as lgb
+    import numpy as np
+    import pandas as pd
+
+    from resources.feature_store import to_model_matrix
+
+    matrix = to_model_matrix(pd.read_parquet(folder / entry["snapshot"]["file"]))
+    rows = np.resize(np.arange(len(matrix)), batch_size)
+    out = {}
+    for role in ("champion", "challenger"):
+        spec = entry.get(role)
+        if not spec:
+            continue
+        booster = lgb.Booster(model_file=str(folder / spec["model_file"]))
+        one, many = matrix[:1], matrix[rows]
+        for _ in range(20):
+            booster.predict(one, num_threads=1)
+        t = time.perf_counter()
+        for _ in range(500):
+            booster.predict(one, num_threads=1)
+        single_us = (time.perf_counter() - t) / 500 * 1e6
+        booster.predict(many, num_threads=1)
+        t = time.perf_counter()
+        for _ in range(5):
+            booster.predict(many, num_threads=1)
+        batch_ms = (time.perf_counter() - t) / 5 * 1e3
+        out[role] = {"trees": booster.num_trees(), "single_us": single_us, "batch_ms": batch_ms}
+    return out
+
+
+# --- report --------------------------------------------------------------------------------
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def row(r: WrkResult, extra: str = "") -> str:
+    return (f"| {r.label} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.max_ms:.1f} "
+            f"| {r.requests:,} | {r.error_count}{extra} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", required=True, help="MLOPS_HOME with a published serving bundle")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of measured load per run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each run")
+    parser.add_argument("--soak", type=float, default=0.0, help="seconds of soak load with RSS sampling (0: skip)")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1000, help="accounts per /v1/predict_batch request")
+    parser.add_argument("--batch-connections", type=int, default=4)
+    parser.add_argument("--tenant", help="tenant to load (default: one with a challenger, else the first)")
+    parser.add_argument("--service", default="bentos.service:ChurnService",
+                        help="what `bentoml serve` serves (e.g. a patched copy on --pythonpath)")
+    parser.add_argument("--pythonpath", default="", help="prepended to PYTHONPATH of the BentoML service")
+    parser.add_argument("--skip-bare", action="store_true", help="measure the BentoML service alone")
+    args = parser.parse_args(argv)
+    # `timeout` and friends send SIGTERM: turn it into SystemExit so that the servers are stopped
+    # (otherwise circus keeps an orphaned `bentoml serve` and its workers alive).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    load_start = os.getloadavg()[0]
+
+    if shutil.which("wrk") is None:
+        print("error: the load generator `wrk` is not installed (Debian: `apt-get install -y wrk`)", file=sys.stderr)
+        return 1
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        print("error: psutil is not importable in this environment", file=sys.stderr)
+        return 1
+
+    from resources.serving import ApiKeyStore, read_manifest, serving_dir
+
+    home = Path(args.home).resolve()
+    os.environ["MLOPS_HOME"] = str(home)
+    folder = serving_dir(home)
+    manifest = read_manifest(folder)
+    tenants = manifest.get("tenants", {})
+    if not tenants:
+        print(f"error: no tenants in {folder / 'manifest.json'}; run `python -m resources.cli --home {home} demo`",
+              file=sys.stderr)
+        return 1
+    tenant = args.tenant or next((t for t, e in tenants.items() if e.get("challenger")), next(iter(tenants)))
+    entry = tenants[tenant]
+    shadow = bool(entry.get("challenger")) and str(entry["challenger"]["version"]) != str(entry["champion"]["version"])
+
+    import pandas as pd
+
+    accounts = {t: pd.read_parquet(folder / e["snapshot"]["file"], columns=["account_id"])["account_id"].tolist()
+                for t, e in tenants.items()}
+    rng = random.Random(20260401)
+    single_ids = rng.sample(accounts[tenant], min(64, len(accounts[tenant])))
+    batch_bodies = [
+        {"tenant": tenant, "account_ids": rng.choices(accounts[tenant], k=args.batch_size)} for _ in range(8)
+    ]
+
+    ceiling = model_ceiling(folder, entry, args.batch_size)
+
+    store = ApiKeyStore(folder)
+    keys = {t: store.create(t) for t in tenants}
+    token = keys[tenant]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    single_file = write_bodies(tmp / "single.jsonl", [{"tenant": tenant, "account_id": a} for a in single_ids])
+    bare_single_file = write_bodies(tmp / "bare-single.jsonl", [{"account_id": a} for a in single_ids])
+    batch_file = write_bodies(tmp / "batch.jsonl", batch_bodies)
+    bare_batch_file = write_bodies(tmp / "bare-batch.jsonl", [{"account_ids": b["account_ids"]} for b in batch_bodies])
+
+    env = {**os.environ, "MLOPS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [args.pythonpath, str(REPO), env.get("PYTHONPATH", "")] if p)
+    bin_dir = Path(sys.executable).parent
+    bentoml_cmd = [str(bin_dir / "bentoml")] if (bin_dir / "bentoml").exists() else [sys.executable, "-m", "bentoml"]
+
+    servers: list[Server] = []
+    results: dict[str, WrkResult] = {}
+    notes: list[str] = []
+    soak = None
+    try:
+        # 1. cold start
+        print(f"starting {' '.join(['bentoml', 'serve', args.service])} ...", flush=True)
+        port = free_port()
+        bento = start_server(
+            "bentoml", [*bentoml_cmd, "serve", args.service, "--host", "127.0.0.1", "--port", str(port)],
+            port, env, tmp,
+        )
+        servers.append(bento)
+        cold = wait_ready(bento)
+        answered = []
+        for t in tenants:
+            status, body = request(bento.port, "POST", "/v1/predict", {"tenant": t, "account_id": accounts[t][0]},
+                                   keys[t])
+            if status == 200:
+                answered.append(t)
+            else:
+                notes.append(f"tenant {t}: first prediction answered {status}: {body[:200]!r}")
+        all_tenants_s = time.perf_counter() - bento.started
+        print(f"  /readyz 200 after {cold:.2f} s; {len(answered)}/{len(tenants)} tenants answered "
+              f"a prediction after {all_tenants_s:.2f} s", flush=True)
+
+        # 2. the bare baseline (started after the cold start, so as not to share the CPUs with it)
+        bare = None
+        if not args.skip_bare:
+            bare_env = {**env, "BARE_MODEL_FILE": str(folder / entry["champion"]["model_file"]),
+                        "BARE_SNAPSHOT": str(folder / entry["snapshot"]["file"])}
+            port = free_port()
+            bare = start_server(
+                "bare", [sys.executable, "-m", "uvicorn", "benchmarks.serving_support.bare_app:app", "--host",
+                         "127.0.0.1", "--port", str(port), "--workers", "1", "--no-access-log", "--log-level",
+                         "warning"],
+                port, bare_env, tmp,
+            )
+            servers.append(bare)
+            wait_ready(bare)
+            # same model, same row: the two servers must agree
+            _, b1 = request(bento.port, "POST", "/v1/predict", {"tenant": tenant, "account_id": single_ids[0]}, token)
+            _, b2 = request(bare.port, "POST", "/v1/predict", {"account_id": single_ids[0]})
+            s1, s2 = json.loads(b1)["score"], json.loads(b2)["score"]
+            if abs(s1 - s2) > 1e-9:
+                notes.append(f"scores differ for {single_ids[0]}: BentoML {s1} vs bare {s2}")
+
+        # 3. single-account load, the same wrk run against each
+        plan = [("bento_single", bento.port, "/v1/predict", single_file)]
+        if bare:
+            plan.append(("bare_single", bare.port, "/v1/predict", bare_single_file))
+        for key, port, path, bodies in plan:
+            print(f"wrk {key}: {args.connections} connections, {args.threads} threads, "
+                  f"{args.warmup:.0f} s warm-up + {args.duration:.0f} s", flush=True)
+            if args.warmup > 0:
+                run_wrk(key, port, path, bodies, token, args.warmup, args.connections, args.threads)
+            results[key] = run_wrk(key, port, path, bodies, token, args.duration, args.connections, args.threads)
+
+        # 4. batch
+        plan = [("bento_batch", bento.port, "/v1/predict_batch", batch_file)]
+        if bare:
+            plan.append(("bare_batch", bare.port, "/v1/predict_batch", bare_batch_file))
+        for key, port, path, bodies in plan:
+            conns = max(args.batch_connections, args.threads)
+            print(f"wrk {key}: {args.batch_size:,} accounts per request, {conns} connections, "
+                  f"{args.threads} threads, {args.warmup:.0f} s warm-up + {args.duration:.0f} s", flush=True)
+            if args.warmup > 0:
+                run_wrk(key, port, path, bodies, token, args.warmup, conns, args.threads)
+            results[key] = run_wrk(key, port, path, bodies, token, args.duration, conns, args.threads)
+
+        # 5. soak
+        if args.soak > 0:
+            if bare:
+                bare.stop()  # the soak is about the service alone
+            print(f"soak: {args.soak:.0f} s of single-predict load, RSS sampled every {SOAK_SAMPLE_S:.0f} s",
+                  flush=True)
+            cmd, wenv = wrk_command(bento.port, "/v1/predict", single_file, token, args.soak, args.connections,
+                                    args.threads)
+            samples: list[tuple[float, int, int]] = []
+            t0 = time.monotonic()
+            wrk = subprocess.Popen(cmd, env=wenv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            out_box: dict = {}
+            reader = threading.Thread(
+                target=lambda: out_box.update(zip(("out", "err"), wrk.communicate(), strict=True))
+            )
+            reader.start()
+            next_at = t0 + 1.0  # first sample once the load is on
+            while wrk.poll() is None:
+                now = time.monotonic()
+                if now >= next_at:
+                    w, tot = rss_sample(bento.proc.pid)
+                    samples.append((now - t0, w, tot))
+                    print(f"  t={now - t0:5.0f} s  worker RSS {w / 2**20:7.1f} MiB  group RSS {tot / 2**20:7.1f} MiB",
+                          flush=True)
+                    next_at += SOAK_SAMPLE_S
+                time.sleep(0.2)
+            reader.join()
+            w, tot = rss_sample(bento.proc.pid)
+            samples.append((time.monotonic() - t0, w, tot))
+            soak = (samples, parse_wrk("bento_soak", out_box.get("out", "")))
+    except Exception as exc:  # the benchmark itself failed: say why, with the servers' logs
+        print(f"error: {exc}", file=sys.stderr)
+        for s in servers:
+            print(f"--- {s.name} log ({s.log}) ---\n{s.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        for s in servers:
+            s.stop()
+        for key_text in keys.values():
+            with contextlib.suppress(Exception):  # best effort
+                store.revoke(key_text.split("_", 2)[1])
+
+    # --- report ------------------------------------------------------------------------------
+    import bentoml
+    import lightgbm
+
+    print()
+    print(
+        f"Serving: tenant {tenant!r} (champion v{entry['champion']['version']}, "
+        f"challenger {'v' + str(entry['challenger']['version']) + ' -> shadow scoring ON' if shadow else 'none -> shadow scoring off'}), "
+        f"{len(single_ids)} account ids cycled; BentoML {bentoml.__version__} ({args.service}), LightGBM "
+        f"{lightgbm.__version__}; wrk {args.connections} connections / {args.threads} threads, "
+        f"{args.duration:.0f} s per run after {args.warmup:.0f} s warm-up; {os.cpu_count()} CPU cores shared "
+        f"by wrk and the server; 1-min load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    )
+    print()
+    parts = [f"{role} ({c['trees']} trees): {c['single_us']:.0f} us per single row, {c['batch_ms']:.1f} ms per "
+             f"{args.batch_size:,} rows = {args.batch_size / c['batch_ms'] * 1000:,.0f} accounts/s per core"
+             for role, c in ceiling.items()]
+    print("model alone, in-process Booster.predict, 1 thread (measured before the servers start): " + "; ".join(parts))
+    print()
+    print(f"cold start (process start -> /readyz 200): {cold:.2f} s; all {len(tenants)} tenants "
+          f"({', '.join(tenants)}) answered a prediction: {'yes' if len(answered) == len(tenants) else 'NO'} "
+          f"({all_tenants_s:.2f} s)")
+    print()
+    print("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | requests | errors |")
+    print("|:---|---:|---:|---:|---:|---:|---:|---:|")
+    bs = results["bento_single"]
+    bs.label = f"BentoML /v1/predict (shadow {'on' if shadow else 'off'})"
+    print(row(bs))
+    ratio = None
+    if "bare_single" in results:
+        bare_r = results["bare_single"]
+        bare_r.label = "bare uvicorn+Starlette /v1/predict"
+        print(row(bare_r))
+        ratio = bs.rps / bare_r.rps if bare_r.rps else 0.0
+        print(f"| ratio BentoML / bare | {ratio:.2f}x | {bs.p50_ms / bare_r.p50_ms:.2f}x | "
+              f"{bs.p90_ms / bare_r.p90_ms:.2f}x | {bs.p99_ms / bare_r.p99_ms:.2f}x | | | |")
+    print()
+    print(f"| batch ({args.batch_size:,} accounts / request) | requests/s | accounts/s | p50 ms | p99 ms | errors |")
+    print("|:---|---:|---:|---:|---:|---:|")
+    bb = results["bento_batch"]
+    print(f"| BentoML /v1/predict_batch | {bb.rps:,.1f} | {bb.rps * args.batch_size:,.0f} | {bb.p50_ms:.1f} "
+          f"| {bb.p99_ms:.1f} | {bb.error_count} |")
+    if "bare_batch" in results:
+        r = results["bare_batch"]
+        print(f"| bare /v1/predict_batch (scores only) | {r.rps:,.1f} | {r.rps * args.batch_size:,.0f} "
+              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.error_count} |")
+
+    growth = None
+    if soak:
+        samples, sr = soak
+        first, last = samples[0], samples[-1]
+        max_w = max(s[1] for s in samples)
+        max_t = max(s[2] for s in samples)
+        growth = (last[1] - first[1]) / first[1] * 100 if first[1] else float("nan")
+        growth_t = (last[2] - first[2]) / first[2] * 100 if first[2] else float("nan")
+        mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
+        print()
+        print(f"soak: {sr.duration_s:.0f} s, {sr.requests:,} requests ({sr.rps:,.0f} req/s, p50 {sr.p50_ms:.2f} ms, "
+              f"p99 {sr.p99_ms:.2f} ms, {sr.error_count} errors), {len(samples)} RSS samples")
+        print()
+        print("| RSS MiB | first | last | max | growth (last vs first) |")
+        print("|:---|---:|---:|---:|---:|")
+        print(f"| BentoML worker | {mib(first[1])} | {mib(last[1])} | {mib(max_w)} | {growth:+.1f}% |")
+        print(f"| process group (all) | {mib(first[2])} | {mib(last[2])} | {mib(max_t)} | {growth_t:+.1f}% |")
+        steady = [s for s in samples if s[0] >= SOAK_WARMUP_S]
+        if len(steady) >= 2 and steady[0][1]:
+            print(f"\nworker RSS from t={steady[0][0]:.0f} s (after the first {SOAK_WARMUP_S:.0f} s of soak) to the end: "
+                  f"{mib(steady[0][1])} -> {mib(steady[-1][1])} MiB, {(steady[-1][1] - steady[0][1]) / steady[0][1] * 100:+.1f}% "
+                  "(warm-up growth vs steady-state growth)")
+
+    errors = {k: r.error_count for k, r in results.items() if r.error_count}
+    if errors:
+        notes.append(f"wrk counted errors (non-2xx, timeouts, socket errors): {errors}")
+
+    print()
+    print("| target | measured | verdict |")
+    print("|:---|---:|:---|")
+    print(f"| cold start <= {TARGET_COLD_START_S:.0f} s (3 tenants ready) | {cold:.2f} s "
+          f"| {verdict(cold <= TARGET_COLD_START_S and len(answered) == len(tenants))} |")
+    print(f"| BentoML single p99 <= {TARGET_P99_MS:.0f} ms | {bs.p99_ms:.2f} ms | {verdict(bs.p99_ms <= TARGET_P99_MS)} |")
+    if ratio is not None:
+        print(f"| BentoML throughput >= {TARGET_THROUGHPUT_RATIO}x bare | {ratio:.2f}x "
+              f"| {verdict(ratio >= TARGET_THROUGHPUT_RATIO)} |")
+    print(f"| batch >= {TARGET_BATCH_ACCOUNTS_S:,} accounts/s | {bb.rps * args.batch_size:,.0f} "
+          f"| {verdict(bb.rps * args.batch_size >= TARGET_BATCH_ACCOUNTS_S and not bb.error_count)} |")
+    if growth is not None:
+        print(f"| soak worker RSS growth within {TARGET_SOAK_GROWTH_PCT:.0f}% | {growth:+.1f}% "
+              f"| {verdict(abs(growth) <= TARGET_SOAK_GROWTH_PCT)} |")
+    else:
+        print(f"| soak worker RSS growth within {TARGET_SOAK_GROWTH_PCT:.0f}% | not run (--soak 300) | n/a |")
+    for note in notes:
+        print(f"note: {note}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Helpers for ``benchmarks.serving``: the wrk request script and the bare ASGI baseline."""
