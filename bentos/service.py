@@ -27,7 +27,8 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from resources.feature_store import to_model_matrix
+from resources.environment import configure_environment
+from resources.model_inputs import to_model_matrix
 from resources.serving import (
     MANIFEST,
     ApiKeyStore,
@@ -36,7 +37,6 @@ from resources.serving import (
     serving_dir,
     verify_key,
 )
-from resources.settings import configure_environment
 
 MAX_BATCH = 10_000
 TenantName = Annotated[str, Field(min_length=2, max_length=40, pattern=r"^[a-z][a-z0-9_-]+$")]

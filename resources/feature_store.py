@@ -23,32 +23,17 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from resources.schemas import PLANS, SEGMENTS
+from resources.model_inputs import (  # noqa: F401 - re-exported for callers of the feature store
+    CATEGORICAL_FEATURES,
+    FEATURE_COLUMNS,
+    NUMERIC_FEATURES,
+    encode_records,
+    to_model_frame,
+    to_model_matrix,
+)
 from resources.settings import PlatformSettings, write_atomic
 from resources.tenants import TenantCatalog
 
-NUMERIC_FEATURES: tuple[str, ...] = (
-    "active_days_7d",
-    "events_7d",
-    "events_28d",
-    "usage_trend_7d_vs_28d",
-    "sessions_28d",
-    "avg_active_users_7d",
-    "avg_active_users_28d",
-    "seat_utilisation_7d",
-    "seats",
-    "mrr",
-    "company_size",
-    "tenure_days",
-    "payment_failures_28d",
-    "payment_failures_91d",
-    "tickets_28d",
-    "high_severity_tickets_28d",
-    "max_ticket_severity_28d",
-)
-CATEGORICAL_FEATURES: dict[str, tuple[str, ...]] = {"plan": PLANS, "segment": SEGMENTS}
-FEATURE_COLUMNS: tuple[str, ...] = NUMERIC_FEATURES + tuple(CATEGORICAL_FEATURES)
-KEY_COLUMNS = ("account_id", "feature_week", "feature_date", "available_at")
 FEATURE_TABLE = "account_features"
 # Features are weekly: week w covers the days [origin + 7w, origin + 7w + 6], where the origin is
 # the day after the newest event, so the newest week always ends with the newest data. Windows
@@ -214,54 +199,6 @@ def build_feature_table(con: duckdb.DuckDBPyConnection) -> int:
     origin, weeks = feature_origin(con)
     con.execute(f"CREATE OR REPLACE TABLE {FEATURE_TABLE} AS " + FEATURE_VIEW_SQL, _view_params(origin, -weeks, -1))
     return con.execute(f"SELECT count(*) FROM {FEATURE_TABLE}").fetchone()[0]  # noqa: S608 - constant
-
-
-def to_model_frame(features: pd.DataFrame) -> pd.DataFrame:
-    """The model's input matrix: feature columns in a fixed order, categories with fixed levels.
-
-    Training and serving both call this, so the two can never disagree on encoding.
-    """
-    missing = [c for c in FEATURE_COLUMNS if c not in features.columns]
-    if missing:
-        raise KeyError(f"feature frame lacks columns {missing}")
-    frame = features.loc[:, list(FEATURE_COLUMNS)].copy()
-    for col in NUMERIC_FEATURES:
-        frame[col] = pd.to_numeric(frame[col], errors="raise").astype("float64")
-    for col, levels in CATEGORICAL_FEATURES.items():
-        frame[col] = pd.Categorical(frame[col], categories=list(levels))
-    return frame
-
-
-def to_model_matrix(features: pd.DataFrame) -> np.ndarray:
-    """The same input as ``to_model_frame`` as a float matrix (categories as their fixed codes).
-
-    LightGBM scores a numpy row an order of magnitude faster than a data frame, with the same
-    result: it encodes pandas categoricals by exactly these codes.
-    """
-    frame = to_model_frame(features)
-    matrix = np.empty((len(frame), len(FEATURE_COLUMNS)), dtype=np.float64)
-    for i, col in enumerate(FEATURE_COLUMNS):
-        if col in CATEGORICAL_FEATURES:
-            codes = frame[col].cat.codes.to_numpy().astype(np.float64)
-            codes[codes < 0] = np.nan  # an unseen category is a missing value, as in training
-            matrix[:, i] = codes
-        else:
-            matrix[:, i] = frame[col].to_numpy()
-    return matrix
-
-
-_CATEGORY_CODES = {col: {level: float(i) for i, level in enumerate(levels)} for col, levels in CATEGORICAL_FEATURES.items()}
-
-
-def encode_records(records: list[dict]) -> np.ndarray:
-    """``to_model_matrix`` for a few records, without pandas: the single-account hot path."""
-    matrix = np.empty((len(records), len(FEATURE_COLUMNS)), dtype=np.float64)
-    for r, record in enumerate(records):
-        for i, col in enumerate(FEATURE_COLUMNS):
-            value = record[col]
-            codes = _CATEGORY_CODES.get(col)
-            matrix[r, i] = codes.get(value, np.nan) if codes is not None else float(value)
-    return matrix
 
 
 def content_hash(frame: pd.DataFrame) -> str:

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 import pandera.pandas as pa
 
-PLANS = ("starter", "pro", "enterprise")
-SEGMENTS = ("smb", "mid_market", "enterprise")
-BILLING_EVENT_TYPES = ("invoice_paid", "payment_failed")
-TICKET_CATEGORIES = ("billing", "bug", "how_to", "outage", "feature_request")
+from resources.vocabulary import (
+    BILLING_EVENT_TYPES,
+    PLANS,
+    SEGMENTS,
+    TICKET_CATEGORIES,
+)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from resources.settings import write_atomic
+from resources.environment import write_atomic
 
 MANIFEST = "manifest.json"
 SERVING_DIR_ENV = "MLOPS_SERVING_DIR"
@@ -50,7 +50,7 @@ def serving_dir(home: Path) -> Path:
     configured = os.environ.get(SERVING_DIR_ENV)
     if configured:
         # Relative to the project root (inside a bento: its src/ folder), not the working directory.
-        from resources.settings import PROJECT_ROOT
+        from resources.environment import PROJECT_ROOT
 
         return (PROJECT_ROOT / configured).resolve()
     return Path(home) / "serving"

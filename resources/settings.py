@@ -1,29 +1,24 @@
-"""Where the platform keeps its state, and the process-wide switches it needs.
+"""Where the platform keeps its state: the ``PlatformSettings`` resource over ``MLOPS_HOME``.
 
-Everything a run writes lives under one directory, ``MLOPS_HOME``. Nothing here touches the disk
-at import time; ``PlatformSettings.ensure_home()`` creates the layout on first use.
+Nothing here touches the disk at import time; ``PlatformSettings.ensure_home()`` creates the layout
+on first use. The Dagster-free pieces (paths, telemetry switches, atomic writes) live in
+``resources.environment`` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_HOME = PROJECT_ROOT / ".mlops"
-
-# Every library in the stack reports usage by default. A customer's data platform must not phone
-# home, so the project switches all of it off itself.
-TELEMETRY_OFF = {
-    "NML_DISABLE_USAGE_LOGGING": "1",
-    "BENTOML_DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "DAGSTER_DISABLE_TELEMETRY": "1",
-    "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false",
-}
+from resources.environment import (  # noqa: F401 - re-exported
+    DEFAULT_HOME,
+    PROJECT_ROOT,
+    TELEMETRY_OFF,
+    configure_environment,
+    disable_telemetry,
+    write_atomic,
+)
 
 DAGSTER_YAML = """\
 # Written by the platform. Telemetry off; one run per tenant partition at a time, because a
@@ -41,27 +36,6 @@ run_coordinator:
           applyLimitPerUniqueValue: true
         limit: 1
 """
-
-
-def disable_telemetry() -> None:
-    """Turn off usage reporting of dagster, mlflow, bentoml and nannyml for this process."""
-    for key, value in TELEMETRY_OFF.items():
-        os.environ[key] = value
-
-
-def configure_environment(home: str | os.PathLike | None = None) -> Path:
-    """Point every library of this process at one MLOPS_HOME and switch telemetry off.
-
-    Sets environment variables only; it writes no file. Returns the resolved home.
-    """
-    disable_telemetry()
-    resolved = Path(home or os.environ.get("MLOPS_HOME") or DEFAULT_HOME).resolve()
-    os.environ["MLOPS_HOME"] = str(resolved)
-    # Everything derives from MLOPS_HOME, so one variable moves the whole platform.
-    os.environ["DAGSTER_HOME"] = str(resolved / "dagster")
-    os.environ["BENTOML_HOME"] = str(resolved / "bentoml")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{resolved / 'mlflow' / 'mlflow.db'}"
-    return resolved
 
 
 class PlatformSettings(dg.ConfigurableResource):
@@ -82,9 +56,6 @@ class PlatformSettings(dg.ConfigurableResource):
 
     def online_dir(self, tenant: str, region: str) -> Path:
         return self.tenant_dir(tenant, region) / "online"
-
-    def artifacts_dir(self, tenant: str, region: str) -> Path:
-        return self.tenant_dir(tenant, region) / "artifacts"
 
     def inbox_dir(self, tenant: str) -> Path:
         return self.root / "inbox" / tenant
@@ -121,14 +92,3 @@ class PlatformSettings(dg.ConfigurableResource):
         if not dagster_yaml.exists():
             write_atomic(dagster_yaml, DAGSTER_YAML.encode())
         return self.root
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either the old content or the new, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from resources.settings import write_atomic
+from resources.environment import write_atomic
 
 TENANT_PARTITIONS = dg.DynamicPartitionsDefinition(name="tenant")
 
