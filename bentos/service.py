@@ -2,36 +2,58 @@
 
 Start it with ``bentoml serve bentos.service:ChurnService``. It reads only the serving bundle (see
 ``resources.serving``): never the warehouse, never the registry.
+
+Settings (environment variables, read at start-up):
+
+- ``CHURN_SHADOW_SAMPLE`` (default 1): the fraction of ``/v1/predict`` requests the challenger
+  shadows;
+- ``CHURN_SHADOW_BATCH_SAMPLE`` (default 0.1): the fraction of ``/v1/predict_batch`` requests the
+  challenger shadows. A shadowed request is shadowed whole: every prediction in it gets a
+  challenger row in the prediction log under the same ``prediction_id``; the prediction log says
+  which requests were shadowed (those with challenger rows), and the counter
+  ``churn_shadow_requests_total`` counts requests by outcome (``shadowed``, ``sampled_out``, and
+  ``dropped`` when the shadow backlog exceeds ``CHURN_SHADOW_MAX_PENDING`` rows, default 20,000:
+  shadowing never slows the response down);
+- ``CHURN_SERVICE_WORKERS`` (default 2): BentoML worker processes.
+
+Start-up is kept short: the ``bentoml serve`` process only reads the service definition (no
+LightGBM, no pandas); the workers score with LightGBM's C library directly (``NativeBooster``),
+without importing the ``lightgbm`` Python package (which imports scikit-learn and SciPy).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
+import concurrent.futures
+import ctypes
 import functools
 import gc
-import queue
+import importlib.util
+import itertools
+import os
+import random
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
-import lightgbm as lgb
 import numpy as np
-import pandas as pd
+import pydantic_core
 from bentoml.exceptions import BentoMLException
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from resources.environment import configure_environment
-from resources.model_inputs import to_model_matrix
 from resources.serving import (
     MANIFEST,
     ApiKeyStore,
+    LogChunk,
     PredictionLogWriter,
     read_manifest,
     serving_dir,
@@ -39,6 +61,13 @@ from resources.serving import (
 )
 
 MAX_BATCH = 10_000
+SHADOW_SAMPLE = float(os.environ.get("CHURN_SHADOW_SAMPLE", "1"))
+SHADOW_BATCH_SAMPLE = float(os.environ.get("CHURN_SHADOW_BATCH_SAMPLE", "0.1"))
+SHADOW_MAX_PENDING = int(os.environ.get("CHURN_SHADOW_MAX_PENDING", "20000"))
+WORKERS = int(os.environ.get("CHURN_SERVICE_WORKERS", "2"))
+# Batches at least this large are scored on a thread of their own, so the event loop keeps serving.
+OFFLOAD_ROWS = 64
+
 TenantName = Annotated[str, Field(min_length=2, max_length=40, pattern=r"^[a-z][a-z0-9_-]+$")]
 AccountId = Annotated[str, Field(min_length=1, max_length=64)]
 
@@ -52,6 +81,12 @@ PREDICTIONS = bentoml.metrics.Counter(
     name="churn_predictions_total",
     documentation="Predictions served per tenant, model version and role",
     labelnames=["tenant", "model_version", "role"],
+)
+SHADOW_REQUESTS = bentoml.metrics.Counter(
+    name="churn_shadow_requests_total",
+    documentation="Requests to tenants with a challenger, by endpoint and shadow outcome "
+                  "(shadowed, sampled_out, dropped)",
+    labelnames=["tenant", "endpoint", "outcome"],
 )
 
 
@@ -76,10 +111,90 @@ class ServiceError(BentoMLException):
         super().__init__(message, error_code=status)
 
 
+# --- LightGBM without the lightgbm package ---------------------------------------------------------
+_C_API_DTYPE_FLOAT64 = 1
+_C_API_PREDICT_NORMAL = 0
+
+
+@functools.cache
+def _lightgbm_library() -> ctypes.CDLL:
+    """``lib_lightgbm`` of the installed lightgbm package, loaded without importing the package."""
+    spec = importlib.util.find_spec("lightgbm")
+    candidates = [Path(p) / "lib" / "lib_lightgbm.so" for p in (spec.submodule_search_locations or [])] if spec else []
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:  # an unusual layout: let the package find its library
+        from lightgbm.basic import _LIB
+
+        lib = _LIB
+    else:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    lib.LGBM_GetLastError.restype = ctypes.c_char_p
+    handle, i32, i64p, dp = ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_double)
+    lib.LGBM_BoosterCreateFromModelfile.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(handle)]
+    lib.LGBM_BoosterGetNumClasses.argtypes = [handle, ctypes.POINTER(ctypes.c_int)]
+    lib.LGBM_BoosterGetNumFeature.argtypes = [handle, ctypes.POINTER(ctypes.c_int)]
+    lib.LGBM_BoosterNumberOfTotalModel.argtypes = [handle, ctypes.POINTER(ctypes.c_int)]
+    lib.LGBM_BoosterFree.argtypes = [handle]
+    lib.LGBM_BoosterPredictForMat.argtypes = [
+        handle, ctypes.c_void_p, ctypes.c_int, i32, i32, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_char_p, i64p, dp,
+    ]
+    return lib
+
+
+def _check(lib: ctypes.CDLL, rc: int) -> None:
+    if rc != 0:
+        raise RuntimeError(f"LightGBM: {lib.LGBM_GetLastError().decode(errors='replace')}")
+
+
+class NativeBooster:
+    """A LightGBM model file scored through LightGBM's C API, as ``lightgbm.Booster.predict`` does
+    for a float64 numpy matrix (same library call, same scores, bit for bit), minus its Python
+    overhead and minus ``import lightgbm`` (scikit-learn, SciPy: about 2 s per process).
+    The C library releases the GIL while it scores, and concurrent predictions run in parallel."""
+
+    def __init__(self, model_file: str | os.PathLike):
+        self._lib = lib = _lightgbm_library()
+        self._handle = ctypes.c_void_p()
+        iterations, out = ctypes.c_int(0), ctypes.c_int(0)
+        _check(lib, lib.LGBM_BoosterCreateFromModelfile(os.fsencode(model_file), ctypes.byref(iterations),
+                                                        ctypes.byref(self._handle)))
+        _check(lib, lib.LGBM_BoosterGetNumClasses(self._handle, ctypes.byref(out)))
+        self.num_class = out.value
+        _check(lib, lib.LGBM_BoosterGetNumFeature(self._handle, ctypes.byref(out)))
+        self.num_feature = out.value
+        self._params: dict[int, bytes] = {}
+
+    def num_trees(self) -> int:
+        out = ctypes.c_int(0)
+        _check(self._lib, self._lib.LGBM_BoosterNumberOfTotalModel(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def predict(self, matrix: np.ndarray, num_threads: int = 1) -> np.ndarray:
+        """Probabilities for the rows of a 2-D float64 matrix (``Booster.predict(matrix)``)."""
+        matrix = np.ascontiguousarray(matrix, dtype=np.float64)
+        nrow, ncol = matrix.shape
+        out = np.empty(nrow * self.num_class, dtype=np.float64)
+        out_len = ctypes.c_int64(0)
+        params = self._params.get(num_threads)
+        if params is None:
+            params = self._params[num_threads] = f"num_threads={num_threads}".encode()
+        _check(self._lib, self._lib.LGBM_BoosterPredictForMat(
+            self._handle, matrix.ctypes.data, _C_API_DTYPE_FLOAT64, nrow, ncol, 1, _C_API_PREDICT_NORMAL, 0, 0,
+            params, ctypes.byref(out_len), out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))))
+        return out if self.num_class == 1 else out.reshape(nrow, self.num_class)
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle and handle.value and self._lib is not None:
+            self._lib.LGBM_BoosterFree(handle)
+            self._handle = None
+
+
 @dataclass(frozen=True)
 class Model:
     version: str
-    booster: lgb.Booster
+    booster: Any  # NativeBooster, or anything with .predict(matrix, num_threads=...) (lightgbm.Booster)
 
 
 @dataclass(frozen=True)
@@ -94,13 +209,14 @@ class TenantDeployment:
     features: np.ndarray
 
 
-def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDeployment | None) -> TenantDeployment:
+def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDeployment | None,
+                    load_booster=NativeBooster) -> TenantDeployment:
     def model(spec: dict | None, old: Model | None) -> Model | None:
         if spec is None:
             return None
         if old is not None and old.version == spec["version"]:
             return old
-        return Model(str(spec["version"]), lgb.Booster(model_file=str(folder / spec["model_file"])))
+        return Model(str(spec["version"]), load_booster(folder / spec["model_file"]))
 
     old_models = {}
     if previous is not None:
@@ -114,20 +230,45 @@ def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDepl
     if previous is not None and previous.snapshot_version == snapshot_version:
         index, features = previous.account_index, previous.features
     else:
+        import pandas as pd  # in the workers only, not in the `bentoml serve` process
+
+        from resources.model_inputs import to_model_matrix
+
         frame = pd.read_parquet(folder / entry["snapshot"]["file"])
-        index = {account: i for i, account in enumerate(frame["account_id"])}
+        index = {account: i for i, account in enumerate(frame["account_id"].tolist())}
         features = to_model_matrix(frame)
     return TenantDeployment(tenant, champion, challenger, snapshot_version, index, features)
 
 
+def new_prediction_ids(n: int) -> list[str]:
+    """``n`` random UUID4s as 32 hex digits (``uuid.uuid4().hex``), vectorized for batches."""
+    if n == 1:
+        return [uuid.uuid4().hex]
+    raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint8).reshape(n, 16).copy()
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # RFC 4122 variant
+    digits = raw.tobytes().hex()
+    return [digits[i : i + 32] for i in range(0, 32 * n, 32)]
+
+
+@dataclass(frozen=True)
+class _ShadowItem:
+    deployment: TenantDeployment
+    rows: np.ndarray
+    ids: list[str]
+    accounts: list[str]
+    endpoint: str
+    requested_at_us: int
+
+
 @bentoml.service(
     name="churn_service",
-    workers=2,
+    workers=WORKERS,
     traffic={"timeout": 30},
     # Per-request access logging and tracing cost more than scoring itself; metrics stay on.
     logging={"access": {"enabled": False}},
     # The OpenTelemetry middleware creates spans even at sample rate 0: skip the scoring routes.
-    tracing={"sample_rate": 0.0, "excluded_urls": ["/v1/predict"]},
+    tracing={"sample_rate": 0.0, "excluded_urls": ["/v1/predict", "/v1/predict_batch"]},
     endpoints={"livez": "/livez", "readyz": "/readyz"},
 )
 class ChurnService:
@@ -138,20 +279,28 @@ class ChurnService:
     def __init__(self) -> None:
         self.home = configure_environment()
         self.folder = serving_dir(self.home)
-        # Segments rotate once a second from the watcher thread, not inside a request.
-        self.log_writer = PredictionLogWriter(self.home, max_rows=1_000_000, max_age_s=1.0)
-        self.shadow_queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Segments rotate once a second, written by the writer's own thread, never by a request.
+        self.log_writer = PredictionLogWriter(self.home, max_rows=200_000, max_age_s=1.0)
+        self._shadow_items: list[_ShadowItem] = []
+        self._shadow_pending = 0
+        self._shadow_cond = threading.Condition()
+        self._shadow_closed = False
         self.deployments: dict[str, TenantDeployment] = {}
-        self.api_keys: dict = {}
+        self._keys: tuple[dict, dict] = ({}, {})  # (key file snapshot, verified-key cache), swapped together
         self._manifest_mtime: float | None = None
         self._keys_mtime: float | None = None
         self._stop = threading.Event()
+        self._batch_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="batch")
         self.refresh()
-        # A large, long-lived heap (boosters, feature matrices) makes full collections slow:
-        # freeze what start-up allocated so the collector skips it on every request.
+        # A large, long-lived heap (feature matrices, BentoML) makes full collections slow: freeze
+        # what start-up allocated so the collector skips it; requests allocate little.
         gc.collect()
         gc.freeze()
-        gc.set_threshold(10_000, 50, 1000)
+        gc.set_threshold(20_000, 50, 1000)
+        # Background threads (shadow, log writer) hand the GIL back to the event loop within 1 ms
+        # (Python's default is 5 ms: a request could wait that long behind them).
+        sys.setswitchinterval(0.001)
+        self.log_writer.start()
         self._watcher = threading.Thread(target=self._watch, name="manifest-watcher", daemon=True)
         self._watcher.start()
         self._shadow_thread = threading.Thread(target=self._shadow_loop, name="shadow", daemon=True)
@@ -159,21 +308,33 @@ class ChurnService:
         _SERVICE[:] = [self]
 
     # --- state ---------------------------------------------------------------------------
+    def _load_booster(self, path: Path):
+        return NativeBooster(path)
+
     def refresh(self) -> None:
         """Load a changed manifest or key file; swaps whole objects, so requests never see half."""
         manifest_path, keys_path = self.folder / MANIFEST, self.folder / "api_keys.json"
         mtime = manifest_path.stat().st_mtime if manifest_path.exists() else None
         if mtime != self._manifest_mtime:
             manifest = read_manifest(self.folder)
-            self.deployments = {
-                tenant: load_deployment(self.folder, tenant, entry, self.deployments.get(tenant))
-                for tenant, entry in manifest["tenants"].items()
-            }
+            tenants = list(manifest["tenants"].items())
+            # Tenants load in parallel: reading Parquet and parsing model files release the GIL.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, len(tenants)))) as pool:
+                loaded = pool.map(
+                    lambda item: load_deployment(self.folder, item[0], item[1], self.deployments.get(item[0]),
+                                                 self._load_booster),
+                    tenants,
+                )
+                self.deployments = dict(zip((t for t, _ in tenants), loaded, strict=True))
             self._manifest_mtime = mtime
         kmtime = keys_path.stat().st_mtime if keys_path.exists() else None
         if kmtime != self._keys_mtime:
-            self.api_keys = ApiKeyStore(self.folder).snapshot()
+            self._keys = (ApiKeyStore(self.folder).snapshot(), {})
             self._keys_mtime = kmtime
+
+    @property
+    def api_keys(self) -> dict:
+        return self._keys[0]
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
@@ -181,7 +342,6 @@ class ChurnService:
                 self.refresh()
             except Exception as exc:  # a bad manifest must not kill the watcher; keep serving the last good one
                 print(f"churn_service: manifest reload failed, still serving the previous models: {exc!r}")
-            self.log_writer.rotate_due(time.monotonic())
 
     def __is_ready__(self) -> bool:
         return bool(self.deployments) and all(d.champion is not None for d in self.deployments.values())
@@ -189,20 +349,29 @@ class ChurnService:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self._stop.set()
-        self.shadow_queue.put(None)
+        with self._shadow_cond:
+            self._shadow_closed = True
+            self._shadow_cond.notify()
         self._shadow_thread.join(timeout=10)
         self.log_writer.close()
+        self._batch_pool.shutdown(wait=False)
 
     # --- request handling ----------------------------------------------------------------
-    def _authorize(self, ctx: bentoml.Context, tenant: str) -> TenantDeployment:
-        headers = ctx.request.headers
+    def _authorize(self, headers, tenant: str) -> TenantDeployment:
         presented = headers.get("x-api-key")
-        auth = headers.get("authorization", "")
-        if not presented and auth.lower().startswith("bearer "):
-            presented = auth[7:].strip()
-        key = verify_key(self.api_keys, presented)
+        if not presented:
+            auth = headers.get("authorization", "")
+            if auth[:7].lower() == "bearer ":
+                presented = auth[7:].strip()
+        keys, verified = self._keys
+        key = verified.get(presented)
         if key is None:
-            raise ServiceError(HTTPStatus.UNAUTHORIZED, "missing or invalid API key (send 'Authorization: Bearer <key>')")
+            key = verify_key(keys, presented)
+            if key is None:
+                raise ServiceError(HTTPStatus.UNAUTHORIZED,
+                                   "missing or invalid API key (send 'Authorization: Bearer <key>')")
+            if len(verified) < 4096:  # valid keys only; the cache goes with the key file snapshot
+                verified[presented] = key
         if key.tenant != tenant:
             raise ServiceError(HTTPStatus.FORBIDDEN, f"this API key belongs to another tenant, not {tenant!r}")
         deployment = self.deployments.get(tenant)
@@ -210,18 +379,20 @@ class ChurnService:
             raise ServiceError(HTTPStatus.NOT_FOUND, f"tenant {tenant!r} has no deployed model")
         return deployment
 
-    def _rows(self, deployment: TenantDeployment, account_ids: list[str]) -> list[int]:
+    def _rows(self, deployment: TenantDeployment, account_ids: list[str]) -> np.ndarray:
         index = deployment.account_index
-        missing = [a for a in account_ids if a not in index]
-        if missing:
+        try:
+            return np.fromiter(map(index.__getitem__, account_ids), dtype=np.intp, count=len(account_ids))
+        except KeyError:
+            missing = [a for a in account_ids if a not in index]
             shown = ", ".join(repr(a) for a in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise ServiceError(HTTPStatus.NOT_FOUND, f"unknown account(s) for tenant {deployment.tenant!r}: {shown}{more}")
-        return [index[a] for a in account_ids]
+            raise ServiceError(HTTPStatus.NOT_FOUND,
+                               f"unknown account(s) for tenant {deployment.tenant!r}: {shown}{more}") from None
 
-    def _score(self, deployment: TenantDeployment, model: Model, rows: list[int], role: str) -> tuple[np.ndarray, float]:
+    def _score(self, deployment: TenantDeployment, model: Model, rows: np.ndarray, role: str) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        scores = self._scores(model, deployment.features[rows])
+        scores = self._scores(model, deployment.features.take(rows, axis=0))
         elapsed = time.perf_counter() - start
         latency_metric, count_metric = self._metric_children(deployment.tenant, model.version, role)
         latency_metric.observe(elapsed)
@@ -232,77 +403,119 @@ class ChurnService:
     def _metric_children(self, tenant: str, version: str, role: str):
         return REQUEST_LATENCY.labels(tenant, version, role), PREDICTIONS.labels(tenant, version, role)
 
+    @functools.lru_cache(maxsize=1024)  # noqa: B019
+    def _shadow_counter(self, tenant: str, endpoint: str, outcome: str):
+        return SHADOW_REQUESTS.labels(tenant, endpoint, outcome)
+
     def _scores(self, model: Model, matrix: np.ndarray) -> np.ndarray:
         """Churn probabilities of ``matrix`` from ``model``; the GPU service overrides this."""
-        # One OpenMP thread: champion and shadow already run on two threads of a small machine.
+        # One thread per prediction: requests and the shadow already keep a small machine's cores busy.
         return model.booster.predict(matrix, num_threads=1)
 
-    def _log(self, deployment, model, role, ids, accounts, scores, latency_ms, endpoint) -> None:
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        per_row = latency_ms / max(len(ids), 1)
-        self.log_writer.append(
-            [
-                {
-                    "prediction_id": pid, "tenant": deployment.tenant, "account_id": account, "role": role,
-                    "model_version": model.version, "score": float(score), "latency_ms": per_row,
-                    "snapshot_version": deployment.snapshot_version, "endpoint": endpoint, "requested_at": now,
-                }
-                for pid, account, score in zip(ids, accounts, scores, strict=True)
-            ],
-            time.monotonic(),
-        )
+    def _log(self, deployment: TenantDeployment, model: Model, role: str, ids: list[str], accounts: list[str],
+             scores: np.ndarray, latency_per_row_ms: float, endpoint: str, requested_at_us) -> None:
+        if len(ids) == 1:  # a single prediction: scalars, cheapest to buffer and to write
+            ids, accounts, scores = ids[0], accounts[0], float(scores[0])
+        chunk = LogChunk(len(scores) if not isinstance(scores, float) else 1, role, model.version,
+                         deployment.snapshot_version, endpoint, requested_at_us, latency_per_row_ms, ids, accounts,
+                         scores)
+        self.log_writer.append_chunk(deployment.tenant, chunk, time.monotonic())
 
-    def _shadow(self, deployment: TenantDeployment, rows, ids, accounts, endpoint) -> None:
-        challenger = deployment.challenger
-        scores, latency = self._score(deployment, challenger, rows, "challenger")
-        self._log(deployment, challenger, "challenger", ids, accounts, scores, latency, endpoint)
+    # --- shadow ----------------------------------------------------------------------------
+    def _enqueue_shadow(self, item: _ShadowItem, sample: float) -> None:
+        """Hand the request to the shadow thread (or skip it: sampled out, or the backlog is full)."""
+        tenant, endpoint = item.deployment.tenant, item.endpoint
+        if sample < 1.0 and random.random() >= sample:
+            self._shadow_counter(tenant, endpoint, "sampled_out").inc()
+            return
+        with self._shadow_cond:
+            if self._shadow_closed or self._shadow_pending + len(item.ids) > SHADOW_MAX_PENDING:
+                outcome = "dropped"
+            else:
+                outcome = "shadowed"
+                self._shadow_items.append(item)
+                self._shadow_pending += len(item.ids)
+                if len(self._shadow_items) == 1:
+                    self._shadow_cond.notify()
+        self._shadow_counter(tenant, endpoint, outcome).inc()
 
     def _shadow_loop(self) -> None:
         """Score queued shadow work in micro-batches: one predict per deployment every ~20 ms."""
         while True:
-            item = self.shadow_queue.get()
-            if item is None:
-                return
-            time.sleep(0.02)  # let a micro-batch accumulate
-            items, stop = [item], False
-            while True:
-                try:
-                    nxt = self.shadow_queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                items.append(nxt)
+            with self._shadow_cond:
+                while not self._shadow_items and not self._shadow_closed:
+                    self._shadow_cond.wait()
+                closed = self._shadow_closed
+            if not closed:
+                time.sleep(0.02)  # let a micro-batch accumulate
+            with self._shadow_cond:
+                items, self._shadow_items = self._shadow_items, []
             groups: dict = {}
-            for dep, rows, ids, accounts, endpoint in items:
-                group = groups.setdefault((id(dep), endpoint), (dep, endpoint, [], [], []))
-                group[2].extend(rows)
-                group[3].extend(ids)
-                group[4].extend(accounts)
-            for dep, endpoint, rows, ids, accounts in groups.values():
+            for item in items:
+                groups.setdefault((id(item.deployment), item.endpoint), []).append(item)
+            for group in groups.values():
                 try:
-                    self._shadow(dep, rows, ids, accounts, endpoint)
+                    self._shadow(group)
                 except Exception as exc:  # the shadow must never take the service down
                     print(f"churn_service: shadow scoring failed: {exc!r}")
-            if stop:
-                return
+                finally:
+                    with self._shadow_cond:
+                        self._shadow_pending -= sum(len(i.ids) for i in group)
+            if closed:
+                with self._shadow_cond:
+                    if not self._shadow_items:
+                        return
 
-    def _predict(self, tenant: str, account_ids: list[str], ctx: bentoml.Context, endpoint: str):
-        deployment = self._authorize(ctx, tenant)
-        rows = self._rows(deployment, account_ids)
+    def _shadow(self, group: list[_ShadowItem]) -> None:
+        deployment, endpoint = group[0].deployment, group[0].endpoint
+        challenger = deployment.challenger
+        rows = group[0].rows if len(group) == 1 else np.concatenate([i.rows for i in group])
+        scores, latency = self._score(deployment, challenger, rows, "challenger")
+        per_row = latency / len(rows)
+        if len(group) == 1:
+            requested_at = group[0].requested_at_us
+            ids, accounts = group[0].ids, group[0].accounts
+        else:
+            requested_at = np.repeat([i.requested_at_us for i in group], [len(i.ids) for i in group])
+            ids = list(itertools.chain.from_iterable(i.ids for i in group))
+            accounts = list(itertools.chain.from_iterable(i.accounts for i in group))
+        self._log(deployment, challenger, "challenger", ids, accounts, scores, per_row, endpoint, requested_at)
+
+    # --- predictions ---------------------------------------------------------------------
+    def _predict_rows(self, deployment: TenantDeployment, account_ids: list[str], rows: np.ndarray, endpoint: str,
+                      requested_at_us: int) -> tuple[list[str], np.ndarray]:
         scores, latency = self._score(deployment, deployment.champion, rows, "champion")
-        ids = [uuid.uuid4().hex for _ in account_ids]
-        self._log(deployment, deployment.champion, "champion", ids, account_ids, scores, latency, endpoint)
+        ids = new_prediction_ids(len(account_ids))
+        self._log(deployment, deployment.champion, "champion", ids, account_ids, scores, latency / len(ids),
+                  endpoint, requested_at_us)
         if deployment.challenger is not None:
             # Off the hot path: the response carries the champion's score alone.
-            self.shadow_queue.put((deployment, rows, ids, account_ids, endpoint))
+            sample = SHADOW_SAMPLE if endpoint == "predict" else SHADOW_BATCH_SAMPLE
+            self._enqueue_shadow(_ShadowItem(deployment, rows, ids, account_ids, endpoint, requested_at_us), sample)
+        return ids, scores
+
+    def _predict(self, tenant: str, account_ids: list[str], headers, endpoint: str):
+        requested_at_us = time.time_ns() // 1000
+        deployment = self._authorize(headers, tenant)
+        rows = self._rows(deployment, account_ids)
+        ids, scores = self._predict_rows(deployment, account_ids, rows, endpoint, requested_at_us)
+        return deployment, ids, scores
+
+    async def _predict_async(self, tenant: str, account_ids: list[str], headers, endpoint: str):
+        """``_predict``, with large batches scored on a worker thread (LightGBM releases the GIL)."""
+        if len(account_ids) < OFFLOAD_ROWS:
+            return self._predict(tenant, account_ids, headers, endpoint)
+        requested_at_us = time.time_ns() // 1000
+        deployment = self._authorize(headers, tenant)
+        rows = self._rows(deployment, account_ids)
+        ids, scores = await asyncio.get_running_loop().run_in_executor(
+            self._batch_pool, self._predict_rows, deployment, account_ids, rows, endpoint, requested_at_us)
         return deployment, ids, scores
 
     @bentoml.api(route="/v1/predict")
     def predict(self, tenant: TenantName, account_id: AccountId, ctx: bentoml.Context) -> Prediction:
         """Churn probability of one account, from the tenant's online features and champion model."""
-        deployment, ids, scores = self._predict(tenant, [account_id], ctx, "predict")
+        deployment, ids, scores = self._predict(tenant, [account_id], ctx.request.headers, "predict")
         return Prediction(prediction_id=ids[0], tenant=tenant, account_id=account_id, score=float(scores[0]),
                           model_version=deployment.champion.version)
 
@@ -314,7 +527,7 @@ class ChurnService:
         ctx: bentoml.Context,
     ) -> BatchPrediction:
         """Churn probabilities of up to 10,000 accounts in one request."""
-        deployment, ids, scores = self._predict(tenant, account_ids, ctx, "predict_batch")
+        deployment, ids, scores = self._predict(tenant, account_ids, ctx.request.headers, "predict_batch")
         version = deployment.champion.version
         return BatchPrediction(
             tenant=tenant, model_version=version,
@@ -325,55 +538,80 @@ class ChurnService:
         )
 
 
-# --- fast path for single predictions ------------------------------------------------------------
+# --- fast path for the scoring routes ------------------------------------------------------------
 class PredictInput(BaseModel):
     tenant: TenantName
     account_id: AccountId
 
 
-class _RequestContext:
-    """What ``_authorize`` reads from ``bentoml.Context``."""
+class PredictBatchInput(BaseModel):
+    # Titled like the input model BentoML generates for ``predict_batch``: same error messages.
+    model_config = ConfigDict(title="Input")
 
-    __slots__ = ("request",)
-
-    def __init__(self, request: Request):
-        self.request = request
+    tenant: TenantName
+    account_ids: Annotated[list[AccountId], Field(min_length=1, max_length=MAX_BATCH)]
 
 
 _SERVICE: list = []
+
+
+def _error_response(exc: Exception) -> Response:
+    if isinstance(exc, ValidationError):
+        return JSONResponse({"error": f"{exc.error_count()} validation error for {exc.title}",
+                             "detail": exc.errors(include_context=False, include_input=False)}, status_code=400)
+    status = exc.error_code.value
+    body = {"error": "Authorization error"} if status in (401, 403) else [{"error": str(exc)}]
+    return JSONResponse(body, status_code=status)
 
 
 async def _fast_predict(request: Request) -> Response:
     service = _SERVICE[0]
     try:
         payload = PredictInput.model_validate_json(await request.body())
-        deployment, ids, scores = service._predict(
-            payload.tenant, [payload.account_id], _RequestContext(request), "predict")
-    except ValidationError as exc:
-        return JSONResponse({"error": f"{exc.error_count()} validation error for {exc.title}",
-                             "detail": exc.errors(include_context=False, include_input=False)}, status_code=400)
-    except ServiceError as exc:
-        status = exc.error_code.value
-        body = {"error": "Authorization error"} if status in (401, 403) else [{"error": str(exc)}]
-        return JSONResponse(body, status_code=status)
+        deployment, ids, scores = service._predict(payload.tenant, [payload.account_id], request.headers, "predict")
+    except (ValidationError, ServiceError) as exc:
+        return _error_response(exc)
     body = Prediction(prediction_id=ids[0], tenant=payload.tenant, account_id=payload.account_id,
                       score=float(scores[0]), model_version=deployment.champion.version).model_dump_json()
     return Response(body, media_type="application/json")
 
 
+async def _fast_predict_batch(request: Request) -> Response:
+    service = _SERVICE[0]
+    try:
+        payload = PredictBatchInput.model_validate_json(await request.body())
+        deployment, ids, scores = await service._predict_async(
+            payload.tenant, payload.account_ids, request.headers, "predict_batch")
+    except (ValidationError, ServiceError) as exc:
+        return _error_response(exc)
+    tenant, version = payload.tenant, deployment.champion.version
+    body = pydantic_core.to_json({
+        "tenant": tenant, "model_version": version,
+        "predictions": [
+            {"prediction_id": pid, "tenant": tenant, "account_id": a, "score": s, "model_version": version}
+            for pid, a, s in zip(ids, payload.account_ids, scores.tolist(), strict=True)
+        ],
+    })
+    return Response(body, media_type="application/json")
+
+
+_FAST_ROUTES = {"/v1/predict": _fast_predict, "/v1/predict_batch": _fast_predict_batch}
+
+
 class FastPredictMiddleware:
-    """Answers POST /v1/predict with the contract of ``ChurnService.predict`` (same input, output
-    and error bodies), skipping BentoML's per-request IO-descriptor machinery. ``predict`` stays
-    the documented API (OpenAPI, clients); the middleware sits inside BentoML's metrics middleware,
-    so /metrics still counts these requests."""
+    """Answers POST /v1/predict and /v1/predict_batch with the contract of ``ChurnService.predict``
+    and ``predict_batch`` (same input, output and error bodies), skipping BentoML's per-request
+    IO-descriptor machinery. The two methods stay the documented API (OpenAPI, clients); the
+    middleware sits inside BentoML's metrics middleware, so /metrics still counts these requests."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/v1/predict" or scope["method"] != "POST" or not _SERVICE:
+        handler = _FAST_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None or scope["method"] != "POST" or not _SERVICE:
             return await self.app(scope, receive, send)
-        response = await _fast_predict(Request(scope, receive))
+        response = await handler(Request(scope, receive))
         await response(scope, receive, send)
 
 

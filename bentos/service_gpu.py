@@ -59,6 +59,12 @@ class ChurnServiceGPU(ChurnService.inner):
         self.scorers = ScorerCache()  # before super().__init__(), whose refresh() compiles
         super().__init__()
 
+    def _load_booster(self, path):
+        # The tensor compiler reads a lightgbm.Booster (the CPU service scores with NativeBooster).
+        import lightgbm as lgb
+
+        return lgb.Booster(model_file=str(path))
+
     def refresh(self) -> None:
         super().refresh()
         # Compile new models here (start-up and the manifest watcher), not on the request path.
