@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import random
@@ -158,6 +159,12 @@ class WrkResult:
     p999_ms: float
     max_ms: float
     errors: dict = field(default_factory=dict)
+    server_cpu_s: float | None = None  # CPU seconds (user + system) the server's processes used during the run
+    wrk_cpu_s: float | None = None
+
+    @property
+    def server_cpu_ms_per_request(self) -> float | None:
+        return self.server_cpu_s / self.requests * 1000 if self.server_cpu_s is not None and self.requests else None
 
     @property
     def rps(self) -> float:
@@ -191,12 +198,23 @@ def parse_wrk(label: str, output: str) -> WrkResult:
 
 
 def run_wrk(label: str, port: int, path: str, bodies: Path, token: str, duration_s: float,
-            connections: int, threads: int) -> WrkResult:
+            connections: int, threads: int, server_pid: int | None = None) -> WrkResult:
+    """One wrk run; with ``server_pid``, also the CPU time the server's process tree and wrk used
+    (a figure that depends much less than throughput on what else the shared machine runs)."""
+    import resource
+
     cmd, env = wrk_command(port, path, bodies, token, duration_s, connections, threads)
+    cpu0 = tree_cpu_s(server_pid) if server_pid else None
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + 60)
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr}\n{out.stdout}")
-    return parse_wrk(label, out.stdout)
+    result = parse_wrk(label, out.stdout)
+    if server_pid:
+        result.server_cpu_s = tree_cpu_s(server_pid) - cpu0
+        result.wrk_cpu_s = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    return result
 
 
 def write_bodies(path: Path, bodies: list[dict]) -> Path:
@@ -215,6 +233,18 @@ def tree_processes(pid: int) -> list:
         return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by the process and its live descendants."""
+    import psutil
+
+    total = 0.0
+    for p in tree_processes(pid):
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def rss_sample(pid: int) -> tuple[int, int]:
@@ -241,7 +271,7 @@ def model_ceiling(folder: Path, entry: dict, batch_size: int) -> dict:
     import numpy as np
     import pandas as pd
 
-    from resources.feature_store import to_model_matrix
+    from resources.model_inputs import to_model_matrix
 
     matrix = to_model_matrix(pd.read_parquet(folder / entry["snapshot"]["file"]))
     rows = np.resize(np.arange(len(matrix)), batch_size)
@@ -272,9 +302,13 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def cpu_ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 def row(r: WrkResult, extra: str = "") -> str:
     return (f"| {r.label} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.max_ms:.1f} "
-            f"| {r.requests:,} | {r.error_count}{extra} |")
+            f"| {r.requests:,} | {r.error_count}{extra} | {cpu_ms(r.server_cpu_ms_per_request)} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="what `bentoml serve` serves (e.g. a patched copy on --pythonpath)")
     parser.add_argument("--pythonpath", default="", help="prepended to PYTHONPATH of the BentoML service")
     parser.add_argument("--skip-bare", action="store_true", help="measure the BentoML service alone")
+    parser.add_argument("--pycache", metavar="DIR",
+                        help="run the servers with a bytecode cache in DIR (PYTHONPYCACHEPREFIX, bytecode writing "
+                             "on), as in an image whose packages are compiled; default: this environment as it is")
     args = parser.parse_args(argv)
     # `timeout` and friends send SIGTERM: turn it into SystemExit so that the servers are stopped
     # (otherwise circus keeps an orphaned `bentoml serve` and its workers alive).
@@ -344,6 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     bare_batch_file = write_bodies(tmp / "bare-batch.jsonl", [{"account_ids": b["account_ids"]} for b in batch_bodies])
 
     env = {**os.environ, "MLOPS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    if args.pycache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(Path(args.pycache).resolve())
+    bentoml_pycache = Path(importlib.util.find_spec("bentoml").origin).parent / "__pycache__"
+    if env.get("PYTHONDONTWRITEBYTECODE") and not bentoml_pycache.exists():
+        bytecode = "compiled from source at every start (PYTHONDONTWRITEBYTECODE is set, no .pyc files)"
+    elif env.get("PYTHONPYCACHEPREFIX"):
+        bytecode = f"cached in {env['PYTHONPYCACHEPREFIX']}"
+    else:
+        bytecode = "as this environment has it"
     env["PYTHONPATH"] = os.pathsep.join(p for p in [args.pythonpath, str(REPO), env.get("PYTHONPATH", "")] if p)
     bin_dir = Path(sys.executable).parent
     bentoml_cmd = [str(bin_dir / "bentoml")] if (bin_dir / "bentoml").exists() else [sys.executable, "-m", "bentoml"]
@@ -396,27 +443,31 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append(f"scores differ for {single_ids[0]}: BentoML {s1} vs bare {s2}")
 
         # 3. single-account load, the same wrk run against each
-        plan = [("bento_single", bento.port, "/v1/predict", single_file)]
+        plan = [("bento_single", bento, "/v1/predict", single_file)]
         if bare:
-            plan.append(("bare_single", bare.port, "/v1/predict", bare_single_file))
-        for key, port, path, bodies in plan:
+            plan.append(("bare_single", bare, "/v1/predict", bare_single_file))
+        for key, server, path, bodies in plan:
+            port = server.port
             print(f"wrk {key}: {args.connections} connections, {args.threads} threads, "
                   f"{args.warmup:.0f} s warm-up + {args.duration:.0f} s", flush=True)
             if args.warmup > 0:
                 run_wrk(key, port, path, bodies, token, args.warmup, args.connections, args.threads)
-            results[key] = run_wrk(key, port, path, bodies, token, args.duration, args.connections, args.threads)
+            results[key] = run_wrk(key, port, path, bodies, token, args.duration, args.connections, args.threads,
+                                   server_pid=server.proc.pid)
 
         # 4. batch
-        plan = [("bento_batch", bento.port, "/v1/predict_batch", batch_file)]
+        plan = [("bento_batch", bento, "/v1/predict_batch", batch_file)]
         if bare:
-            plan.append(("bare_batch", bare.port, "/v1/predict_batch", bare_batch_file))
-        for key, port, path, bodies in plan:
+            plan.append(("bare_batch", bare, "/v1/predict_batch", bare_batch_file))
+        for key, server, path, bodies in plan:
+            port = server.port
             conns = max(args.batch_connections, args.threads)
             print(f"wrk {key}: {args.batch_size:,} accounts per request, {conns} connections, "
                   f"{args.threads} threads, {args.warmup:.0f} s warm-up + {args.duration:.0f} s", flush=True)
             if args.warmup > 0:
                 run_wrk(key, port, path, bodies, token, args.warmup, conns, args.threads)
-            results[key] = run_wrk(key, port, path, bodies, token, args.duration, conns, args.threads)
+            results[key] = run_wrk(key, port, path, bodies, token, args.duration, conns, args.threads,
+                                   server_pid=server.proc.pid)
 
         # 5. soak
         if args.soak > 0:
@@ -481,10 +532,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"cold start (process start -> /readyz 200): {cold:.2f} s; all {len(tenants)} tenants "
           f"({', '.join(tenants)}) answered a prediction: {'yes' if len(answered) == len(tenants) else 'NO'} "
-          f"({all_tenants_s:.2f} s)")
+          f"({all_tenants_s:.2f} s); Python bytecode {bytecode}")
     print()
-    print("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | requests | errors |")
-    print("|:---|---:|---:|---:|---:|---:|---:|---:|")
+    print("server CPU = CPU time (user + system) of the server's processes during the run, per request: what the "
+          "server costs, much less sensitive than req/s to what else runs on the machine")
+    print()
+    print("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | requests | errors | server CPU ms/request |")
+    print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|")
     bs = results["bento_single"]
     bs.label = f"BentoML /v1/predict (shadow {'on' if shadow else 'off'})"
     print(row(bs))
@@ -495,17 +549,18 @@ def main(argv: list[str] | None = None) -> int:
         print(row(bare_r))
         ratio = bs.rps / bare_r.rps if bare_r.rps else 0.0
         print(f"| ratio BentoML / bare | {ratio:.2f}x | {bs.p50_ms / bare_r.p50_ms:.2f}x | "
-              f"{bs.p90_ms / bare_r.p90_ms:.2f}x | {bs.p99_ms / bare_r.p99_ms:.2f}x | | | |")
+              f"{bs.p90_ms / bare_r.p90_ms:.2f}x | {bs.p99_ms / bare_r.p99_ms:.2f}x | | | | |")
     print()
-    print(f"| batch ({args.batch_size:,} accounts / request) | requests/s | accounts/s | p50 ms | p99 ms | errors |")
-    print("|:---|---:|---:|---:|---:|---:|")
+    print(f"| batch ({args.batch_size:,} accounts / request) | requests/s | accounts/s | p50 ms | p99 ms | errors "
+          f"| server CPU ms/request |")
+    print("|:---|---:|---:|---:|---:|---:|---:|")
     bb = results["bento_batch"]
     print(f"| BentoML /v1/predict_batch | {bb.rps:,.1f} | {bb.rps * args.batch_size:,.0f} | {bb.p50_ms:.1f} "
-          f"| {bb.p99_ms:.1f} | {bb.error_count} |")
+          f"| {bb.p99_ms:.1f} | {bb.error_count} | {cpu_ms(bb.server_cpu_ms_per_request)} |")
     if "bare_batch" in results:
         r = results["bare_batch"]
         print(f"| bare /v1/predict_batch (scores only) | {r.rps:,.1f} | {r.rps * args.batch_size:,.0f} "
-              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.error_count} |")
+              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.error_count} | {cpu_ms(r.server_cpu_ms_per_request)} |")
 
     growth = None
     if soak:
