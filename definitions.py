@@ -7,6 +7,7 @@ import dagster as dg
 from assets import automation, deployment, features, ingestion, monitoring, reports, training, validation
 from resources.feature_store import FeatureStore
 from resources.gates import GatePolicy
+from resources.monitoring import MonitoringPolicy
 from resources.notebooks import NotebookRunner
 from resources.registry import EXPERIMENT_NAME, ModelRegistry, mlflow_tracking_in_home
 from resources.settings import PlatformSettings, configure_environment
@@ -14,7 +15,8 @@ from resources.tenants import TenantCatalog
 from resources.warehouse import DuckDBWarehouse
 
 
-def build_definitions(home: str | None = None, gates: GatePolicy | None = None) -> dg.Definitions:
+def build_definitions(home: str | None = None, gates: GatePolicy | None = None,
+                      monitoring_policy: MonitoringPolicy | None = None) -> dg.Definitions:
     """All definitions, wired to one MLOPS_HOME. Tests build their own with a temporary home."""
     root = configure_environment(home)
     settings = PlatformSettings(home=str(root))
@@ -26,6 +28,7 @@ def build_definitions(home: str | None = None, gates: GatePolicy | None = None) 
         "feature_store": FeatureStore(settings=settings, catalog=catalog),
         "registry": ModelRegistry(settings=settings),
         "gates": gates or GatePolicy(),
+        "monitoring_policy": monitoring_policy or MonitoringPolicy(),
         "notebooks": NotebookRunner(settings=settings),
         "mlflow": mlflow_tracking_in_home.configured(
             {"experiment_name": EXPERIMENT_NAME, "mlflow_tracking_uri": settings.mlflow_tracking_uri}
@@ -35,8 +38,9 @@ def build_definitions(home: str | None = None, gates: GatePolicy | None = None) 
         # Each module sets its own group (ingestion, features, training, deployment, monitoring, reports).
         assets=dg.load_assets_from_modules([ingestion, features, training, deployment, monitoring, reports]),
         asset_checks=dg.load_asset_checks_from_modules([validation]),
-        jobs=[automation.churn_pipeline, automation.prediction_log_job],
-        sensors=[automation.tenant_catalog_sensor],
+        jobs=[automation.churn_pipeline, automation.retrain_job, automation.daily_cycle, automation.prediction_log_job],
+        schedules=[automation.daily_cycle_schedule, automation.weekly_retrain_schedule],
+        sensors=[automation.tenant_catalog_sensor, automation.decay_retrain_sensor, automation.service_health_sensor],
         resources=resources,
     )
 

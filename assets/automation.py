@@ -1,27 +1,146 @@
-"""Sensors and jobs that act without a person."""
+"""Jobs, sensors and schedules: the parts of the platform that act without a person.
 
+The closed loop: ``daily_cycle`` (per tenant) refreshes data, features and the online snapshot,
+ingests the prediction log and runs monitoring, the shadow comparison and promotion. When
+``model_monitoring`` materializes with a decay alert, ``decay_retrain_sensor`` launches
+``churn_retrain`` for that tenant only (deterministic run key per champion version, plus a
+cooldown), whose new model goes through the gates to ``challenger`` and into shadow.
+"""
+
+import datetime as dt
+import json
+import time
 
 import dagster as dg
 
 from resources.inbox import move_aside, unknown_tenant_folders
+from resources.monitoring import MonitoringPolicy, record_health_check
 from resources.settings import PlatformSettings
 from resources.tenants import TENANT_PARTITIONS, TenantCatalog
 
+RAW_ASSETS = ["raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets", "raw_churn_events"]
+# Small steps sharing one DuckDB file: the in-process executor is faster and keeps one writer.
+_IN_PROCESS = dg.in_process_executor
+
 churn_pipeline = dg.define_asset_job(
     "churn_pipeline",
-    selection=dg.AssetSelection.groups("ingestion", "features", "training", "deployment"),
-    description="Ingest -> features -> train -> validation gates -> aliases, for one tenant partition.",
-    # Small steps that share one DuckDB file: in-process is faster and keeps one writer.
-    executor_def=dg.in_process_executor,
+    selection=dg.AssetSelection.groups("ingestion", "features", "training", "deployment")
+    - dg.AssetSelection.assets("champion_promotion"),
+    description="Ingest -> features -> train -> validation gates -> aliases -> serving manifest, for one tenant.",
+    executor_def=_IN_PROCESS,
 )
 
+retrain_job = dg.define_asset_job(
+    "churn_retrain",
+    selection=dg.AssetSelection.assets(
+        "account_features", "churn_training_set", "churn_model", "churn_model_aliases", "serving_manifest"),
+    description="Retrain one tenant on its current data: features -> training -> gates -> challenger -> shadow.",
+    executor_def=_IN_PROCESS,
+)
+
+daily_cycle = dg.define_asset_job(
+    "daily_cycle",
+    selection=dg.AssetSelection.assets(
+        *RAW_ASSETS, "account_features", "online_feature_snapshot", "serving_manifest", "prediction_log",
+        "model_monitoring", "operational_metrics", "shadow_comparison", "champion_promotion", "delivery_kpis"),
+    description="One tenant's day: new data -> features -> online snapshot -> prediction log -> monitoring "
+                "-> shadow comparison -> promotion -> KPIs.",
+    executor_def=_IN_PROCESS,
+)
 
 prediction_log_job = dg.define_asset_job(
     "prediction_log_ingestion",
     selection=dg.AssetSelection.assets("prediction_log"),
     description="Ingest the service's closed prediction-log segments for one tenant.",
-    executor_def=dg.in_process_executor,
+    executor_def=_IN_PROCESS,
 )
+
+
+def _every_tenant(context, job_name: str, tag: str):
+    tenants = context.instance.get_dynamic_partitions(TENANT_PARTITIONS.name)
+    stamp = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
+    return [dg.RunRequest(run_key=f"{job_name}:{t}:{stamp}", partition_key=t, tags={"trigger": tag})
+            for t in sorted(tenants)] or dg.SkipReason("no tenants yet")
+
+
+@dg.schedule(job=daily_cycle, cron_schedule="15 0 * * *", execution_timezone="UTC",
+             default_status=dg.DefaultScheduleStatus.RUNNING)
+def daily_cycle_schedule(context: dg.ScheduleEvaluationContext):
+    """Every day, every tenant: refresh, monitor, compare the shadow, promote."""
+    return _every_tenant(context, "daily_cycle", "daily_schedule")
+
+
+@dg.schedule(job=retrain_job, cron_schedule="0 3 * * 0", execution_timezone="UTC",
+             default_status=dg.DefaultScheduleStatus.RUNNING)
+def weekly_retrain_schedule(context: dg.ScheduleEvaluationContext):
+    """Every week, every tenant is retrained regardless of alerts, through the same gates."""
+    return _every_tenant(context, "churn_retrain", "weekly_schedule")
+
+
+@dg.sensor(job=retrain_job, minimum_interval_seconds=2, default_status=dg.DefaultSensorStatus.RUNNING)
+def decay_retrain_sensor(context: dg.SensorEvaluationContext, monitoring_policy: MonitoringPolicy):
+    """Asset sensor on ``model_monitoring`` (every tenant partition): a materialization that carries
+    a decay alert launches ``churn_retrain`` for that tenant only. One retrain per decaying champion
+    version (run key), and none while the tenant is within its cooldown."""
+    after = int(context.cursor) if context.cursor else None
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("model_monitoring"), after_storage_id=after),
+        limit=200, ascending=True,
+    ).records
+    if not records:
+        return dg.SkipReason("no new monitoring results")
+    requests, notes = [], []
+    for record in records:
+        materialization = record.asset_materialization
+        metadata = materialization.metadata
+        decay = metadata.get("decay_alert")
+        if decay is None or not decay.value:
+            continue
+        tenant = materialization.partition
+        version = str(metadata["model_version"].value)
+        recent = _recent_retrains(context.instance, tenant, monitoring_policy.retrain_cooldown_s)
+        if recent:
+            notes.append(f"{tenant}: decay alert on v{version}, retrain {recent} ran within the cooldown")
+            continue
+        alerts = metadata["decay_alerts"].value if "decay_alerts" in metadata else []
+        requests.append(dg.RunRequest(
+            run_key=f"decay:{tenant}:v{version}",
+            partition_key=tenant,
+            tags={"trigger": "decay_alert", "decaying_version": version,
+                  "alert": json.dumps(alerts)[:1000], "alert_storage_id": str(record.storage_id)},
+        ))
+    for note in notes:
+        context.log.info(note)
+    return dg.SensorResult(run_requests=requests, cursor=str(records[-1].storage_id))
+
+
+def _recent_retrains(instance: dg.DagsterInstance, tenant: str, cooldown_s: float) -> str | None:
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=cooldown_s)
+    runs = instance.get_run_records(
+        dg.RunsFilter(job_name=retrain_job.name, tags={"dagster/partition": tenant, "trigger": "decay_alert"},
+                      created_after=since),
+        limit=1,
+    )
+    return runs[0].dagster_run.run_id if runs else None
+
+
+@dg.sensor(minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
+def service_health_sensor(context: dg.SensorEvaluationContext, settings: PlatformSettings,
+                          monitoring_policy: MonitoringPolicy):
+    """Probes the serving endpoint's ``/readyz``; the probes are the uptime record of the KPIs."""
+    import urllib.error
+    import urllib.request
+
+    url = monitoring_policy.service_url.rstrip("/") + "/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            ok, detail = response.status == 200, f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        ok, detail = False, f"HTTP {exc.code}"
+    except OSError as exc:
+        ok, detail = False, f"unreachable: {exc}"
+    record_health_check(settings.root, ok, detail, time.time())
+    return dg.SkipReason(f"{url}: {detail}")
 
 
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)

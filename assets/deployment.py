@@ -95,10 +95,15 @@ def publish_from_registry(tenant: str, registry: ModelRegistry, feature_store: F
         raise dg.Failure(f"tenant {tenant!r} has no champion model to serve yet")
     challenger = registry.alias_version(tenant, CHALLENGER)
     pointer = feature_store.current_snapshot_pointer(tenant)
+    bundle_models = serving_dir(settings.root) / "models" / tenant
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
         for mv in (champion, challenger):
             if mv is not None and str(mv.version) not in files:
+                published = bundle_models / f"v{mv.version}.txt"
+                if published.exists():  # model files in the bundle are immutable: no re-export
+                    files[str(mv.version)] = published
+                    continue
                 path = Path(tmp) / f"v{mv.version}.txt"
                 registry.load_booster(tenant, mv.version).save_model(str(path))
                 files[str(mv.version)] = path

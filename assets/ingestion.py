@@ -7,7 +7,7 @@ import dagster as dg
 from resources.inbox import InboxOutcome, InboxRejection, move_aside, pending_files, read_and_validate
 from resources.schemas import RAW_TABLES
 from resources.settings import PlatformSettings
-from resources.simulator import simulate_tenant
+from resources.simulator import TIME_COLUMNS, simulate_tenant, simulation_dates, world_fingerprint
 from resources.tenants import TENANT_PARTITIONS, TenantCatalog
 from resources.warehouse import DuckDBWarehouse
 
@@ -39,13 +39,14 @@ def raw_tenant_data(
 ):
     """Simulate the tenant's business (deterministic per tenant seed) and load its inbox files.
 
-    Simulated rows are replaced as a whole in one transaction; each inbox file is validated and
+    Simulated rows are loaded in one transaction (only the new days once the world was loaded
+    before: the simulated clock moves forward); each inbox file is validated and
     loaded in its own transaction, so a bad file changes nothing.
     """
     tenant = context.partition_key
     spec = catalog.get(tenant)
     tables = simulate_tenant(spec)
-    counts = warehouse.replace_source_rows(tenant, tables, SIMULATOR_SOURCE)
+    counts = warehouse.sync_simulated_rows(tenant, tables, SIMULATOR_SOURCE, world_fingerprint(spec), TIME_COLUMNS)
     context.log.info(f"simulated {spec.name} ({spec.region}, scenario={spec.scenario}): {counts}")
 
     outcomes = ingest_inbox(warehouse, settings, catalog, tenant)
@@ -56,7 +57,8 @@ def raw_tenant_data(
             asset_key=key,
             metadata={
                 "rows": dg.MetadataValue.int(totals.get(name, 0)),
-                "simulated_rows": dg.MetadataValue.int(counts[name]),
+                "simulated_rows_written": dg.MetadataValue.int(counts[name]),
+                "simulated_until": str(simulation_dates(spec)[1]),
                 "inbox_files_accepted": dg.MetadataValue.int(
                     sum(o.accepted and o.table == name for o in outcomes)),
                 "scenario": spec.scenario,

@@ -117,13 +117,13 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "expected_calibration_error": dg.MetadataValue.float(metrics["ece"]),
             "model_bytes": dg.MetadataValue.int(model_bytes),
             "top_features": dg.MetadataValue.md(importance.to_markdown(index=False, floatfmt=".3f")),
-            "roc_curve": _png_metadata(roc_png),
-            "calibration_curve": _png_metadata(calibration_png),
+            "roc_curve": png_metadata(roc_png),
+            "calibration_curve": png_metadata(calibration_png),
         }
     )
 
 
-def _png_metadata(png: bytes) -> dg.MetadataValue:
+def png_metadata(png: bytes) -> dg.MetadataValue:
     import base64
 
     return dg.MetadataValue.md(f"![plot](data:image/png;base64,{base64.b64encode(png).decode()})")

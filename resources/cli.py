@@ -65,7 +65,7 @@ def add_tenant(args) -> int:
     defs.resources["settings"].ensure_home()
     defs.resources["catalog"].add(spec)
     print(f"added tenant {spec.name} ({spec.region}); its partition appears when the sensor next runs, "
-          f"or run: python -m resources.cli demo --tenant {spec.name}")
+          f"or run: python -m resources.cli build --tenant {spec.name}")
     return 0
 
 
@@ -125,8 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resources.cli")
     parser.add_argument("--home", help="MLOPS_HOME (default: $MLOPS_HOME or ./.mlops)")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build data, features and a validated champion for every tenant")
-    demo.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
+    build = sub.add_parser("build", help="build data, features and a validated champion for every tenant")
+    build.add_argument("--tenant", action="append", help="only this tenant (repeatable)")
+    demo = sub.add_parser("demo", help="the closed loop: build, start Dagster and the service, replay days "
+                                       "with concept drift for one tenant until it is retrained and promoted")
+    demo.add_argument("--headless", action="store_true", help="no web UI; exit with the timeline (non-zero "
+                                                              "if the loop did not close)")
+    demo.add_argument("--small", action="store_true", help="two small tenants (tests, CI)")
+    demo.add_argument("--max-days", type=int, default=60, help="give up after this many simulated days")
+    demo.add_argument("--service-port", type=int, default=3001)
+    demo.add_argument("--ui-port", type=int, default=3000)
     add = sub.add_parser("add-tenant", help="register a new tenant")
     add.add_argument("name")
     add.add_argument("--region", default="eu")
@@ -150,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         return api_key(args)
     if args.command in ("rollback", "promote"):
         return deployment_action(args)
-    if args.command == "demo":
+    if args.command == "build":
         return run_pipeline(args.home, args.tenant)
+    if args.command == "demo":
+        from resources.closed_loop import ClosedLoopDemo
+
+        return ClosedLoopDemo(args.home, headless=args.headless, small=args.small, max_days=args.max_days,
+                              service_port=args.service_port, ui_port=args.ui_port).run()
     if args.command == "init":
         root = _defs(args.home).resources["settings"].ensure_home()
         print(f"MLOPS_HOME ready at {root}")

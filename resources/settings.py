@@ -30,6 +30,8 @@ run_coordinator:
   class: QueuedRunCoordinator
   config:
     max_concurrent_runs: 4
+    # Retraining after a decay alert should start within a second, not the default five.
+    dequeue_interval_seconds: 1
     tag_concurrency_limits:
       - key: "dagster/partition"
         value:

@@ -17,6 +17,7 @@ Named drift scenarios start on ``drift_day``:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 
 import numpy as np
 import pandas as pd
@@ -29,12 +30,52 @@ _PLAN_PRICE = {"starter": 15.0, "pro": 45.0, "enterprise": 110.0}
 
 
 def simulation_dates(spec: TenantSpec) -> tuple[dt.date, dt.date]:
-    """First and last simulated day (inclusive)."""
-    return SIMULATION_START, SIMULATION_START + dt.timedelta(days=spec.days - 1)
+    """First and last simulated day that has happened (inclusive), by the tenant's clock."""
+    return SIMULATION_START, SIMULATION_START + dt.timedelta(days=spec.visible_days - 1)
 
 
 def simulate_tenant(spec: TenantSpec) -> dict[str, pd.DataFrame]:
-    """Simulate one tenant's business; the same spec always gives the same tables."""
+    """Simulate one tenant's business up to its clock (``spec.today``); the same spec always gives
+    the same tables, and moving the clock forward only adds rows."""
+    horizon = _simulate_horizon(spec.name, spec.region, spec.n_accounts, spec.seed, spec.days,
+                                spec.scenario, spec.drift_day)
+    return _cut(horizon, spec)
+
+
+TIME_COLUMNS = {"raw_usage_events": "event_date", "raw_billing_events": "event_time",
+                "raw_support_tickets": "opened_at", "raw_churn_events": "churned_at"}
+
+
+def world_fingerprint(spec: TenantSpec) -> str:
+    """Identifies the simulated world of a tenant, whatever its clock."""
+    return f"{spec.name}|{spec.region}|{spec.n_accounts}|{spec.seed}|{spec.days}|{spec.scenario}|{spec.drift_day}"
+
+
+def _cut(horizon: dict[str, pd.DataFrame], spec: TenantSpec) -> dict[str, pd.DataFrame]:
+    """The part of the simulated world that has happened before the tenant's clock."""
+    until = pd.Timestamp(SIMULATION_START) + pd.Timedelta(days=spec.visible_days)
+    accounts = horizon["raw_accounts"]
+    accounts = accounts[accounts["signup_date"] < until].copy()
+    if spec.scenario == "covariate_shift" and spec.drift_day is not None and spec.visible_days <= spec.drift_day:
+        accounts["seats"] = accounts["_seats_initial"]
+    return {
+        "raw_accounts": accounts.drop(columns="_seats_initial").reset_index(drop=True),
+        **{name: _before(horizon[name], column, until) for name, column in TIME_COLUMNS.items()},
+    }
+
+
+def _before(frame: pd.DataFrame, column: str, until: pd.Timestamp) -> pd.DataFrame:
+    if frame.empty or frame[column].max() < until:
+        return frame.copy()  # never hand out the cached frame itself
+    return frame[frame[column] < until].reset_index(drop=True)
+
+
+# The demo moves the clock one day at a time in one process: keep the last few worlds.
+@functools.lru_cache(maxsize=4)
+def _simulate_horizon(name: str, region: str, n_accounts: int, seed: int, days: int, scenario: str,
+                      drift_day: int | None) -> dict[str, pd.DataFrame]:
+    spec = TenantSpec(name=name, region=region, n_accounts=n_accounts, seed=seed, days=days,
+                      scenario=scenario, drift_day=drift_day)
     rng = np.random.default_rng(spec.seed)
     # Scenario draws come from their own stream, so the days before drift_day are identical to
     # those of scenario "none".
@@ -163,6 +204,7 @@ def simulate_tenant(spec: TenantSpec) -> dict[str, pd.DataFrame]:
             "account_id": account_ids,
             "plan": np.array(PLANS)[plan_idx],
             "seats": seats_by_day[:, -1].astype(np.int64),
+            "_seats_initial": seats.astype(np.int64),
             "mrr": mrr,
             "signup_date": (start + signup_day.astype("timedelta64[D]")).astype("datetime64[ns]"),
             "region": spec.region,

@@ -39,7 +39,14 @@ class TenantSpec:
     days: int = 180
     scenario: str = "none"
     drift_day: int | None = None
+    # The simulated clock: how many of the ``days`` have happened so far (None: all of them). The
+    # closed-loop demo advances it one day at a time; ingestion only sees days before it.
+    today: int | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def visible_days(self) -> int:
+        return self.days if self.today is None else self.today
 
     def __post_init__(self) -> None:
         if not _TENANT_NAME.match(self.name):
@@ -54,6 +61,10 @@ class TenantSpec:
             raise ValueError(f"tenant {self.name!r}: n_accounts must be at least 50, got {self.n_accounts}")
         if self.days < 90:
             raise ValueError(f"tenant {self.name!r}: days must be at least 90, got {self.days}")
+        if self.today is not None and not 60 <= self.today <= self.days:
+            raise ValueError(f"tenant {self.name!r}: today must be between 60 and days={self.days}, got {self.today}")
+        if self.drift_day is not None and not 0 < self.drift_day < self.days:
+            raise ValueError(f"tenant {self.name!r}: drift_day must be between 1 and days-1, got {self.drift_day}")
 
 
 # Three tenants of different sizes and regions: 10,500 accounts, 180 days of history.
@@ -89,6 +100,14 @@ class TenantCatalog(dg.ConfigurableResource):
                 "`python -m resources.cli add-tenant`"
             )
         return specs[name]
+
+    def set_today(self, name: str, today: int) -> TenantSpec:
+        """Move a tenant's simulated clock (the demo replays one day at a time)."""
+        from dataclasses import replace
+
+        spec = replace(self.get(name), today=today)
+        self.add(spec)
+        return spec
 
     def add(self, spec: TenantSpec) -> None:
         """Register (or update) a tenant in ``tenants.json``, atomically."""

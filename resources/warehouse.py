@@ -87,6 +87,38 @@ class DuckDBWarehouse(dg.ConfigurableResource):
                 counts[name] = len(frame)
         return counts
 
+    def sync_simulated_rows(self, tenant: str, tables: dict[str, pd.DataFrame], source: str, world: str,
+                            time_columns: dict[str, str]) -> dict[str, int]:
+        """Load a simulated world up to its clock, in one transaction.
+
+        When the same world was loaded before, only rows from the last loaded day on are replaced
+        (the clock moves forward a day at a time); otherwise every row of ``source`` is replaced.
+        Returns the rows written per table.
+        """
+        counts = {}
+        with self.transaction(tenant) as con:
+            con.execute("CREATE TABLE IF NOT EXISTS simulator_state (source VARCHAR PRIMARY KEY, world VARCHAR, "
+                        "loaded_until TIMESTAMP)")
+            state = con.execute("SELECT world, loaded_until FROM simulator_state WHERE source = ?", [source]).fetchone()
+            since = state[1] if state is not None and state[0] == world else None
+            newest = None
+            for name, frame in tables.items():
+                table = RAW_TABLES[name]
+                con.execute(table.ddl())
+                column = time_columns.get(name)
+                if since is None or column is None:
+                    con.execute(f"DELETE FROM {table.name} WHERE source = ?", [source])  # noqa: S608 - known table
+                    counts[name] = _insert(con, table, frame, source)
+                else:
+                    con.execute(f"DELETE FROM {table.name} WHERE source = ? AND {column} >= ?",  # noqa: S608
+                                [source, since])
+                    counts[name] = _insert(con, table, frame[frame[column] >= since], source)
+                if name == "raw_usage_events" and len(frame):
+                    newest = pd.Timestamp(frame[column].max()).normalize()
+            con.execute("INSERT OR REPLACE INTO simulator_state VALUES (?, ?, ?)",
+                        [source, world, newest.to_pydatetime() if newest is not None else None])
+        return counts
+
     def upsert_rows(self, con: duckdb.DuckDBPyConnection, table: RawTable, frame: pd.DataFrame, source: str) -> int:
         """Insert rows, replacing existing rows with the same key (caller owns the transaction)."""
         con.execute(table.ddl())

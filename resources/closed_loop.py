@@ -1,0 +1,379 @@
+"""The closed-loop demo: a simulated SaaS world replayed day by day against the running platform.
+
+From an empty MLOPS_HOME it builds every tenant (data, features, a validated champion), starts the
+Dagster daemon (sensors, run queue), the Dagster webserver (unless headless) and the BentoML
+service, then replays one simulated day at a time:
+
+1. the world moves: each tenant's clock advances one day (``TenantCatalog.set_today``);
+2. the tenant's ``daily_cycle`` runs (its schedule in production; here the driver launches it,
+   in process, against the same Dagster instance): new data, features, online snapshot, prediction
+   log ingestion, NannyML monitoring, shadow comparison, promotion;
+3. traffic: every active account of every tenant is scored through the service's HTTP API.
+
+Nothing else is scripted: the decay sensor, the retraining run, the gates, the shadow scoring and
+the promotion are the platform acting on its own. The driver only watches and prints a timeline.
+A tenant's daily cycle waits while a run of that tenant is in flight (its warehouse admits one
+writer), as the run queue's per-tenant limit does for queued runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from resources.environment import PROJECT_ROOT, configure_environment
+from resources.tenants import TenantSpec
+
+DEMO_START_DAY = 150  # the clock when the platform is first built: 150 days of history
+DRIFT_AFTER = 32  # concept drift starts this many simulated days after the build
+REPLAY_DAYS = 60  # give up if the loop has not closed after this many days
+FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
+
+
+def demo_tenants(small: bool = False) -> list[TenantSpec]:
+    """The default tenants, with concept drift injected for ``acme`` (or a small pair for tests)."""
+    horizon = DEMO_START_DAY + REPLAY_DAYS + 5
+    drift = DEMO_START_DAY + DRIFT_AFTER
+    if small:
+        return [
+            TenantSpec(name="acme", region="eu", n_accounts=900, seed=101, days=horizon,
+                       scenario="concept_drift", drift_day=drift, today=DEMO_START_DAY),
+            TenantSpec(name="globex", region="us", n_accounts=600, seed=202, days=horizon, today=DEMO_START_DAY),
+        ]
+    return [
+        TenantSpec(name="acme", region="eu", n_accounts=6000, seed=101, days=horizon,
+                   scenario="concept_drift", drift_day=drift, today=DEMO_START_DAY),
+        TenantSpec(name="globex", region="us", n_accounts=3000, seed=202, days=horizon, today=DEMO_START_DAY),
+        TenantSpec(name="initech", region="us", n_accounts=1500, seed=303, days=horizon, today=DEMO_START_DAY),
+    ]
+
+
+@dataclasses.dataclass
+class Event:
+    day: int
+    wall_s: float
+    tenant: str
+    kind: str
+    detail: str
+
+    def line(self, start: dt.date) -> str:
+        date = start + dt.timedelta(days=self.day)
+        return f"day {self.day:3d} {date}  +{self.wall_s:7.1f}s  {self.tenant:8s} {self.kind:22s} {self.detail}"
+
+
+# --- tenant workers: one process per tenant, so tenants' days run in parallel -------------------
+_WORKER: dict = {}
+
+
+def _worker_init(home: str) -> None:
+    import logging
+    import warnings
+
+    from dagster import BetaWarning, DagsterInstance, PreviewWarning
+
+    warnings.filterwarnings("ignore", category=BetaWarning)
+    warnings.filterwarnings("ignore", category=PreviewWarning)
+    warnings.filterwarnings("ignore", module="nannyml")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    from definitions import build_definitions
+
+    defs = build_definitions(home)
+    _WORKER.update(defs=defs, instance=DagsterInstance.from_config(str(defs.resources["settings"].dagster_home)))
+
+
+def _worker_build(tenant: str) -> dict:
+    defs, instance = _WORKER["defs"], _WORKER["instance"]
+    result = defs.resolve_job_def("churn_pipeline").execute_in_process(
+        instance=instance, partition_key=tenant, raise_on_error=False, run_config=_quiet())
+    if not result.success:
+        raise RuntimeError(f"the initial build of {tenant} failed (run {result.run_id})")
+    version = defs.resources["registry"].alias_version(tenant, "champion").version
+    return {"events": [("built", f"champion v{version} trained, gated and published")]}
+
+
+def _worker_day(tenant: str, day: int) -> dict:
+    """One tenant's daily cycle for one simulated day; returns what the timeline should show."""
+    from dagster import DagsterRunStatus, RunsFilter
+
+    defs, instance = _WORKER["defs"], _WORKER["instance"]
+    defs.resources["catalog"].set_today(tenant, day)
+    in_flight = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+                 DagsterRunStatus.STARTED]
+    deadline = time.monotonic() + 600
+    # The tenant's warehouse admits one writer: wait for its runs in flight (a retrain, say).
+    while instance.get_run_records(RunsFilter(tags={"dagster/partition": tenant}, statuses=in_flight), limit=1):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"runs of {tenant} still in flight after 600 s")
+        time.sleep(0.5)
+    result = defs.resolve_job_def("daily_cycle").execute_in_process(
+        instance=instance, partition_key=tenant, raise_on_error=False, run_config=_quiet(),
+        tags={"trigger": "demo_replay", "simulated_day": str(day)})
+    if not result.success:
+        failed = [e.step_key for e in result.all_events if e.is_step_failure]
+        raise RuntimeError(f"daily_cycle of {tenant} failed on day {day} in steps {failed} (run {result.run_id})")
+    events, promoted = [], False
+    for event in result.all_events:
+        if not event.is_step_materialization:
+            continue
+        mat = event.step_materialization_data.materialization
+        meta = {k: v.value for k, v in mat.metadata.items()}
+        key = mat.asset_key.to_user_string()
+        if key == "model_monitoring" and meta.get("decay_alert"):
+            for alert in meta.get("decay_alerts", []):
+                events.append(("decay alert", f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
+                                              f"(chunk {alert['chunk']}, v{meta['model_version']})"))
+        elif key == "shadow_comparison" and meta.get("decision") not in ("no_challenger", None):
+            events.append((f"shadow: {meta['decision']}", str(meta.get("reason"))))
+        elif key == "champion_promotion" and meta.get("promoted"):
+            events.append(("promoted", f"champion v{meta['from_version']} -> v{meta['to_version']}"))
+            promoted = True
+    return {"events": events, "promoted": promoted}
+
+
+class ClosedLoopDemo:
+    def __init__(self, home: str | None, *, headless: bool, small: bool, service_port: int = 3001,
+                 ui_port: int = 3000, max_days: int = REPLAY_DAYS, stop_after_promotion_days: int = 1):
+        self.root = configure_environment(home)
+        self.headless, self.small = headless, small
+        self.service_url = f"http://127.0.0.1:{service_port}"
+        self.service_port, self.ui_port = service_port, ui_port
+        self.max_days = max_days
+        self.stop_after_promotion_days = stop_after_promotion_days
+        self.events: list[Event] = []
+        self.processes: list[subprocess.Popen] = []
+        self.t0 = time.monotonic()
+        self.day = DEMO_START_DAY
+        self.keys: dict[str, str] = {}
+        self.seen_runs: set[str] = set()
+
+    # --- timeline -------------------------------------------------------------------------------
+    def emit(self, tenant: str, kind: str, detail: str) -> None:
+        from resources.simulator import SIMULATION_START
+
+        event = Event(self.day, time.monotonic() - self.t0, tenant, kind, detail)
+        self.events.append(event)
+        print(event.line(SIMULATION_START), flush=True)
+
+    def timeline_json(self) -> list[dict]:
+        return [dataclasses.asdict(e) for e in self.events]
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def build(self) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        from dagster import DagsterInstance
+
+        from definitions import build_definitions
+        from resources.serving import ApiKeyStore, serving_dir
+
+        self.defs = build_definitions(str(self.root))
+        settings, catalog, registry = (self.defs.resources[k] for k in ("settings", "catalog", "registry"))
+        self.settings, self.catalog, self.registry = settings, catalog, registry
+        settings.ensure_home()
+        registry.ensure_experiment()
+        for spec in demo_tenants(self.small):
+            catalog.add(spec)
+        self.tenants = [s.name for s in demo_tenants(self.small)]
+        self.instance = DagsterInstance.from_config(str(settings.dagster_home))
+        existing = set(self.instance.get_dynamic_partitions("tenant"))
+        self.instance.add_dynamic_partitions("tenant", [t for t in self.tenants if t not in existing])
+        # One worker per tenant (spawned: no forked Dagster or MLflow state); at most one per core.
+        workers = max(1, min(len(self.tenants), os.cpu_count() or 1))
+        self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                                        initargs=(str(self.root),))
+        self.for_each_tenant(_worker_build)
+        store = ApiKeyStore(serving_dir(settings.root))
+        store.path.parent.mkdir(parents=True, exist_ok=True)
+        self.keys = {t: store.create(t) for t in self.tenants}
+
+    def for_each_tenant(self, fn, *args) -> None:
+        """Run ``fn(tenant, *args)`` for every tenant in the workers and put its events on the timeline."""
+        futures = {t: self.pool.submit(fn, t, *args) for t in self.tenants}
+        for tenant, future in futures.items():
+            outcome = future.result()
+            for kind, detail in outcome["events"]:
+                self.emit(tenant, kind, detail)
+                if kind == "decay alert":
+                    self.first_alert.setdefault(tenant, time.monotonic())
+            if outcome.get("promoted"):
+                self.promoted_on = self.promoted_on or self.day
+                self.promoted_tenants.append(tenant)
+
+    def start_processes(self) -> None:
+        env = {**os.environ, "MLOPS_HOME": str(self.root), "DAGSTER_HOME": str(self.settings.dagster_home),
+               # The demo's traffic is one batch per tenant and day: shadow every batch, not a sample.
+               "CHURN_SHADOW_BATCH_SAMPLE": "1"}
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        bin_dir = Path(sys.executable).parent
+
+        def spawn(name: str, argv: list[str]) -> None:
+            out = (logs / f"{name}.log").open("ab")
+            self.processes.append(subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdout=out,
+                                                   stderr=subprocess.STDOUT, start_new_session=True))
+
+        spawn("service", [sys.executable, "-m", "bentoml", "serve", "bentos.service:ChurnService",
+                          "--host", "127.0.0.1", "--port", str(self.service_port)])
+        spawn("daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", "workspace.yaml"])
+        if not self.headless:
+            spawn("webserver", [str(bin_dir / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1",
+                                "-p", str(self.ui_port)])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.service_url}/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            for proc in self.processes:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{proc.args[1:3]} exited early; see {logs}")
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the service did not become ready; see {logs / 'service.log'}")
+        self.emit("-", "service ready", self.service_url + ("" if self.headless else
+                                                             f"; Dagster UI http://127.0.0.1:{self.ui_port}"))
+
+    def stop_processes(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.processes.clear()
+
+    # --- one simulated day ----------------------------------------------------------------------
+    def traffic(self, tenant: str) -> int:
+        """Score every active account of the tenant: batches of 1,000 plus one single predict."""
+        import pandas as pd
+
+        from resources.serving import serving_dir
+
+        manifest = json.loads((serving_dir(self.root) / "manifest.json").read_text())
+        entry = manifest["tenants"][tenant]
+        snapshot = pd.read_parquet(serving_dir(self.root) / entry["snapshot"]["file"], columns=["account_id", "active_days_7d"])
+        accounts = snapshot.loc[snapshot["active_days_7d"] > 0, "account_id"].tolist()
+        headers = {"Authorization": f"Bearer {self.keys[tenant]}"}
+        for i in range(0, len(accounts), 1000):
+            payload = {"tenant": tenant, "account_ids": accounts[i:i + 1000]}
+            for _ in range(40):
+                response = requests.post(f"{self.service_url}/v1/predict_batch", headers=headers, timeout=60,
+                                         json=payload)
+                # 404: today's new accounts are in a snapshot the service swaps in within a second.
+                if response.status_code != 404:
+                    break
+                time.sleep(0.25)
+            response.raise_for_status()
+        return len(accounts)
+
+    def confirm_promotions(self) -> None:
+        """After a promotion, wait until the service answers with the new champion."""
+        while self.promoted_tenants:
+            tenant = self.promoted_tenants.pop()
+            expected = str(self.registry.alias_version(tenant, "champion").version)
+            deadline = time.monotonic() + 30
+            while (version := self.serving_version(tenant)) != expected and time.monotonic() < deadline:
+                time.sleep(0.1)
+            since = time.monotonic() - self.first_alert.get(tenant, time.monotonic())
+            self.emit(tenant, "new champion serving", f"v{version} answers; {since:.1f}s after the first decay alert")
+            self.alert_to_serving_s = since
+
+    def serving_version(self, tenant: str) -> str:
+        from resources.serving import serving_dir
+
+        manifest = json.loads((serving_dir(self.root) / "manifest.json").read_text())
+        snapshot_file = serving_dir(self.root) / manifest["tenants"][tenant]["snapshot"]["file"]
+        import pandas as pd
+
+        account = pd.read_parquet(snapshot_file, columns=["account_id"])["account_id"].iloc[0]
+        response = requests.post(f"{self.service_url}/v1/predict", timeout=10,
+                                 headers={"Authorization": f"Bearer {self.keys[tenant]}"},
+                                 json={"tenant": tenant, "account_id": account})
+        response.raise_for_status()
+        return str(response.json()["model_version"])
+
+    def watch_runs(self) -> None:
+        """Report runs the platform launched on its own (the decay sensor's retraining)."""
+        from dagster import RunsFilter
+
+        for record in self.instance.get_run_records(RunsFilter(job_name="churn_retrain"), limit=50):
+            run = record.dagster_run
+            tenant = run.tags.get("dagster/partition", "?")
+            trigger = run.tags.get("trigger", "manual")
+            if run.run_id not in self.seen_runs:
+                self.seen_runs.add(run.run_id)
+                self.emit(tenant, "retrain launched", f"by {trigger} (run {run.run_id[:8]})")
+            if run.status.value not in FINISHED or f"{run.run_id}:done" in self.seen_runs:
+                continue
+            self.seen_runs.add(f"{run.run_id}:done")
+            if run.status.value == "SUCCESS":
+                challenger = self.registry.alias_version(tenant, "challenger")
+                self.emit(tenant, "retrain succeeded", f"gates passed; challenger v{challenger.version} "
+                                                       "published to shadow" if challenger else "no challenger")
+                self.retrained[tenant] = self.retrained.get(tenant, 0) + 1
+            else:
+                self.emit(tenant, f"retrain {run.status.value.lower()}", f"run {run.run_id[:8]}")
+
+    # --- the replay -----------------------------------------------------------------------------
+    def run(self) -> int:
+        from resources.simulator import SIMULATION_START
+
+        self.promoted_on: int | None = None
+        self.retrained: dict[str, int] = {}
+        self.first_alert: dict[str, float] = {}
+        self.promoted_tenants: list[str] = []
+        drifted = [s for s in demo_tenants(self.small) if s.scenario != "none"]
+        print(f"MLOPS_HOME {self.root}; concept drift for "
+              f"{', '.join(f'{s.name} from day {s.drift_day} ({SIMULATION_START + dt.timedelta(days=s.drift_day)})' for s in drifted)}",
+              flush=True)
+        try:
+            self.build()
+            self.start_processes()
+            for day in range(DEMO_START_DAY, DEMO_START_DAY + self.max_days):
+                self.day = day
+                self.for_each_tenant(_worker_day, day)
+                self.watch_runs()
+                self.confirm_promotions()
+                scored = {t: self.traffic(t) for t in self.tenants}
+                if self.day % 7 == 0:
+                    self.emit("-", "traffic", ", ".join(f"{t}: {n} accounts scored" for t, n in scored.items()))
+                time.sleep(1.3)  # the service closes its log segments every second
+                self.watch_runs()
+                if self.promoted_on is not None and self.day >= self.promoted_on + self.stop_after_promotion_days - 1:
+                    break
+            for tenant in self.tenants:
+                self.emit(tenant, "serving", f"model v{self.serving_version(tenant)}")
+            closed = self.promoted_on is not None
+            self.emit("-", "loop closed" if closed else "loop NOT closed",
+                      f"{sum(self.retrained.values())} retrain(s); wall {time.monotonic() - self.t0:.0f}s")
+            (self.root / "demo_timeline.json").write_text(json.dumps(self.timeline_json(), indent=2))
+            if not self.headless and closed:
+                print(f"\nThe Dagster UI stays up at http://127.0.0.1:{self.ui_port} and the service at "
+                      f"{self.service_url}. Ctrl-C stops everything.", flush=True)
+                while True:
+                    time.sleep(3600)
+            return 0 if closed else 1
+        except KeyboardInterrupt:
+            return 0 if self.promoted_on is not None else 130
+        finally:
+            self.stop_processes()
+            if getattr(self, "pool", None) is not None:
+                self.pool.shutdown(cancel_futures=True)
+
+
+def _quiet() -> dict:
+    return {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}

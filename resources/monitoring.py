@@ -1,0 +1,413 @@
+"""Model monitoring with NannyML: drift, label-free performance (CBPE), realized performance and
+data quality, fitted once per model version on its reference period and run on prediction-log chunks.
+
+The reference of a model version is its training holdout (features, score, label), stored with
+the version in ``model_holdout_scores``. The analysis data is the champion's prediction log joined
+to the online feature snapshot each prediction was scored from; a prediction's label is known once
+its LABEL_HORIZON_DAYS window has closed. Everything here is plain Python on data frames: the
+Dagster assets assemble the frames, call ``TenantMonitor`` and store what it returns.
+
+Decay alerts use NannyML's own alert flags, with a constant lower threshold on ROC AUC (the
+reference ROC AUC minus ``max_auc_drop``) so that a tenant with few reference chunks does not get
+a threshold from a noisy standard deviation. Univariate and multivariate drift use NannyML's
+default thresholds and are reported, not acted on: drift without decay does not retrain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from resources.environment import write_atomic
+from resources.model_inputs import CATEGORICAL_FEATURES, FEATURE_COLUMNS, NUMERIC_FEATURES
+
+TIMESTAMP = "timestamp"
+SCORE = "score"
+PREDICTED = "predicted_label"
+TARGET = "churned"
+PERFORMANCE_METRICS = ("estimated_roc_auc", "realized_roc_auc")
+
+RESULTS_DDL = """
+CREATE TABLE IF NOT EXISTS monitoring_results (
+    model_version VARCHAR NOT NULL, metric VARCHAR NOT NULL, feature VARCHAR, method VARCHAR,
+    chunk_key VARCHAR NOT NULL, chunk_start TIMESTAMP NOT NULL, chunk_end TIMESTAMP NOT NULL,
+    period VARCHAR NOT NULL, chunk_rows BIGINT, value DOUBLE, lower_threshold DOUBLE,
+    upper_threshold DOUBLE, alert BOOLEAN NOT NULL, dagster_run_id VARCHAR NOT NULL
+)
+"""
+ALERTS_DDL = """
+CREATE TABLE IF NOT EXISTS monitoring_alerts (
+    model_version VARCHAR NOT NULL, metric VARCHAR NOT NULL, feature VARCHAR, chunk_key VARCHAR NOT NULL,
+    value DOUBLE, lower_threshold DOUBLE, upper_threshold DOUBLE, decay BOOLEAN NOT NULL,
+    dagster_run_id VARCHAR NOT NULL, raised_at TIMESTAMP NOT NULL
+)
+"""
+
+
+class MonitoringPolicy(dg.ConfigurableResource):
+    """How monitoring chunks data, when it alerts, and how the closed loop acts on alerts."""
+
+    # Chunks: by calendar period of the prediction (pandas offset alias), or by row count if > 0.
+    chunk_period: str = "D"
+    chunk_size: int = 0
+    # Monitoring looks at the predictions of this many recent days (older chunks keep their results).
+    analysis_window_days: int = 60
+    # Decay alert: ROC AUC (estimated or realized) below the reference ROC AUC minus this drop...
+    max_auc_drop: float = 0.08
+    # ...in this many consecutive chunks (the newest ones that have a value).
+    consecutive_chunks: int = 2
+    continuous_drift_methods: list[str] = field(default_factory=lambda: ["jensen_shannon"])
+    categorical_drift_methods: list[str] = field(default_factory=lambda: ["chi2"])
+    # Closed loop: one retrain per tenant per cooldown, however many chunks keep alerting.
+    retrain_cooldown_s: float = 3600.0
+    # Shadow comparison: the challenger needs this many shadow predictions before a decision.
+    shadow_min_predictions: int = 500
+    # Promotion: the challenger may be at most this much worse than the champion (ROC AUC).
+    promotion_auc_tolerance: float = 0.02
+    # Promotion: the challenger's shadow scoring p99 must stay under this budget.
+    promotion_max_p99_ms: float = 50.0
+    # The serving endpoint the health sensor probes (uptime KPI).
+    service_url: str = "http://127.0.0.1:3001"
+    # Cost of serving: price of one CPU-hour, in the currency of the bill.
+    price_per_cpu_hour: float = 0.048
+
+    def fingerprint(self) -> str:
+        keys = ("chunk_period", "chunk_size", "max_auc_drop", "continuous_drift_methods", "categorical_drift_methods")
+        payload = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def chunking(self) -> dict:
+        if self.chunk_size > 0:
+            return {"chunk_size": self.chunk_size}
+        return {"chunk_period": self.chunk_period}
+
+
+@dataclass
+class MonitoringReport:
+    """Tidy results of one monitoring run: one row per metric (and feature) and chunk."""
+
+    results: pd.DataFrame
+    reference_roc_auc: float
+    decay: list[dict] = field(default_factory=list)
+
+    @property
+    def alerts(self) -> pd.DataFrame:
+        return self.results[self.results["alert"] & (self.results["period"] == "analysis")]
+
+    def latest(self, metric: str, feature: str | None = None) -> float | None:
+        rows = self.results[(self.results["metric"] == metric) & (self.results["period"] == "analysis")
+                            & self.results["value"].notna()]
+        if feature is not None:
+            rows = rows[rows["feature"] == feature]
+        return None if rows.empty else float(rows.sort_values("chunk_start")["value"].iloc[-1])
+
+
+def prepare(frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns NannyML reads: features, timestamp, score, a 0/1 prediction and the label."""
+    out = frame.loc[:, [*FEATURE_COLUMNS, TIMESTAMP, SCORE]].copy()
+    for col in NUMERIC_FEATURES:
+        out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
+    for col in CATEGORICAL_FEATURES:
+        out[col] = out[col].astype("object")
+    out[TIMESTAMP] = pd.to_datetime(out[TIMESTAMP])
+    out[SCORE] = out[SCORE].astype("float64")
+    out[PREDICTED] = (out[SCORE] >= 0.5).astype("int64")
+    out[TARGET] = frame[TARGET].astype("float64") if TARGET in frame else np.nan
+    return out.sort_values(TIMESTAMP, kind="stable").reset_index(drop=True)
+
+
+class TenantMonitor:
+    """NannyML calculators fitted on one model version's reference data."""
+
+    def __init__(self, policy: MonitoringPolicy, reference: pd.DataFrame):
+        import nannyml as nml
+        from nannyml.thresholds import ConstantThreshold
+
+        reference = prepare(reference)
+        if reference[TARGET].isna().any():
+            raise ValueError("reference data must have a label on every row")
+        if reference[TARGET].nunique() < 2:
+            raise ValueError("reference data has a single class; ROC AUC is undefined")
+        from sklearn.metrics import roc_auc_score
+
+        self.reference_roc_auc = float(roc_auc_score(reference[TARGET], reference[SCORE]))
+        self.auc_floor = self.reference_roc_auc - policy.max_auc_drop
+        self.consecutive = policy.consecutive_chunks
+        chunking = {"timestamp_column_name": TIMESTAMP, **policy.chunking()}
+        auc_threshold = {"roc_auc": ConstantThreshold(lower=self.auc_floor)}
+        classification = {"y_pred_proba": SCORE, "y_pred": PREDICTED, "y_true": TARGET,
+                          "problem_type": "classification_binary", "metrics": ["roc_auc"]}
+        self.univariate = nml.UnivariateDriftCalculator(
+            column_names=list(FEATURE_COLUMNS), treat_as_categorical=list(CATEGORICAL_FEATURES),
+            continuous_methods=list(policy.continuous_drift_methods),
+            categorical_methods=list(policy.categorical_drift_methods), **chunking,
+        ).fit(reference)
+        self.multivariate = nml.DataReconstructionDriftCalculator(
+            column_names=list(FEATURE_COLUMNS), **chunking).fit(reference)
+        self.cbpe = nml.CBPE(**classification, thresholds=auc_threshold, **chunking).fit(reference)
+        self.realized = nml.PerformanceCalculator(**classification, thresholds=auc_threshold, **chunking).fit(reference)
+        self.missing = nml.MissingValuesCalculator(column_names=list(FEATURE_COLUMNS), **chunking).fit(reference)
+        self.unseen = nml.UnseenValuesCalculator(column_names=list(CATEGORICAL_FEATURES), **chunking).fit(reference)
+
+    # --- the monitoring run ------------------------------------------------------------------
+    def run(self, analysis: pd.DataFrame) -> MonitoringReport:
+        analysis = prepare(analysis)
+        if analysis.empty:
+            raise ValueError("no analysis data: the tenant's champion has no logged predictions yet")
+        parts = [
+            _tidy_univariate(self.univariate.calculate(analysis).filter(period="analysis").to_df()),
+            _tidy_simple(self.multivariate.calculate(analysis).filter(period="analysis").to_df(),
+                         "reconstruction_error", "multivariate_drift", None, "pca_reconstruction"),
+            _tidy_simple(self.cbpe.estimate(analysis).filter(period="analysis").to_df(),
+                         "roc_auc", "estimated_roc_auc", None, "cbpe"),
+        ]
+        labelled = analysis[TARGET].notna()
+        if labelled.any():
+            parts.append(_tidy_simple(self.realized.calculate(analysis).filter(period="analysis").to_df(),
+                                      "roc_auc", "realized_roc_auc", None, "realized"))
+        parts.append(_tidy_per_column(self.missing.calculate(analysis).filter(period="analysis").to_df(),
+                                      "missing_values_rate"))
+        parts.append(_tidy_per_column(self.unseen.calculate(analysis).filter(period="analysis").to_df(),
+                                      "unseen_values_rate"))
+        results = pd.concat(parts, ignore_index=True)
+        return MonitoringReport(results, self.reference_roc_auc, decay_alerts(results, self.consecutive))
+
+
+def decay_alerts(results: pd.DataFrame, consecutive: int) -> list[dict]:
+    """A decay alert per performance metric whose newest ``consecutive`` chunks with a value all
+    alert: the metric, the chunk, the threshold and the value."""
+    found = []
+    for metric in PERFORMANCE_METRICS:
+        rows = results[(results["metric"] == metric) & results["value"].notna()].sort_values("chunk_start")
+        newest = rows.tail(consecutive)
+        if len(newest) == consecutive and newest["alert"].all():
+            last = newest.iloc[-1]
+            found.append({"metric": metric, "chunk": str(last["chunk_key"]), "value": float(last["value"]),
+                          "threshold": float(last["lower_threshold"]), "consecutive_chunks": consecutive})
+    return found
+
+
+def _chunk_columns(frame: pd.DataFrame, prefix: tuple) -> pd.DataFrame:
+    chunk = frame[prefix]
+    return pd.DataFrame({
+        "chunk_key": chunk["key"].astype(str).to_numpy(),
+        "chunk_start": pd.to_datetime(chunk["start_date"]).to_numpy(),
+        "chunk_end": pd.to_datetime(chunk["end_date"]).to_numpy(),
+        "period": chunk["period"].astype(str).to_numpy(),
+        "chunk_rows": (chunk["end_index"] - chunk["start_index"] + 1).astype("int64").to_numpy(),
+    })
+
+
+def _block(base: pd.DataFrame, values: pd.DataFrame, metric: str, feature, method: str) -> pd.DataFrame:
+    def col(name):
+        return pd.to_numeric(values[name], errors="coerce").to_numpy() if name in values else np.nan
+
+    return base.assign(
+        metric=metric, feature=feature, method=method, value=col("value"),
+        lower_threshold=col("lower_threshold"), upper_threshold=col("upper_threshold"),
+        alert=values["alert"].fillna(False).astype(bool).to_numpy() if "alert" in values else False,
+    )
+
+
+def _tidy_simple(frame: pd.DataFrame, source: str, metric: str, feature, method: str) -> pd.DataFrame:
+    frame = frame.sort_index(axis=1)
+    return _block(_chunk_columns(frame, ("chunk",)), frame[source], metric, feature, method)
+
+
+def _tidy_univariate(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.sort_index(axis=1)  # lexsorted columns: fast, warning-free selection
+    base = _chunk_columns(frame["chunk"], ("chunk",))
+    blocks = []
+    for column, method in dict.fromkeys((c[0], c[1]) for c in frame.columns if c[0] != "chunk"):
+        blocks.append(_block(base, frame[(column, method)], "univariate_drift", column, method))
+    return pd.concat(blocks, ignore_index=True)
+
+
+def _tidy_per_column(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    frame = frame.sort_index(axis=1)
+    base = _chunk_columns(frame, ("chunk",))
+    blocks = [_block(base, frame[column], metric, column, "nannyml")
+              for column in dict.fromkeys(c[0] for c in frame.columns if c[0] != "chunk")]
+    return pd.concat(blocks, ignore_index=True)
+
+
+# --- fitted monitors: once per model version ------------------------------------------------
+def monitor_path(root: Path, tenant: str, version: str, policy: MonitoringPolicy) -> Path:
+    return root / "monitoring" / tenant / f"v{version}-{policy.fingerprint()}.pkl"
+
+
+def load_or_fit(root: Path, tenant: str, version: str, policy: MonitoringPolicy,
+                reference_loader) -> tuple[TenantMonitor, bool]:
+    """The fitted monitor of a model version; fitted (and stored) on first use only."""
+    path = monitor_path(root, tenant, version, policy)
+    if path.exists():
+        with path.open("rb") as fh:
+            return pickle.load(fh), False
+    monitor = TenantMonitor(policy, reference_loader())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, pickle.dumps(monitor))
+    return monitor, True
+
+
+# --- plots ------------------------------------------------------------------------------------
+def performance_plot(results: pd.DataFrame, title: str) -> bytes:
+    """Estimated (CBPE) and realized ROC AUC per chunk, with the alert threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    for metric, style in (("estimated_roc_auc", "-o"), ("realized_roc_auc", "-s")):
+        rows = results[(results["metric"] == metric) & results["value"].notna()].sort_values("chunk_start")
+        if rows.empty:
+            continue
+        ax.plot(rows["chunk_start"], rows["value"], style, ms=3, label=metric.replace("_", " "))
+        alerts = rows[rows["alert"]]
+        ax.scatter(alerts["chunk_start"], alerts["value"], color="red", zorder=3, s=18)
+        ax.axhline(rows["lower_threshold"].iloc[-1], color="grey", ls="--", lw=1)
+    ax.set_title(title)
+    ax.set_ylabel("ROC AUC")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.autofmt_xdate()
+    return _png(fig)
+
+
+def drift_plot(results: pd.DataFrame, title: str) -> bytes:
+    """Multivariate reconstruction error per chunk and how many features drift in each chunk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 4.5), sharex=True)
+    multi = results[results["metric"] == "multivariate_drift"].sort_values("chunk_start")
+    top.plot(multi["chunk_start"], multi["value"], "-o", ms=3)
+    if len(multi) and multi["upper_threshold"].notna().any():
+        top.axhline(multi["upper_threshold"].iloc[-1], color="grey", ls="--", lw=1)
+    top.scatter(multi.loc[multi["alert"], "chunk_start"], multi.loc[multi["alert"], "value"], color="red", s=18, zorder=3)
+    top.set_ylabel("reconstruction error")
+    top.set_title(title)
+    uni = results[results["metric"] == "univariate_drift"]
+    counts = uni.groupby("chunk_start")["alert"].sum()
+    bottom.bar(counts.index, counts.values, width=0.8)
+    bottom.set_ylabel("features drifting")
+    fig.autofmt_xdate()
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# --- operational monitoring -------------------------------------------------------------------
+def operational_summary(log: pd.DataFrame) -> pd.DataFrame:
+    """Latency percentiles, volume and errors per model version and role, from the prediction log.
+    An error is a logged score that is not a probability (NaN, infinite or outside [0, 1])."""
+    columns = ["model_version", "role", "predictions", "p50_ms", "p95_ms", "p99_ms", "errors"]
+    if log.empty:
+        return pd.DataFrame(columns=columns)
+    log = log.assign(error=~np.isfinite(log["score"]) | (log["score"] < 0) | (log["score"] > 1))
+    grouped = log.groupby(["model_version", "role"])
+    summary = grouped["latency_ms"].quantile([0.5, 0.95, 0.99]).unstack()
+    summary.columns = ["p50_ms", "p95_ms", "p99_ms"]
+    summary["predictions"] = grouped.size()
+    summary["errors"] = grouped["error"].sum().astype("int64")
+    return summary.reset_index()[columns]
+
+
+def service_status_dir(root: Path) -> Path:
+    return root / "serving" / "status"
+
+
+def service_cpu_usage(root: Path) -> dict | None:
+    """CPU seconds and predictions of the service's workers, summed over their status files
+    (each worker rewrites its own file every few seconds)."""
+    files = sorted(service_status_dir(root).glob("worker-*.json"))
+    if not files:
+        return None
+    totals = {"cpu_seconds": 0.0, "predictions": 0, "workers": 0}
+    for path in files:
+        try:
+            status = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        totals["cpu_seconds"] += float(status.get("cpu_seconds", 0.0))
+        totals["predictions"] += int(status.get("predictions", 0))
+        totals["workers"] += 1
+    return totals
+
+
+def health_checks_path(root: Path) -> Path:
+    return root / "serving" / "health_checks.jsonl"
+
+
+def record_health_check(root: Path, ok: bool, detail: str, at: float) -> None:
+    """Append one probe of the service's readiness (the health sensor writes these)."""
+    path = health_checks_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps({"at": at, "ok": ok, "detail": detail}) + "\n")
+
+
+def read_health_checks(root: Path) -> pd.DataFrame:
+    path = health_checks_path(root)
+    if not path.exists():
+        return pd.DataFrame(columns=["at", "ok", "detail"])
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame(rows, columns=["at", "ok", "detail"])
+
+
+def compute_kpis(audit_log: pd.DataFrame, run_statuses: list[str], health: pd.DataFrame) -> dict:
+    """Delivery KPIs of one tenant from its audit log, its Dagster runs and the service's health checks."""
+    audit_log = audit_log.sort_values("seq")
+    alerts = audit_log[audit_log["action"] == "decay_alert"]
+    promotions = audit_log[audit_log["action"] == "promotion"]
+    first_champions = audit_log[(audit_log["action"] == "alias_assigned")
+                                & audit_log["details"].str.contains('"champion"', regex=False)]
+    deployments = pd.concat([promotions, first_champions])
+    lead_times = []
+    for _, promotion in promotions.iterrows():
+        before = alerts[alerts["seq"] < promotion["seq"]]
+        if len(before):
+            # The incident starts at its first alert after the previous promotion.
+            earlier = promotions[promotions["seq"] < promotion["seq"]]
+            since = earlier["seq"].max() if len(earlier) else -1
+            incident = before[before["seq"] > since]
+            if len(incident):
+                lead_times.append((promotion["recorded_at"] - incident["recorded_at"].min()).total_seconds())
+    span_days = 0.0
+    if len(audit_log):
+        span_days = max((audit_log["recorded_at"].max() - audit_log["recorded_at"].min()).total_seconds() / 86400, 1.0)
+    started = health[health["ok"]]["at"].min() if len(health) and health["ok"].any() else None
+    probes = health[health["at"] >= started] if started is not None else health.iloc[0:0]
+    return {
+        "decay_alerts": len(alerts),
+        "promotions": len(promotions),
+        "deployments": len(deployments),
+        "deployments_per_week": len(deployments) / span_days * 7 if span_days else None,
+        "mean_alert_to_promotion_s": float(np.mean(lead_times)) if lead_times else None,
+        "last_alert_to_promotion_s": float(lead_times[-1]) if lead_times else None,
+        "rollbacks": int((audit_log["action"] == "rollback").sum()),
+        "gate_failures": int(((audit_log["action"].str.startswith("gate:") | (audit_log["action"] == "promotion_gate"))
+                              & (audit_log["outcome"] == "failed")).sum()),
+        "challengers_retired": int((audit_log["action"] == "challenger_retired").sum()),
+        "runs": len(run_statuses),
+        "failed_runs": sum(s == "FAILURE" for s in run_statuses),
+        "health_checks": len(probes),
+        "uptime_ratio": float(probes["ok"].mean()) if len(probes) else None,
+    }

@@ -1,0 +1,245 @@
+"""Monitoring: NannyML results through the platform equal NannyML's own, decay is detected within a
+week of a concept drift and never without one, the retraining sensor's dedup and cooldown, the
+promotion decision and the delivery KPIs."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import dagster as dg
+import nannyml as nml
+import numpy as np
+import pandas as pd
+import pytest
+from nannyml.thresholds import ConstantThreshold
+
+from assets.automation import decay_retrain_sensor, retrain_job
+from resources.model_inputs import CATEGORICAL_FEATURES, FEATURE_COLUMNS
+from resources.monitoring import (
+    PREDICTED,
+    SCORE,
+    TARGET,
+    TIMESTAMP,
+    MonitoringPolicy,
+    TenantMonitor,
+    compute_kpis,
+    decay_alerts,
+    prepare,
+)
+from resources.replay import first_decay_day, replay_tenant
+from resources.tenants import TenantSpec
+
+START, DRIFT = 150, 182
+SPEC = dict(name="mon", region="eu", n_accounts=900, seed=101, days=215)
+
+
+@pytest.fixture(scope="module")
+def drifted():
+    spec = TenantSpec(**SPEC, scenario="concept_drift", drift_day=DRIFT)
+    return replay_tenant(spec, START, DRIFT + 8)
+
+
+@pytest.fixture(scope="module")
+def stable():
+    return replay_tenant(TenantSpec(**SPEC), START, START + 60)
+
+
+def test_concept_drift_alert_fires_within_seven_days(drifted):
+    found = first_decay_day(drifted, MonitoringPolicy(), DRIFT + 8)
+    assert found is not None, "no decay alert within 8 days of the concept drift"
+    day, alert = found
+    assert DRIFT <= day <= DRIFT + 7, f"decay alert on day {day}, drift began on day {DRIFT}"
+    assert alert["value"] < alert["threshold"]
+
+
+def test_no_drift_means_no_decay_alert_in_sixty_days(stable):
+    assert first_decay_day(stable, MonitoringPolicy(), START + 60) is None
+
+
+def test_monitoring_equals_nannyml_called_directly(drifted):
+    """Same reference and analysis, same settings: the platform's values and alerts are NannyML's."""
+    policy = MonitoringPolicy()
+    analysis = drifted.analysis_as_of(DRIFT + 5)
+    report = TenantMonitor(policy, drifted.reference).run(analysis)
+
+    reference, data = prepare(drifted.reference), prepare(analysis)
+    floor = report.reference_roc_auc - policy.max_auc_drop
+    common = dict(timestamp_column_name=TIMESTAMP, chunk_period=policy.chunk_period)
+    cbpe = nml.CBPE(metrics=["roc_auc"], y_pred_proba=SCORE, y_pred=PREDICTED, y_true=TARGET,
+                    problem_type="classification_binary", thresholds={"roc_auc": ConstantThreshold(lower=floor)},
+                    **common).fit(reference)
+    direct_cbpe = cbpe.estimate(data).filter(period="analysis").to_df()
+    ours = report.results[report.results["metric"] == "estimated_roc_auc"].sort_values("chunk_start")
+    np.testing.assert_allclose(ours["value"].to_numpy(), direct_cbpe[("roc_auc", "value")].to_numpy())
+    assert ours["alert"].tolist() == direct_cbpe[("roc_auc", "alert")].tolist()
+
+    realized = nml.PerformanceCalculator(metrics=["roc_auc"], y_pred_proba=SCORE, y_pred=PREDICTED, y_true=TARGET,
+                                         problem_type="classification_binary",
+                                         thresholds={"roc_auc": ConstantThreshold(lower=floor)}, **common).fit(reference)
+    direct_real = realized.calculate(data).filter(period="analysis").to_df()
+    ours = report.results[report.results["metric"] == "realized_roc_auc"].sort_values("chunk_start")
+    np.testing.assert_allclose(ours["value"].to_numpy(), direct_real[("roc_auc", "value")].to_numpy(), equal_nan=True)
+    assert ours["alert"].tolist() == direct_real[("roc_auc", "alert")].fillna(False).tolist()
+    assert ours["alert"].any(), "the drifted analysis should contain alerting chunks"
+
+    uni = nml.UnivariateDriftCalculator(
+        column_names=list(FEATURE_COLUMNS), treat_as_categorical=list(CATEGORICAL_FEATURES),
+        continuous_methods=policy.continuous_drift_methods, categorical_methods=policy.categorical_drift_methods,
+        **common).fit(reference)
+    direct_uni = uni.calculate(data).filter(period="analysis").to_df()
+    for feature, method in (("seat_utilisation_7d", "jensen_shannon"), ("plan", "chi2")):
+        mine = report.results[(report.results["metric"] == "univariate_drift") & (report.results["feature"] == feature)]
+        mine = mine.sort_values("chunk_start")
+        np.testing.assert_allclose(mine["value"].to_numpy(), direct_uni[(feature, method, "value")].to_numpy())
+        assert mine["alert"].tolist() == direct_uni[(feature, method, "alert")].tolist()
+
+    multi = nml.DataReconstructionDriftCalculator(column_names=list(FEATURE_COLUMNS), **common).fit(reference)
+    direct_multi = multi.calculate(data).filter(period="analysis").to_df()
+    mine = report.results[report.results["metric"] == "multivariate_drift"].sort_values("chunk_start")
+    np.testing.assert_allclose(mine["value"].to_numpy(), direct_multi[("reconstruction_error", "value")].to_numpy(),
+                               rtol=1e-6)
+
+
+def test_data_quality_is_reported(drifted):
+    analysis = drifted.analysis_as_of(DRIFT + 2).copy()
+    day = analysis[TIMESTAMP].max()
+    analysis.loc[analysis[TIMESTAMP] == day, "events_7d"] = np.nan
+    analysis.loc[analysis[TIMESTAMP] == day, "plan"] = "platinum"  # a category the model never saw
+    report = TenantMonitor(MonitoringPolicy(), drifted.reference).run(analysis)
+    latest = report.results[report.results["chunk_start"] == day]
+    missing = latest[(latest["metric"] == "missing_values_rate") & (latest["feature"] == "events_7d")]
+    unseen = latest[(latest["metric"] == "unseen_values_rate") & (latest["feature"] == "plan")]
+    assert missing["value"].iloc[0] == pytest.approx(1.0) and bool(missing["alert"].iloc[0])
+    assert unseen["value"].iloc[0] == pytest.approx(1.0) and bool(unseen["alert"].iloc[0])
+
+
+def test_decay_alert_needs_consecutive_chunks():
+    def rows(alerts):
+        return pd.DataFrame({"metric": "realized_roc_auc", "value": 0.6, "lower_threshold": 0.8,
+                             "alert": alerts, "chunk_key": [f"d{i}" for i in range(len(alerts))],
+                             "chunk_start": pd.date_range("2026-01-01", periods=len(alerts))})
+    assert decay_alerts(rows([False, True, False, True]), 2) == []
+    found = decay_alerts(rows([False, False, True, True]), 2)
+    assert [(a["metric"], a["chunk"]) for a in found] == [("realized_roc_auc", "d3")]
+
+
+# --- the retraining sensor ---------------------------------------------------------------------
+def _report(instance, tenant: str, version: str, decay: bool) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        asset_key="model_monitoring", partition=tenant,
+        metadata={"decay_alert": decay, "model_version": version,
+                  "decay_alerts": dg.MetadataValue.json([{"metric": "realized_roc_auc"}] if decay else [])}))
+
+
+def _evaluate(instance, cursor, policy):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"monitoring_policy": policy})
+    return decay_retrain_sensor(context)
+
+
+def test_decay_sensor_retrains_only_the_alerting_tenant_once_per_cooldown():
+    policy = MonitoringPolicy(retrain_cooldown_s=3600)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("tenant", ["a", "b"])
+        _report(instance, "a", "3", decay=True)
+        _report(instance, "b", "1", decay=False)
+        result = _evaluate(instance, None, policy)
+        assert [(r.partition_key, r.run_key) for r in result.run_requests] == [("a", "decay:a:v3")]
+        assert result.run_requests[0].tags["trigger"] == "decay_alert"
+
+        # The retrain the request launched exists; the next day's alert for the same incident
+        # (and even for a newer version) falls in the cooldown.
+        instance.add_run(dg.DagsterRun(job_name=retrain_job.name, run_id=str(uuid.uuid4()),
+                                       tags={"dagster/partition": "a", "trigger": "decay_alert"}))
+        _report(instance, "a", "3", decay=True)
+        _report(instance, "a", "4", decay=True)
+        second = _evaluate(instance, result.cursor, policy)
+        assert second.run_requests == []
+
+        # Without a cooldown, the run key still makes one incident (one decaying version) one retrain.
+        third = _evaluate(instance, result.cursor, MonitoringPolicy(retrain_cooldown_s=0))
+        assert sorted(r.run_key for r in third.run_requests) == ["decay:a:v3", "decay:a:v4"]
+
+
+# --- promotion and KPIs ------------------------------------------------------------------------
+def test_promotion_decision():
+    from assets.monitoring import promotion_decision
+
+    policy = MonitoringPolicy(promotion_auc_tolerance=0.02, promotion_max_p99_ms=10)
+    good = {"champion_estimated_roc_auc": 0.90, "challenger_estimated_roc_auc": 0.89,
+            "champion_realized_roc_auc": 0.70, "challenger_realized_roc_auc": 0.78, "challenger_p99_ms": 2.0}
+    assert promotion_decision(good, policy)[0] == "promote"
+    worse = good | {"challenger_realized_roc_auc": 0.60}
+    decision, reason = promotion_decision(worse, policy)
+    assert decision == "retire" and "realized ROC AUC 0.6000" in reason
+    slow = good | {"challenger_p99_ms": 25.0}
+    decision, reason = promotion_decision(slow, policy)
+    assert decision == "retire" and "p99 25.00 ms" in reason
+
+
+def test_kpis_from_audit_log_and_health_checks():
+    t0 = pd.Timestamp("2026-11-01 10:00:00")
+
+    def entry(seq, minutes, action, outcome="ok", details=None):
+        return {"seq": seq, "recorded_at": t0 + pd.Timedelta(minutes=minutes), "action": action,
+                "outcome": outcome, "details": json.dumps(details or {})}
+    audit_log = pd.DataFrame([
+        entry(1, 0, "alias_assigned", details={"aliases": ["challenger", "champion"]}),
+        entry(2, 60, "decay_alert"), entry(3, 61, "decay_alert"),
+        entry(4, 62, "gate:roc_auc_gate", "failed"), entry(5, 63, "gate:roc_auc_gate", "passed"),
+        entry(6, 65, "promotion_gate", "passed"), entry(7, 65, "promotion"),
+        entry(8, 24 * 60 * 7, "rollback"),
+    ])
+    health = pd.DataFrame({"at": [0, 10, 20, 30, 40], "ok": [False, True, True, False, True], "detail": ""})
+    kpis = compute_kpis(audit_log, ["SUCCESS", "FAILURE", "SUCCESS"], health)
+    assert kpis["decay_alerts"] == 2 and kpis["promotions"] == 1 and kpis["deployments"] == 2
+    assert kpis["mean_alert_to_promotion_s"] == pytest.approx(5 * 60)
+    assert kpis["rollbacks"] == 1 and kpis["gate_failures"] == 1 and kpis["failed_runs"] == 1
+    assert kpis["deployments_per_week"] == pytest.approx(2.0)
+    assert kpis["uptime_ratio"] == pytest.approx(3 / 4)  # probes before the service first came up do not count
+
+
+NO_NETWORK_SCRIPT = """
+import os, socket
+for key in ("NML_DISABLE_USAGE_LOGGING", "DO_NOT_TRACK"):
+    os.environ.pop(key, None)
+attempts = []
+def guard(self, address):
+    attempts.append(address)
+    raise OSError("network disabled in this test")
+socket.socket.connect = guard
+real_getaddrinfo = socket.getaddrinfo
+def resolve_guard(host, *args, **kwargs):
+    if host not in ("localhost", "127.0.0.1", "::1", None):
+        attempts.append(host)
+        raise OSError("name resolution disabled in this test")
+    return real_getaddrinfo(host, *args, **kwargs)
+socket.getaddrinfo = resolve_guard
+import numpy as np, pandas as pd
+from resources.model_inputs import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from resources.monitoring import MonitoringPolicy, TenantMonitor
+rng = np.random.default_rng(0)
+def frame(n, start):
+    data = {c: rng.gamma(2.0, 3.0, n) for c in NUMERIC_FEATURES}
+    data |= {c: rng.choice(list(levels), n) for c, levels in CATEGORICAL_FEATURES.items()}
+    data["score"] = rng.random(n)
+    data["churned"] = (rng.random(n) < data["score"]).astype(int)
+    data["timestamp"] = pd.Timestamp(start) + pd.to_timedelta(rng.integers(0, 5, n), unit="D")
+    return pd.DataFrame(data)
+TenantMonitor(MonitoringPolicy(), frame(3000, "2026-01-01")).run(frame(3000, "2026-02-01"))
+import time; time.sleep(1)  # nannyml's analytics client sends from a background thread
+assert not attempts, attempts
+print("no network")
+"""
+
+
+def test_monitoring_never_calls_home():
+    """NannyML reports usage to an analytics host unless told not to; importing the platform tells it."""
+    import subprocess
+    import sys
+
+    from resources.environment import PROJECT_ROOT
+
+    proc = subprocess.run([sys.executable, "-c", NO_NETWORK_SCRIPT], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "no network" in proc.stdout, proc.stderr[-3000:]
