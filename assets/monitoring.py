@@ -13,9 +13,7 @@ from assets.deployment import promote_challenger, publish_from_registry
 from assets.training import HOLDOUT_TABLE, png_metadata
 from resources.feature_store import LABEL_HORIZON_DAYS, FeatureStore, feature_origin
 from resources.monitoring import (
-    ALERTS_DDL,
     PREDICTED,
-    RESULTS_DDL,
     SCORE,
     TARGET,
     TIMESTAMP,
@@ -28,6 +26,7 @@ from resources.monitoring import (
     prepare,
     read_health_checks,
     service_cpu_usage,
+    store_report,
 )
 from resources.registry import CHALLENGER, CHAMPION, ModelRegistry, registered_model_name
 from resources.serving import PREDICTION_LOG_COLUMNS, prediction_log_dir
@@ -182,21 +181,8 @@ def model_monitoring(
         return dg.MaterializeResult(metadata={"model_version": version, "analysis_rows": dg.MetadataValue.int(0),
                                               "decay_alert": False})
     report = monitor.run(analysis)
-    results = report.results.assign(model_version=version, dagster_run_id=context.run_id)
-    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with warehouse.transaction(tenant) as con:
-        con.execute(RESULTS_DDL)
-        con.execute(ALERTS_DDL)
-        con.register("new_results", results)
-        # Chunks in the window are recomputed (labels mature); older chunks keep their last result.
-        con.execute("DELETE FROM monitoring_results WHERE model_version = ? AND chunk_key IN "
-                    "(SELECT DISTINCT chunk_key FROM new_results)", [version])
-        con.execute("INSERT INTO monitoring_results BY NAME SELECT * FROM new_results")
-        con.unregister("new_results")
-        for alert in report.decay:
-            con.execute("INSERT INTO monitoring_alerts VALUES (?, ?, NULL, ?, ?, ?, NULL, TRUE, ?, ?)",
-                        [version, alert["metric"], alert["chunk"], alert["value"], alert["threshold"],
-                         context.run_id, now])
+        results = store_report(con, report, version, context.run_id)
     for alert in report.decay:
         warehouse.audit(tenant, actor="monitoring", action="decay_alert",
                         subject=f"{registered_model_name(tenant)}/{version}", outcome="alert", details=alert)

@@ -239,6 +239,27 @@ def _tidy_per_column(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.concat(blocks, ignore_index=True)
 
 
+def store_report(con, report: MonitoringReport, version: str, run_id: str) -> pd.DataFrame:
+    """Write a monitoring run's results and decay alerts to the warehouse (caller's transaction).
+    Chunks of the run replace earlier results of the same chunks (labels mature over time); older
+    chunks keep theirs. Returns the stored rows."""
+    import datetime as dt
+
+    results = report.results.assign(model_version=version, dagster_run_id=run_id)
+    con.execute(RESULTS_DDL)
+    con.execute(ALERTS_DDL)
+    con.register("new_results", results)
+    con.execute("DELETE FROM monitoring_results WHERE model_version = ? AND chunk_key IN "
+                "(SELECT DISTINCT chunk_key FROM new_results)", [version])
+    con.execute("INSERT INTO monitoring_results BY NAME SELECT * FROM new_results")
+    con.unregister("new_results")
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    for alert in report.decay:
+        con.execute("INSERT INTO monitoring_alerts VALUES (?, ?, NULL, ?, ?, ?, NULL, TRUE, ?, ?)",
+                    [version, alert["metric"], alert["chunk"], alert["value"], alert["threshold"], run_id, now])
+    return results
+
+
 # --- fitted monitors: once per model version ------------------------------------------------
 def monitor_path(root: Path, tenant: str, version: str, policy: MonitoringPolicy) -> Path:
     return root / "monitoring" / tenant / f"v{version}-{policy.fingerprint()}.pkl"
