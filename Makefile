@@ -11,7 +11,7 @@ export DAGSTER_DISABLE_TELEMETRY := 1
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: install gpu-extras chromium demo test lint ui serve bentos clean
+.PHONY: install gpu-extras chromium demo demo-headless build test lint ui serve bentos clean
 
 install:
 	@command -v uv >/dev/null 2>&1 || test -x $(UV) || python3 -m pip install --quiet --user uv || python3 -m pip install --quiet uv
@@ -28,9 +28,19 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
 
-## make demo: build data, features and a validated champion for every default tenant
+## make demo: the closed loop from an empty MLOPS_HOME (reset first): build every tenant, start the
+## Dagster UI + daemon and the service, replay days with concept drift for acme until the platform
+## has retrained and promoted on its own; the UI stays up until Ctrl-C
 demo: install
-	$(RUN) python -m resources.cli demo
+	$(RUN) python -m resources.cli demo --reset
+
+## make demo-headless: the same without the UI, on two small tenants; exits with the timeline
+demo-headless: install
+	$(RUN) python -m resources.cli demo --reset --headless --small
+
+## make build: data, features and a validated champion for every default tenant (no replay)
+build: install
+	$(RUN) python -m resources.cli build
 
 ## make test: the whole test suite
 test: install chromium gpu-extras
@@ -50,7 +60,7 @@ serve: install
 
 ## make bentos: build the CPU and GPU bentos with the current serving bundle packaged inside
 bentos: install
-	@test -f $(MLOPS_HOME)/serving/manifest.json || { echo "no serving bundle: run make demo first"; exit 1; }
+	@test -f $(MLOPS_HOME)/serving/manifest.json || { echo "no serving bundle: run make demo or make build first"; exit 1; }
 	@if [ "$(MLOPS_HOME)" != "$(CURDIR)/.mlops" ]; then rm -rf .mlops/serving && mkdir -p .mlops && cp -r $(MLOPS_HOME)/serving .mlops/serving; fi
 	BENTOML_HOME=$(MLOPS_HOME)/bentoml $(RUN) bentoml build -f bentos/bentofile.cpu.yaml .
 	BENTOML_HOME=$(MLOPS_HOME)/bentoml $(RUN) bentoml build -f bentos/bentofile.gpu.yaml .

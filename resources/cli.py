@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--headless", action="store_true", help="no web UI; exit with the timeline (non-zero "
                                                               "if the loop did not close)")
     demo.add_argument("--small", action="store_true", help="two small tenants (tests, CI)")
+    demo.add_argument("--reset", action="store_true", help="delete MLOPS_HOME first (the demo starts from an empty home)")
     demo.add_argument("--max-days", type=int, default=60, help="give up after this many simulated days")
     demo.add_argument("--service-port", type=int, default=3001)
     demo.add_argument("--ui-port", type=int, default=3000)
@@ -161,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         return run_pipeline(args.home, args.tenant)
     if args.command == "demo":
-        from resources.closed_loop import ClosedLoopDemo
+        from resources.closed_loop import ClosedLoopDemo, prepare_home
 
+        prepare_home(args.home, reset=args.reset)
         return ClosedLoopDemo(args.home, headless=args.headless, small=args.small, max_days=args.max_days,
                               service_port=args.service_port, ui_port=args.ui_port).run()
     if args.command == "init":

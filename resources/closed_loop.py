@@ -57,6 +57,24 @@ def demo_tenants(small: bool = False) -> list[TenantSpec]:
     ]
 
 
+def prepare_home(home: str | None, reset: bool) -> Path:
+    """The demo replays a world from its first day, so it needs an empty MLOPS_HOME: refuse a used
+    one, or (``reset``) delete it when it is recognisably a platform home."""
+    import shutil
+
+    root = configure_environment(home)
+    if root.exists() and any(root.iterdir()):
+        looks_like_home = any((root / name).exists() for name in ("dagster", "regions", "mlflow", "serving"))
+        if not reset:
+            raise SystemExit(f"error: the demo starts from an empty MLOPS_HOME and {root} is not empty; "
+                             "pass --reset to delete it first (make demo does), or use --home <new dir>")
+        if not looks_like_home:
+            raise SystemExit(f"error: {root} does not look like an MLOPS_HOME; refusing to delete it")
+        print(f"deleting {root} (--reset)", flush=True)
+        shutil.rmtree(root)
+    return root
+
+
 @dataclasses.dataclass
 class Event:
     day: int
@@ -340,6 +358,8 @@ class ClosedLoopDemo:
         print(f"MLOPS_HOME {self.root}; concept drift for "
               f"{', '.join(f'{s.name} from day {s.drift_day} ({SIMULATION_START + dt.timedelta(days=s.drift_day)})' for s in drifted)}",
               flush=True)
+        # A SIGTERM (a CI timeout, kill) must stop the processes this demo started, like Ctrl-C.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             self.build()
             self.start_processes()
@@ -351,7 +371,8 @@ class ClosedLoopDemo:
                 scored = {t: self.traffic(t) for t in self.tenants}
                 if self.day % 7 == 0:
                     self.emit("-", "traffic", ", ".join(f"{t}: {n} accounts scored" for t, n in scored.items()))
-                time.sleep(1.3)  # the service closes its log segments every second
+                # No wait for the log: segments close within a second, and a segment that misses
+                # tomorrow's ingestion is ingested the day after (chunks are by feature day).
                 self.watch_runs()
                 if self.promoted_on is not None and self.day >= self.promoted_on + self.stop_after_promotion_days - 1:
                     break
@@ -372,7 +393,14 @@ class ClosedLoopDemo:
         finally:
             self.stop_processes()
             if getattr(self, "pool", None) is not None:
-                self.pool.shutdown(cancel_futures=True)
+                workers = list(getattr(self.pool, "_processes", {}).values())
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                for worker in workers:  # a worker may be mid-cycle: it holds nothing worth waiting for
+                    worker.terminate()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _quiet() -> dict:

@@ -96,3 +96,59 @@ def test_audit_entries_tell_the_story_in_order(demo):
     assert ("promotion_gate", "passed") in _audit(demo["home"], "acme")
     globex = [a for a, _ in _audit(demo["home"], "globex")]
     assert "decay_alert" not in globex and "promotion" not in globex
+
+
+def test_a_challenger_failing_the_promotion_gate_is_retired(demo):
+    """After the demo: retrain globex, give its challenger shadow traffic that breaks the latency
+    budget, and the promotion gate must fail, retire the challenger and leave the champion serving."""
+    import dagster as dg
+    import pandas as pd
+
+    from definitions import build_definitions
+    from resources.monitoring import MonitoringPolicy
+    from resources.serving import read_manifest, serving_dir
+
+    home = demo["home"]
+    policy = MonitoringPolicy(shadow_min_predictions=100, promotion_max_p99_ms=5.0)
+    defs = build_definitions(str(home), monitoring_policy=policy)
+    registry, warehouse, feature_store = (defs.resources[k] for k in ("registry", "warehouse", "feature_store"))
+    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    with open_instance(home) as instance:
+        retrain = defs.resolve_job_def("churn_retrain").execute_in_process(
+            instance=instance, partition_key="globex", run_config=quiet)
+        assert retrain.success
+        champion = str(registry.alias_version("globex", "champion").version)
+        challenger = str(registry.alias_version("globex", "challenger").version)
+        assert challenger != champion
+
+        # Shadow pairs as the service logs them, the challenger far slower than the budget.
+        pointer = feature_store.current_snapshot_pointer("globex")
+        accounts = pd.read_parquet(feature_store.online_dir("globex") / pointer["path"])["account_id"][:300]
+        now = pd.Timestamp.now().floor("s")
+        rows = []
+        for i, account in enumerate(accounts):
+            for role, version, latency in (("champion", champion, 1.0), ("challenger", challenger, 40.0)):
+                rows.append({"prediction_id": f"test-{i}", "tenant": "globex", "account_id": account, "role": role,
+                             "model_version": version, "score": 0.1, "latency_ms": latency,
+                             "snapshot_version": pointer["version"], "endpoint": "predict", "requested_at": now,
+                             "segment": "test-segment"})
+        with warehouse.transaction("globex") as con:
+            con.register("pairs", pd.DataFrame(rows))
+            con.execute("INSERT INTO prediction_log BY NAME SELECT * FROM pairs")
+            con.unregister("pairs")
+
+        job = dg.define_asset_job("promotion_only", selection=["shadow_comparison", "champion_promotion"])
+        result = dg.Definitions(
+            assets=list(defs.assets), jobs=[job], resources=defs.resources,
+        ).resolve_job_def("promotion_only").execute_in_process(
+            instance=instance, partition_key="globex", run_config=quiet, raise_on_error=False)
+    checks = [e.asset_check_evaluation_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    assert [(c.check_name, c.passed) for c in checks] == [("promotion_gate", False)]
+    assert "over the budget" in checks[0].description
+    assert registry.alias_version("globex", "challenger") is None
+    assert str(registry.alias_version("globex", "champion").version) == champion
+    manifest = read_manifest(serving_dir(home))["tenants"]["globex"]
+    assert manifest["champion"]["version"] == champion and manifest["challenger"] is None
+    actions = _audit(home, "globex")
+    assert ("promotion_gate", "failed") in actions and ("challenger_retired", "retired") in actions
+    assert "promotion" not in [a for a, _ in actions]
