@@ -52,3 +52,25 @@ def test_telemetry_is_switched_off_by_the_project(monkeypatch):
     assert os.environ["BENTOML_DO_NOT_TRACK"] == "true"
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert os.environ["DAGSTER_DISABLE_TELEMETRY"] == "1"
+
+
+def test_the_closed_loop_is_wired_and_on_by_default():
+    import dagster as dg
+
+    from definitions import build_definitions
+
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"prediction_log", "model_monitoring", "operational_metrics", "shadow_comparison",
+            "champion_promotion", "delivery_kpis"} <= keys
+    assert "promotion_gate" in {k.name for k in graph.asset_check_keys}
+    for name in ("churn_pipeline", "churn_retrain", "daily_cycle", "prediction_log_ingestion"):
+        defs.resolve_job_def(name)
+    sensors = {s.name: s for s in defs.sensors}
+    assert {"decay_retrain_sensor", "service_health_sensor", "tenant_catalog_sensor"} <= set(sensors)
+    assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
+    schedules = {s.name: s for s in defs.schedules}
+    assert schedules["weekly_retrain_schedule"].job_name == "churn_retrain"
+    assert schedules["weekly_retrain_schedule"].default_status == dg.DefaultScheduleStatus.RUNNING
+    assert schedules["daily_cycle_schedule"].job_name == "daily_cycle"
