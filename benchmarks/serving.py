@@ -5,6 +5,10 @@ Run from the repository root, against a platform home that has a published servi
 
     .venv/bin/python -m benchmarks.serving --home /tmp/benchhome                # ~1 minute
     .venv/bin/python -m benchmarks.serving --home /tmp/benchhome --soak 300     # + 5 min soak
+    # servers with a bytecode cache, as in the bento image (its Dockerfile sets UV_COMPILE_BYTECODE=1):
+    .venv/bin/python -m benchmarks.serving --home /tmp/benchhome --pycache /tmp/benchhome-pycache
+    # the service's settings travel in the environment (see bentos/service.py), e.g.
+    CHURN_SHADOW_BATCH_SAMPLE=1 .venv/bin/python -m benchmarks.serving --home /tmp/benchhome
     # the same against a patched copy of the service (module copy.py in /tmp/x):
     .venv/bin/python -m benchmarks.serving --home /tmp/benchhome --service copy:ChurnService --pythonpath /tmp/x
 
@@ -25,6 +29,12 @@ In one run, side by side, it
    of its processes every 10 s (first/last/max and growth; growth after the first minute too);
 6. prints PASS/FAIL against the targets. The exit status is 0 whether or not they are met (1 only
    when the benchmark itself cannot run, e.g. ``wrk`` is missing or the service does not start).
+
+Each load run also reports the CPU time (user + system) the server's processes used per request:
+on a small machine shared with other work, req/s and latency swing with the neighbours' load, the
+CPU cost per request much less. Without ``--pycache`` the servers start as this environment has
+them; where PYTHONDONTWRITEBYTECODE is set and no ``.pyc`` exist, every start compiles BentoML,
+pandas and the rest from source, and the report says so.
 
 Short-lived API keys are created for the run (one per tenant) and revoked at the end. The
 service writes its prediction logs into the home, as in production. All traffic is to 127.0.0.1.
@@ -161,6 +171,7 @@ class WrkResult:
     errors: dict = field(default_factory=dict)
     server_cpu_s: float | None = None  # CPU seconds (user + system) the server's processes used during the run
     wrk_cpu_s: float | None = None
+    connections: list[int] | None = None  # wrk's connections per server process, sampled mid-run
 
     @property
     def server_cpu_ms_per_request(self) -> float | None:
@@ -206,14 +217,24 @@ def run_wrk(label: str, port: int, path: str, bodies: Path, token: str, duration
     cmd, env = wrk_command(port, path, bodies, token, duration_s, connections, threads)
     cpu0 = tree_cpu_s(server_pid) if server_pid else None
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration_s + 60)
+    wrk = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    spread = None
+    if server_pid:
+        time.sleep(min(1.0, duration_s / 2))
+        spread = connections_per_process(server_pid, port)
+    try:
+        stdout, stderr = wrk.communicate(timeout=duration_s + 60)
+    finally:
+        if wrk.poll() is None:
+            wrk.kill()
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if out.returncode != 0:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr}\n{out.stdout}")
-    result = parse_wrk(label, out.stdout)
+    if wrk.returncode != 0:
+        raise RuntimeError(f"wrk failed ({wrk.returncode}): {stderr}\n{stdout}")
+    result = parse_wrk(label, stdout)
     if server_pid:
         result.server_cpu_s = tree_cpu_s(server_pid) - cpu0
         result.wrk_cpu_s = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+        result.connections = spread
     return result
 
 
@@ -245,6 +266,21 @@ def tree_cpu_s(pid: int) -> float:
             t = p.cpu_times()
             total += t.user + t.system
     return total
+
+
+def connections_per_process(pid: int, port: int) -> list[int]:
+    """Established connections to ``port`` held by each process of the tree that holds any: how the
+    load generator's connections spread over the server's workers (the workers share one listening
+    socket, and whichever accepts first keeps the connection for the whole run)."""
+    import psutil
+
+    counts = []
+    for p in tree_processes(pid):
+        with contextlib.suppress(psutil.Error):
+            n = sum(1 for c in p.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+            if n:
+                counts.append(n)
+    return sorted(counts, reverse=True)
 
 
 def rss_sample(pid: int) -> tuple[int, int]:
@@ -306,9 +342,13 @@ def cpu_ms(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def spread(r: WrkResult) -> str:
+    return "/".join(map(str, r.connections)) if r.connections else ""
+
+
 def row(r: WrkResult, extra: str = "") -> str:
     return (f"| {r.label} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.max_ms:.1f} "
-            f"| {r.requests:,} | {r.error_count}{extra} | {cpu_ms(r.server_cpu_ms_per_request)} |")
+            f"| {r.requests:,} | {r.error_count}{extra} | {cpu_ms(r.server_cpu_ms_per_request)} | {spread(r)} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,10 +575,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({all_tenants_s:.2f} s); Python bytecode {bytecode}")
     print()
     print("server CPU = CPU time (user + system) of the server's processes during the run, per request: what the "
-          "server costs, much less sensitive than req/s to what else runs on the machine")
+          "server costs, much less sensitive than req/s to what else runs on the machine; connections = wrk's "
+          "connections per server process (BentoML's workers share one listening socket: the spread is chance)")
     print()
-    print("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | requests | errors | server CPU ms/request |")
-    print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| server | req/s | p50 ms | p90 ms | p99 ms | max ms | requests | errors | server CPU ms/request "
+          "| connections |")
+    print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|:---|")
     bs = results["bento_single"]
     bs.label = f"BentoML /v1/predict (shadow {'on' if shadow else 'off'})"
     print(row(bs))
@@ -549,18 +591,19 @@ def main(argv: list[str] | None = None) -> int:
         print(row(bare_r))
         ratio = bs.rps / bare_r.rps if bare_r.rps else 0.0
         print(f"| ratio BentoML / bare | {ratio:.2f}x | {bs.p50_ms / bare_r.p50_ms:.2f}x | "
-              f"{bs.p90_ms / bare_r.p90_ms:.2f}x | {bs.p99_ms / bare_r.p99_ms:.2f}x | | | | |")
+              f"{bs.p90_ms / bare_r.p90_ms:.2f}x | {bs.p99_ms / bare_r.p99_ms:.2f}x | | | | | |")
     print()
     print(f"| batch ({args.batch_size:,} accounts / request) | requests/s | accounts/s | p50 ms | p99 ms | errors "
-          f"| server CPU ms/request |")
-    print("|:---|---:|---:|---:|---:|---:|---:|")
+          f"| server CPU ms/request | connections |")
+    print("|:---|---:|---:|---:|---:|---:|---:|:---|")
     bb = results["bento_batch"]
     print(f"| BentoML /v1/predict_batch | {bb.rps:,.1f} | {bb.rps * args.batch_size:,.0f} | {bb.p50_ms:.1f} "
-          f"| {bb.p99_ms:.1f} | {bb.error_count} | {cpu_ms(bb.server_cpu_ms_per_request)} |")
+          f"| {bb.p99_ms:.1f} | {bb.error_count} | {cpu_ms(bb.server_cpu_ms_per_request)} | {spread(bb)} |")
     if "bare_batch" in results:
         r = results["bare_batch"]
         print(f"| bare /v1/predict_batch (scores only) | {r.rps:,.1f} | {r.rps * args.batch_size:,.0f} "
-              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.error_count} | {cpu_ms(r.server_cpu_ms_per_request)} |")
+              f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.error_count} | {cpu_ms(r.server_cpu_ms_per_request)} "
+              f"| {spread(r)} |")
 
     growth = None
     if soak:

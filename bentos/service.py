@@ -417,11 +417,11 @@ class ChurnService:
 
     def _log(self, deployment: TenantDeployment, model: Model, role: str, ids: list[str], accounts: list[str],
              scores: np.ndarray, latency_per_row_ms: float, endpoint: str, requested_at_us) -> None:
-        if len(ids) == 1:  # a single prediction: scalars, cheapest to buffer and to write
+        rows = len(ids)
+        if rows == 1:  # a single prediction: scalars, cheapest to buffer and to write
             ids, accounts, scores = ids[0], accounts[0], float(scores[0])
-        chunk = LogChunk(len(scores) if not isinstance(scores, float) else 1, role, model.version,
-                         deployment.snapshot_version, endpoint, requested_at_us, latency_per_row_ms, ids, accounts,
-                         scores)
+        chunk = LogChunk(rows, role, model.version, deployment.snapshot_version, endpoint, requested_at_us,
+                         latency_per_row_ms, ids, accounts, scores)
         self.log_writer.append_chunk(deployment.tenant, chunk, time.monotonic())
 
     # --- shadow ----------------------------------------------------------------------------
