@@ -417,15 +417,23 @@ def compare_shadow(pairs: pd.DataFrame, shadow_features: pd.DataFrame, labelled:
 
 
 def promotion_decision(comparison: dict, policy: MonitoringPolicy) -> tuple[str, str]:
-    """Promote when the challenger is not worse than the champion on any available evidence and
-    meets the latency budget; otherwise retire it. Returns (decision, reason)."""
-    problems, evidence = [], []
+    """Promote when the challenger is not worse than the champion beyond the tolerance and meets the
+    latency budget; otherwise retire it. Returns (decision, reason).
+
+    Realized ROC AUC on labelled traffic, where there is enough of it, decides: CBPE assumes the
+    relation between features and churn has not changed, which is exactly what a concept drift
+    breaks, and each model's estimate is calibrated on its own reference. Without labels, the CBPE
+    estimates decide."""
     tol = policy.promotion_auc_tolerance
-    for kind in ("estimated", "realized"):
-        champ, chall = comparison.get(f"champion_{kind}_roc_auc"), comparison.get(f"challenger_{kind}_roc_auc")
-        if champ is None or chall is None:
-            continue
-        evidence.append(f"{kind} ROC AUC {chall:.4f} vs {champ:.4f}")
+    labelled = comparison.get("labelled_rows", 0) >= policy.promotion_min_labelled_rows
+    kind = "realized" if labelled and comparison.get("challenger_realized_roc_auc") is not None else "estimated"
+    champ, chall = comparison.get(f"champion_{kind}_roc_auc"), comparison.get(f"challenger_{kind}_roc_auc")
+    problems, evidence = [], []
+    if champ is None or chall is None:
+        problems.append("no ROC AUC evidence for the comparison")
+    else:
+        evidence.append(f"{kind} ROC AUC {chall:.4f} vs champion {champ:.4f}"
+                        + (f" on {comparison['labelled_rows']} labelled predictions" if kind == "realized" else ""))
         if chall < champ - tol:
             problems.append(f"{kind} ROC AUC {chall:.4f} is worse than the champion's {champ:.4f} beyond {tol}")
     p99 = comparison["challenger_p99_ms"]

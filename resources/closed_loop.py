@@ -135,8 +135,9 @@ def _worker_day(tenant: str, day: int) -> dict:
     result = defs.resolve_job_def("daily_cycle").execute_in_process(
         instance=instance, partition_key=tenant, raise_on_error=False, run_config=_quiet(),
         tags={"trigger": "demo_replay", "simulated_day": str(day)})
-    if not result.success:
-        failed = [e.step_key for e in result.all_events if e.is_step_failure]
+    failed = [e.step_key for e in result.all_events if e.is_step_failure]
+    # A challenger failing the blocking promotion gate fails that step by design: it is retired.
+    if not result.success and failed != ["shadow_comparison"]:
         raise RuntimeError(f"daily_cycle of {tenant} failed on day {day} in steps {failed} (run {result.run_id})")
     events, promoted = [], False
     for event in result.all_events:

@@ -72,6 +72,8 @@ class MonitoringPolicy(dg.ConfigurableResource):
     shadow_min_predictions: int = 500
     # Promotion: the challenger may be at most this much worse than the champion (ROC AUC).
     promotion_auc_tolerance: float = 0.02
+    # Promotion: realized ROC AUC decides once this many shadowed predictions have labels.
+    promotion_min_labelled_rows: int = 200
     # Promotion: the challenger's shadow scoring p99 must stay under this budget.
     promotion_max_p99_ms: float = 50.0
     # The serving endpoint the health sensor probes (uptime KPI).
@@ -432,3 +434,29 @@ def compute_kpis(audit_log: pd.DataFrame, run_statuses: list[str], health: pd.Da
         "health_checks": len(probes),
         "uptime_ratio": float(probes["ok"].mean()) if len(probes) else None,
     }
+
+
+# --- reading stored results (the drift report) ------------------------------------------------
+def read_monitoring_results(con, version: str | None = None) -> pd.DataFrame:
+    """Stored monitoring results (``store_report``) of one model version, or of every version if
+    ``version`` is None, in chunk order. Works on a read-only connection; empty, with the table's
+    columns, where monitoring has stored nothing yet."""
+    return _read_stored(con, "monitoring_results", RESULTS_DDL, version,
+                        "model_version, chunk_start, metric, feature NULLS FIRST, method")
+
+
+def read_monitoring_alerts(con, version: str | None = None) -> pd.DataFrame:
+    """Stored decay alerts (the retraining triggers) of one model version, or of every version."""
+    return _read_stored(con, "monitoring_alerts", ALERTS_DDL, version, "raised_at, model_version, metric, chunk_key")
+
+
+def _read_stored(con, table: str, ddl: str, version: str | None, order: str) -> pd.DataFrame:
+    exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchone()[0]
+    if not exists:
+        import duckdb
+
+        with duckdb.connect() as scratch:  # the table's columns and types, without writing to the warehouse
+            scratch.execute(ddl)
+            return scratch.execute(f"SELECT * FROM {table}").df()  # noqa: S608 - constant table
+    where, params = ("WHERE model_version = ?", [str(version)]) if version is not None else ("", [])
+    return con.execute(f"SELECT * FROM {table} {where} ORDER BY {order}", params).df()  # noqa: S608 - constants

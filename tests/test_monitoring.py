@@ -165,13 +165,20 @@ def test_decay_sensor_retrains_only_the_alerting_tenant_once_per_cooldown():
 def test_promotion_decision():
     from assets.monitoring import promotion_decision
 
-    policy = MonitoringPolicy(promotion_auc_tolerance=0.02, promotion_max_p99_ms=10)
-    good = {"champion_estimated_roc_auc": 0.90, "challenger_estimated_roc_auc": 0.89,
+    policy = MonitoringPolicy(promotion_auc_tolerance=0.02, promotion_max_p99_ms=10, promotion_min_labelled_rows=200)
+    good = {"champion_estimated_roc_auc": 0.94, "challenger_estimated_roc_auc": 0.91, "labelled_rows": 4000,
             "champion_realized_roc_auc": 0.70, "challenger_realized_roc_auc": 0.78, "challenger_p99_ms": 2.0}
-    assert promotion_decision(good, policy)[0] == "promote"
+    # Realized evidence decides when there is enough of it (CBPE cannot see a concept drift).
+    decision, reason = promotion_decision(good, policy)
+    assert decision == "promote" and "realized ROC AUC 0.7800 vs champion 0.7000 on 4000" in reason
     worse = good | {"challenger_realized_roc_auc": 0.60}
     decision, reason = promotion_decision(worse, policy)
     assert decision == "retire" and "realized ROC AUC 0.6000" in reason
+    # Without enough labels, the CBPE estimates decide.
+    unlabelled = good | {"labelled_rows": 50}
+    decision, reason = promotion_decision(unlabelled, policy)
+    assert decision == "retire" and "estimated ROC AUC 0.9100" in reason
+    assert promotion_decision(unlabelled | {"challenger_estimated_roc_auc": 0.935}, policy)[0] == "promote"
     slow = good | {"challenger_p99_ms": 25.0}
     decision, reason = promotion_decision(slow, policy)
     assert decision == "retire" and "p99 25.00 ms" in reason
