@@ -64,6 +64,42 @@ def model_report(
     return dg.MaterializeResult(metadata={"model_name": registered_model_name(tenant), **_metadata(run)})
 
 
+class DriftReportConfig(dg.Config):
+    model_version: str = Field(
+        default="",
+        description="Registered version whose monitoring results are reported. Empty: the current champion "
+        "(the version model_monitoring monitors).",
+    )
+    last_chunks: int = Field(default=0, ge=0, description="Report only the newest chunks; 0: every stored chunk.")
+
+
+@dg.asset(
+    deps=["model_monitoring"],
+    partitions_def=TENANT_PARTITIONS,
+    group_name="reports",
+    kinds={"jupyter", "nannyml"},
+)
+def drift_report(
+    context: dg.AssetExecutionContext,
+    config: DriftReportConfig,
+    notebooks: NotebookRunner,
+    registry: ModelRegistry,
+) -> dg.MaterializeResult:
+    """Drift report of a registered churn model version from its stored monitoring results
+    (notebooks/drift_report.ipynb): per-feature drift over time with alerts, multivariate drift,
+    CBPE estimate against realized ROC AUC with the threshold, the alerts, and data quality."""
+    tenant = context.partition_key
+    version = config.model_version.strip()
+    if not version:
+        champion = registry.alias_version(tenant, CHAMPION)
+        if champion is None:
+            raise dg.Failure(f"{registered_model_name(tenant)} has no champion whose monitoring to report")
+        version = str(champion.version)
+    run = notebooks.run("drift_report", tenant, {"model_version": version, "last_chunks": config.last_chunks})
+    context.log.info(f"drift report of {registered_model_name(tenant)} v{version}: {run.html} ({run.seconds:.1f} s)")
+    return dg.MaterializeResult(metadata={"model_name": registered_model_name(tenant), **_metadata(run)})
+
+
 def _metadata(run: NotebookRun) -> dict:
     metadata = {
         "notebook": dg.MetadataValue.path(str(run.notebook)),

@@ -11,16 +11,29 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import nbformat
+import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from assets.reports import eda_report, model_report
+from assets.monitoring import reference_frame
+from assets.reports import drift_report, eda_report, model_report
+from resources import modeling
 from resources.feature_store import FEATURE_COLUMNS
+from resources.monitoring import (
+    TIMESTAMP,
+    TenantMonitor,
+    read_monitoring_alerts,
+    read_monitoring_results,
+    store_report,
+)
 from resources.notebooks import NOTEBOOKS_DIR, NotebookExecutionError, NotebookRunner, kernel_interpreter
 from resources.registry import CHALLENGER, CHAMPION
+from resources.replay import replay_tenant
 from resources.schemas import SEGMENTS
 from resources.settings import PROJECT_ROOT
+from resources.tenants import TenantSpec
 from tests.conftest import TEST_TENANT
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
@@ -78,10 +91,10 @@ def failing_notebook(folder: Path, name: str) -> Path:
 
 
 # --- executed through the assets -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def reports(platform_home):
+def materialize_reports(platform_home, assets) -> dict[str, dict]:
+    """Materialize report assets for the test tenant; the metadata of each, by asset name."""
     with platform_home["instance"]() as instance:
-        result = dg.materialize([eda_report, model_report], resources=report_resources(platform_home["defs"]),
+        result = dg.materialize(assets, resources=report_resources(platform_home["defs"]),
                                 instance=instance, partition_key=TEST_TENANT.name, raise_on_error=False)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     metadata = {}
@@ -89,8 +102,47 @@ def reports(platform_home):
         materialization = event.event_specific_data.materialization
         assert materialization.partition == TEST_TENANT.name
         metadata[event.asset_key.to_user_string()] = {k: v.value for k, v in materialization.metadata.items()}
-    assert set(metadata) == {"eda_report", "model_report"}
+    assert set(metadata) == {a.key.to_user_string() for a in assets}
     return metadata
+
+
+@pytest.fixture(scope="module")
+def reports(platform_home):
+    return materialize_reports(platform_home, [eda_report, model_report])
+
+
+# A small world whose heavy users start leaving for a competitor (concept drift) 5 days before the
+# first monitored day: 38 daily chunks, the first 8 with matured labels.
+DRIFT_WORLD = TenantSpec(name=TEST_TENANT.name, region=TEST_TENANT.region, n_accounts=600, seed=TEST_TENANT.seed,
+                         days=140, scenario="concept_drift", drift_day=95)
+REPLAY_START, REPLAY_END = 100, 138
+
+
+@pytest.fixture(scope="module")
+def monitored(platform_home):
+    """Real NannyML results of the test home's champion, stored in its warehouse as model_monitoring
+    stores them, without running the closed loop: the reference is the champion's holdout (as in
+    production), the analysis a replay of ``DRIFT_WORLD`` scored by the champion, with a broken feed
+    on the last day (events_7d missing, a fifth of the rows on a plan the model never saw)."""
+    resources = platform_home["defs"].resources
+    registry, warehouse = resources["registry"], resources["warehouse"]
+    version = str(registry.alias_version(TEST_TENANT.name, CHAMPION).version)
+    analysis = replay_tenant(DRIFT_WORLD, REPLAY_START, REPLAY_END).analysis_as_of(REPLAY_END)
+    analysis["score"] = modeling.score(registry.load_booster(TEST_TENANT.name, version), analysis)
+    last_day = analysis[TIMESTAMP] == analysis[TIMESTAMP].max()
+    analysis.loc[last_day, "events_7d"] = np.nan
+    analysis.loc[last_day & (np.arange(len(analysis)) % 5 == 0), "plan"] = "platinum"
+    with warehouse.connect(TEST_TENANT.name, read_only=True) as con:
+        reference = reference_frame(con, version)
+    report = TenantMonitor(resources["monitoring_policy"], reference).run(analysis)
+    with warehouse.transaction(TEST_TENANT.name) as con:
+        stored = store_report(con, report, version, "seeded-by-test_notebooks")
+    return {"version": version, "report": report, "results": stored}
+
+
+@pytest.fixture(scope="module")
+def drift(platform_home, monitored):
+    return materialize_reports(platform_home, [drift_report])["drift_report"]
 
 
 def _check_paths(platform_home, meta: dict, name: str) -> tuple[Path, Path]:
@@ -159,6 +211,66 @@ def test_model_report_has_curves_confusion_matrix_explanations_and_fairness(plat
     for needle in ("Fairness by segment", "predicted: churned", "Per-prediction explanations (SHAP)", *SEGMENTS):
         assert needle in html, needle
     assert not re.search(r'<script[^>]+src="https?://', html)
+
+
+@pytest.mark.slow
+def test_drift_report_has_drift_over_time_cbpe_against_realized_alerts_and_data_quality(platform_home, monitored, drift):
+    meta, report, version = drift, monitored["report"], monitored["version"]
+    notebook, html_path = _check_paths(platform_home, meta, "drift_report")
+    nb = nbformat.read(notebook, as_version=4)
+    injected = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert f'model_version = "{version}"' in injected.source  # the asset reports the champion
+    results = monitored["results"]
+    chunks = sorted(results["chunk_key"].unique())
+    assert len(chunks) == REPLAY_END - REPLAY_START
+
+    # The headline numbers are those monitoring stored.
+    assert meta["model_version"] == version and meta["is_champion"] is True and meta["model_name"] == "churn-testco"
+    assert meta["chunks"] == len(chunks) and (meta["first_chunk"], meta["last_chunk"]) == (chunks[0], chunks[-1])
+    assert meta["alerts"] == len(report.alerts) > 0
+    assert meta["decay_alerts"] == len(report.decay) >= 1
+    assert meta["realized_roc_auc"] == pytest.approx(report.latest("realized_roc_auc"), abs=1e-6)
+    assert meta["estimated_roc_auc"] == pytest.approx(report.latest("estimated_roc_auc"), abs=1e-6)
+    assert meta["reference_roc_auc"] == pytest.approx(report.reference_roc_auc, abs=1e-6)
+    # The concept drift: realized ROC AUC under the threshold while CBPE, blind to it, stays above.
+    assert meta["realized_roc_auc"] < meta["roc_auc_threshold"] < meta["estimated_roc_auc"]
+    assert meta["data_quality_alerts"] == 2  # events_7d missing, plan unseen, both on the last day
+    assert meta["features_with_drift_alerts"] >= 1 and meta["multivariate_drift_alerts"] >= 1
+
+    # Heatmap, small multiples, multivariate drift, CBPE against realized, data quality.
+    assert images(notebook) >= 5 and meta["figures"] == images(notebook)
+    per_feature = table_with(notebook, "Univariate drift per feature", "jensen_shannon", "chi2", "alerting_chunks")
+    assert all(feature in per_feature for feature in FEATURE_COLUMNS)
+    per_chunk = table_with(notebook, "CBPE estimate against realized ROC AUC per chunk", "estimated_roc_auc",
+                           "realized_roc_auc", "threshold")
+    assert all(chunk in per_chunk for chunk in chunks)
+    by_metric = table_with(notebook, "Alerts per metric")
+    for metric in ("univariate_drift", "multivariate_drift", "estimated_roc_auc", "realized_roc_auc",
+                   "missing_values_rate", "unseen_values_rate"):
+        assert metric in by_metric, metric
+    # The newest alerts: the broken feed of the last day among them.
+    alerts = table_with(notebook, "newest chunks first", "lower_threshold", "upper_threshold")
+    assert f"Alerts ({min(len(report.alerts), 50)} of {len(report.alerts)}, newest chunks first)" in alerts
+    assert chunks[-1] in alerts and "missing_values_rate" in alerts and "unseen_values_rate" in alerts
+    decay = table_with(notebook, "Decay alerts (retraining triggers)")
+    assert report.decay[0]["metric"] in decay and report.decay[0]["chunk"] in decay
+    quality = table_with(notebook, "Data quality per feature", "missing_values_rate", "unseen_values_rate")
+    assert "events_7d" in quality and "plan" in quality and chunks[-1] in quality
+    table_with(notebook, "monitoring coverage", "reference ROC AUC", "ROC AUC alert threshold")
+
+    html = html_path.read_text()
+    assert html.count("data:image/png;base64") >= 5
+    for needle in ("Per-feature drift over time", "Multivariate drift", "Estimated (CBPE) against realized ROC AUC",
+                   "Decay alerts (retraining triggers)", "Data quality per feature"):
+        assert needle in html, needle
+    assert not re.search(r'<script[^>]+src="https?://', html)
+
+
+def test_monitoring_readers_before_monitoring_ran():
+    with duckdb.connect() as con:  # a warehouse without monitoring tables
+        results, alerts = read_monitoring_results(con), read_monitoring_alerts(con, "1")
+    assert results.empty and {"metric", "feature", "chunk_key", "value", "upper_threshold", "alert"} <= set(results)
+    assert alerts.empty and {"metric", "chunk_key", "value", "lower_threshold", "raised_at"} <= set(alerts)
 
 
 # --- failures ------------------------------------------------------------------------------------
@@ -240,7 +352,7 @@ def test_kernel_runs_this_interpreter():
 
 
 def test_notebooks_are_committed_without_outputs_and_are_parametrised():
-    assert {p.name for p in NOTEBOOKS} >= {"eda.ipynb", "model_report.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"eda.ipynb", "model_report.ipynb", "drift_report.ipynb"}
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
@@ -261,3 +373,6 @@ def test_notebooks_are_committed_without_outputs_and_are_parametrised():
     report = nbformat.read(NOTEBOOKS_DIR / "model_report.ipynb", as_version=4)
     params = next(c for c in report.cells if "parameters" in c.metadata.get("tags", []))
     assert re.search(r'^model_version = ""', params.source, re.M) and re.search(r"^threshold = ", params.source, re.M)
+    drift = nbformat.read(NOTEBOOKS_DIR / "drift_report.ipynb", as_version=4)
+    params = next(c for c in drift.cells if "parameters" in c.metadata.get("tags", []))
+    assert re.search(r'^model_version = ""', params.source, re.M) and re.search(r"^last_chunks = 0", params.source, re.M)
