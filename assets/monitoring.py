@@ -18,13 +18,18 @@ from resources.monitoring import (
     TARGET,
     TIMESTAMP,
     MonitoringPolicy,
+    MonitoringReport,
     compute_kpis,
+    decay_alerts,
     drift_plot,
     load_or_fit,
     operational_summary,
     performance_plot,
     prepare,
     read_health_checks,
+    read_monitoring_alerts,
+    read_monitoring_results,
+    run_incremental,
     service_cpu_usage,
     store_report,
 )
@@ -180,9 +185,18 @@ def model_monitoring(
         context.log.info(f"{tenant}: champion v{version} has no logged predictions yet")
         return dg.MaterializeResult(metadata={"model_version": version, "analysis_rows": dg.MetadataValue.int(0),
                                               "decay_alert": False})
-    report = monitor.run(analysis)
+    with warehouse.connect(tenant) as con:
+        stored = read_monitoring_results(con, version)
+    fresh, everything = run_incremental(monitor, analysis, stored, monitoring_policy)
+    # A decay alert is raised once per alerting chunk, not again every day it stays the newest.
+    with warehouse.connect(tenant) as con:
+        raised = {(m, c) for m, c in read_monitoring_alerts(con, version)[["metric", "chunk_key"]].itertuples(index=False)}
+    decay = [a for a in decay_alerts(everything, monitoring_policy.consecutive_chunks)
+             if (a["metric"], a["chunk"]) not in raised]
+    report = MonitoringReport(everything, monitor.reference_roc_auc, decay)
     with warehouse.transaction(tenant) as con:
-        results = store_report(con, report, version, context.run_id)
+        store_report(con, MonitoringReport(fresh, monitor.reference_roc_auc, decay), version, context.run_id)
+    results = everything
     for alert in report.decay:
         warehouse.audit(tenant, actor="monitoring", action="decay_alert",
                         subject=f"{registered_model_name(tenant)}/{version}", outcome="alert", details=alert)

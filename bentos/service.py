@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from resources.environment import configure_environment
+from resources.environment import configure_environment, write_atomic
 from resources.serving import (
     MANIFEST,
     ApiKeyStore,
@@ -293,6 +293,7 @@ class ChurnService:
         self._manifest_mtime: float | None = None
         self._keys_mtime: float | None = None
         self._stop = threading.Event()
+        self._started_at, self._predictions_served = time.time(), 0
         self._batch_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="batch")
         self.refresh()
         # A large, long-lived heap (feature matrices, BentoML) makes full collections slow: freeze
@@ -340,11 +341,28 @@ class ChurnService:
         return self._keys[0]
 
     def _watch(self) -> None:
+        last_status = 0.0
         while not self._stop.wait(self.poll_interval_s):
             try:
                 self.refresh()
             except Exception as exc:  # a bad manifest must not kill the watcher; keep serving the last good one
                 print(f"churn_service: manifest reload failed, still serving the previous models: {exc!r}")
+            if time.monotonic() - last_status >= 2.0:
+                last_status = time.monotonic()
+                self._write_status()
+
+    def _write_status(self) -> None:
+        """This worker's CPU time and prediction count, for the cost-per-prediction metric."""
+        import json
+
+        status = {"pid": os.getpid(), "started_at": self._started_at, "updated_at": time.time(),
+                  "cpu_seconds": time.process_time(), "predictions": self._predictions_served}
+        try:
+            folder = self.home / "serving" / "status"
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / f"worker-{os.getpid()}.json", json.dumps(status).encode())
+        except OSError as exc:  # monitoring must never take serving down
+            print(f"churn_service: could not write worker status: {exc!r}")
 
     def __is_ready__(self) -> bool:
         return bool(self.deployments) and all(d.champion is not None for d in self.deployments.values())
@@ -418,6 +436,8 @@ class ChurnService:
     def _log(self, deployment: TenantDeployment, model: Model, role: str, ids: list[str], accounts: list[str],
              scores: np.ndarray, latency_per_row_ms: float, endpoint: str, requested_at_us) -> None:
         rows = len(ids)
+        if role == "champion":
+            self._predictions_served += rows
         if rows == 1:  # a single prediction: scalars, cheapest to buffer and to write
             ids, accounts, scores = ids[0], accounts[0], float(scores[0])
         chunk = LogChunk(rows, role, model.version, deployment.snapshot_version, endpoint, requested_at_us,

@@ -65,6 +65,10 @@ class MonitoringPolicy(dg.ConfigurableResource):
     # ...in this many consecutive chunks (the newest ones that have a value).
     consecutive_chunks: int = 2
     continuous_drift_methods: list[str] = field(default_factory=lambda: ["jensen_shannon"])
+    # Univariate drift alert: Jensen-Shannon distance over this (chi-squared uses its p-value).
+    jensen_shannon_threshold: float = 0.1
+    # Multivariate drift alert: reconstruction error this much above the reference's own.
+    multivariate_drift_margin: float = 0.1
     categorical_drift_methods: list[str] = field(default_factory=lambda: ["chi2"])
     # Closed loop: one retrain per tenant per cooldown, however many chunks keep alerting.
     retrain_cooldown_s: float = 3600.0
@@ -82,7 +86,8 @@ class MonitoringPolicy(dg.ConfigurableResource):
     price_per_cpu_hour: float = 0.048
 
     def fingerprint(self) -> str:
-        keys = ("chunk_period", "chunk_size", "max_auc_drop", "continuous_drift_methods", "categorical_drift_methods")
+        keys = ("chunk_period", "chunk_size", "max_auc_drop", "continuous_drift_methods", "categorical_drift_methods",
+                "jensen_shannon_threshold", "multivariate_drift_margin")
         payload = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -151,15 +156,29 @@ class TenantMonitor:
             column_names=list(FEATURE_COLUMNS), treat_as_categorical=list(CATEGORICAL_FEATURES),
             continuous_methods=list(policy.continuous_drift_methods),
             categorical_methods=list(policy.categorical_drift_methods), **chunking,
+            thresholds={"jensen_shannon": ConstantThreshold(upper=policy.jensen_shannon_threshold)},
         ).fit(reference)
+        # A model's reference (its holdout) spans a few weekly dates only: a threshold from the
+        # spread of so few reference chunks is near zero and alerts on every chunk. The threshold
+        # is the reference's own reconstruction error plus a margin instead.
+        probe = nml.DataReconstructionDriftCalculator(column_names=list(FEATURE_COLUMNS), **chunking).fit(reference)
+        reference_error = float(probe.calculate(reference).to_df()[("reconstruction_error", "value")].mean())
+        self.multivariate_threshold = reference_error * (1 + policy.multivariate_drift_margin)
         self.multivariate = nml.DataReconstructionDriftCalculator(
-            column_names=list(FEATURE_COLUMNS), **chunking).fit(reference)
+            column_names=list(FEATURE_COLUMNS), threshold=ConstantThreshold(upper=self.multivariate_threshold),
+            **chunking).fit(reference)
         self.cbpe = nml.CBPE(**classification, thresholds=auc_threshold, **chunking).fit(reference)
-        self.realized = nml.PerformanceCalculator(**classification, thresholds=auc_threshold, **chunking).fit(reference)
+        self.realized_calculator = nml.PerformanceCalculator(**classification, thresholds=auc_threshold, **chunking).fit(reference)
         self.missing = nml.MissingValuesCalculator(column_names=list(FEATURE_COLUMNS), **chunking).fit(reference)
         self.unseen = nml.UnseenValuesCalculator(column_names=list(CATEGORICAL_FEATURES), **chunking).fit(reference)
 
     # --- the monitoring run ------------------------------------------------------------------
+    def realized(self, analysis: pd.DataFrame) -> pd.DataFrame:
+        """Realized ROC AUC alone (chunks computed before whose labels have matured since)."""
+        analysis = prepare(analysis)
+        return _tidy_simple(self.realized_calculator.calculate(analysis).filter(period="analysis").to_df(),
+                            "roc_auc", "realized_roc_auc", None, "realized")
+
     def run(self, analysis: pd.DataFrame) -> MonitoringReport:
         analysis = prepare(analysis)
         if analysis.empty:
@@ -173,7 +192,7 @@ class TenantMonitor:
         ]
         labelled = analysis[TARGET].notna()
         if labelled.any():
-            parts.append(_tidy_simple(self.realized.calculate(analysis).filter(period="analysis").to_df(),
+            parts.append(_tidy_simple(self.realized_calculator.calculate(analysis).filter(period="analysis").to_df(),
                                       "roc_auc", "realized_roc_auc", None, "realized"))
         parts.append(_tidy_per_column(self.missing.calculate(analysis).filter(period="analysis").to_df(),
                                       "missing_values_rate"))
@@ -251,8 +270,8 @@ def store_report(con, report: MonitoringReport, version: str, run_id: str) -> pd
     con.execute(RESULTS_DDL)
     con.execute(ALERTS_DDL)
     con.register("new_results", results)
-    con.execute("DELETE FROM monitoring_results WHERE model_version = ? AND chunk_key IN "
-                "(SELECT DISTINCT chunk_key FROM new_results)", [version])
+    con.execute("DELETE FROM monitoring_results r WHERE model_version = ? AND EXISTS (SELECT 1 FROM new_results n "
+                "WHERE n.chunk_key = r.chunk_key AND n.metric = r.metric)", [version])
     con.execute("INSERT INTO monitoring_results BY NAME SELECT * FROM new_results")
     con.unregister("new_results")
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
@@ -260,6 +279,39 @@ def store_report(con, report: MonitoringReport, version: str, run_id: str) -> pd
         con.execute("INSERT INTO monitoring_alerts VALUES (?, ?, NULL, ?, ?, ?, NULL, TRUE, ?, ?)",
                     [version, alert["metric"], alert["chunk"], alert["value"], alert["threshold"], run_id, now])
     return results
+
+
+def chunk_keys(frame: pd.DataFrame, policy: MonitoringPolicy) -> pd.Series:
+    """The NannyML chunk key of each row under period chunking (e.g. '2026-09-02' for days)."""
+    return pd.to_datetime(frame[TIMESTAMP]).dt.to_period(policy.chunk_period).astype(str)
+
+
+def run_incremental(monitor: TenantMonitor, analysis: pd.DataFrame, stored: pd.DataFrame,
+                    policy: MonitoringPolicy) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Only what changed since the last run: every metric for chunks never computed, and realized
+    ROC AUC for chunks whose labels have matured since. NannyML computes each chunk against the
+    fitted reference alone, so this equals a full recomputation. Returns (new results, all results).
+    Size-based chunks are not stable across runs: they are recomputed over the whole window."""
+    if policy.chunk_size > 0 or stored.empty:
+        fresh = monitor.run(analysis).results
+        return fresh, fresh
+    keys = chunk_keys(analysis, policy)
+    computed = set(stored.loc[stored["metric"] == "estimated_roc_auc", "chunk_key"])
+    realized = set(stored.loc[(stored["metric"] == "realized_roc_auc") & stored["value"].notna(), "chunk_key"])
+    parts = []
+    new_rows = analysis[~keys.isin(computed)]
+    if len(new_rows):
+        parts.append(monitor.run(new_rows).results)
+    matured = analysis[keys.isin(computed) & ~keys.isin(realized) & analysis[TARGET].notna()]
+    if len(matured):
+        parts.append(monitor.realized(matured))
+    fresh = pd.concat(parts, ignore_index=True) if parts else stored.iloc[0:0][list(stored.columns)]
+    fresh = fresh.drop(columns=["model_version", "dagster_run_id"], errors="ignore")
+    kept = stored.drop(columns=["model_version", "dagster_run_id"], errors="ignore")
+    if len(fresh):
+        replaced = kept.set_index(["chunk_key", "metric"]).index.isin(fresh.set_index(["chunk_key", "metric"]).index)
+        kept = kept[~replaced]
+    return fresh, pd.concat([kept, fresh], ignore_index=True)
 
 
 # --- fitted monitors: once per model version ------------------------------------------------
