@@ -397,7 +397,9 @@ class ClosedLoopDemo:
                 workers = list(getattr(self.pool, "_processes", {}).values())
                 self.pool.shutdown(wait=False, cancel_futures=True)
                 for worker in workers:  # a worker may be mid-cycle: it holds nothing worth waiting for
-                    worker.terminate()
+                    worker.kill()
+                for worker in workers:
+                    worker.join(timeout=10)
 
 
 def _raise_interrupt(signum, frame):
