@@ -14,7 +14,13 @@ Settings (environment variables, read at start-up):
   ``churn_shadow_requests_total`` counts requests by outcome (``shadowed``, ``sampled_out``, and
   ``dropped`` when the shadow backlog exceeds ``CHURN_SHADOW_MAX_PENDING`` rows, default 20,000:
   shadowing never slows the response down);
-- ``CHURN_SERVICE_WORKERS`` (default 2): BentoML worker processes.
+- ``CHURN_SERVICE_WORKERS`` (default 2): BentoML worker processes;
+- ``CHURN_KEEPALIVE_REQUESTS`` (default 100; 0: never): a scoring response closes its keep-alive
+  connection with this probability's inverse (``Connection: close`` on 1 response in 100, chosen
+  at random), as nginx's ``keepalive_requests`` does. BentoML's workers share one listening
+  socket and a connection stays with the worker that accepted it, so a client's few long-lived
+  connections often all land on one worker while the other idles; recycled connections are
+  accepted by whichever worker is free, which spreads the load.
 
 Start-up is kept short: the ``bentoml serve`` process only reads the service definition (no
 LightGBM, no pandas); the workers score with LightGBM's C library directly (``NativeBooster``),
@@ -65,6 +71,7 @@ SHADOW_SAMPLE = float(os.environ.get("CHURN_SHADOW_SAMPLE", "1"))
 SHADOW_BATCH_SAMPLE = float(os.environ.get("CHURN_SHADOW_BATCH_SAMPLE", "0.1"))
 SHADOW_MAX_PENDING = int(os.environ.get("CHURN_SHADOW_MAX_PENDING", "20000"))
 WORKERS = int(os.environ.get("CHURN_SERVICE_WORKERS", "2"))
+KEEPALIVE_REQUESTS = int(os.environ.get("CHURN_KEEPALIVE_REQUESTS", "100"))
 # Batches at least this large are scored on a thread of their own, so the event loop keeps serving.
 OFFLOAD_ROWS = 64
 
@@ -635,6 +642,8 @@ class FastPredictMiddleware:
         if handler is None or scope["method"] != "POST" or not _SERVICE:
             return await self.app(scope, receive, send)
         response = await handler(Request(scope, receive))
+        if KEEPALIVE_REQUESTS and random.random() * KEEPALIVE_REQUESTS < 1.0:
+            response.headers["connection"] = "close"  # the client reconnects, to whichever worker is free
         await response(scope, receive, send)
 
 
