@@ -23,12 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
-import nbformat
-import papermill
-from jinja2 import DictLoader
-from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-from nbconvert import HTMLExporter
-from papermill.exceptions import PapermillExecutionError, strip_color
 
 from resources.settings import PROJECT_ROOT, PlatformSettings
 
@@ -90,6 +84,8 @@ class NotebookRun:
 
 def kernel_interpreter(kernel_name: str) -> str:
     """The Python executable a kernel spec starts (``sys.executable`` for the environment's own)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
     try:
         spec = KernelSpecManager().get_kernel_spec(kernel_name)
     except NoSuchKernel as exc:
@@ -101,7 +97,7 @@ def kernel_interpreter(kernel_name: str) -> str:
     return sys.executable if executable in _PYTHON_NAMES else executable
 
 
-def report_counts(nb: nbformat.NotebookNode) -> tuple[int, int]:
+def report_counts(nb) -> tuple[int, int]:
     """Figures (PNG outputs) and tables (HTML tables) of an executed notebook."""
     figures = tables = 0
     for cell in nb.cells:
@@ -112,7 +108,7 @@ def report_counts(nb: nbformat.NotebookNode) -> tuple[int, int]:
     return figures, tables
 
 
-def report_summary(nb: nbformat.NotebookNode) -> dict:
+def report_summary(nb) -> dict:
     """The application/json output of the cell tagged ``summary``, or an empty dict."""
     for cell in nb.cells:
         if SUMMARY_TAG in cell.get("metadata", {}).get("tags", []):
@@ -125,6 +121,9 @@ def report_summary(nb: nbformat.NotebookNode) -> dict:
 
 def render_html(notebook: Path) -> Path:
     """Render an executed notebook to a standalone HTML file next to it (figures inline, no CDN scripts)."""
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
     exporter = HTMLExporter(extra_loaders=[DictLoader({"offline.html.j2": _OFFLINE_TEMPLATE})],
                             template_file="offline.html.j2")
     body, _ = exporter.from_filename(str(notebook))
@@ -171,6 +170,11 @@ class NotebookRunner(dg.ConfigurableResource):
                 f"install this environment's kernel ({sys.executable} -m ipykernel install --sys-prefix) "
                 "or remove the other kernel spec"
             )
+        # Imported here: papermill and nbconvert cost ~1.5 s, and every run process imports this module.
+        import nbformat
+        import papermill
+        from papermill.exceptions import PapermillExecutionError, strip_color
+
         params = {**(parameters or {}), "tenant": tenant, "mlops_home": str(self.settings.root)}
         output = self._reserve_output(name, tenant)
         start = time.perf_counter()
@@ -213,8 +217,10 @@ class NotebookRunner(dg.ConfigurableResource):
         raise RuntimeError(f"could not find a free report name for {name} in {folder}")
 
 
-def _source_index(source: Path, exc: PapermillExecutionError) -> int | None:
+def _source_index(source: Path, exc) -> int | None:
     """Index of the failing cell in the source notebook (papermill counts its injected cell too)."""
+    import nbformat
+
     cells = nbformat.read(source, as_version=4).cells
     matches = [i for i, cell in enumerate(cells) if cell.source == exc.source]
     if len(matches) == 1:
