@@ -1,7 +1,7 @@
 """Benchmark: the BentoML churn service against a bare ASGI server scoring the same model.
 
 Run from the repository root, against a platform home that has a published serving bundle
-(``python -m resources.cli --home /tmp/benchhome demo``)::
+(``python -m resources.cli --home /tmp/benchhome build``)::
 
     .venv/bin/python -m benchmarks.serving --home /tmp/benchhome                # ~1 minute
     .venv/bin/python -m benchmarks.serving --home /tmp/benchhome --soak 300     # + 5 min soak
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(folder)
     tenants = manifest.get("tenants", {})
     if not tenants:
-        print(f"error: no tenants in {folder / 'manifest.json'}; run `python -m resources.cli --home {home} demo`",
+        print(f"error: no tenants in {folder / 'manifest.json'}; run `python -m resources.cli --home {home} build`",
               file=sys.stderr)
         return 1
     tenant = args.tenant or next((t for t, e in tenants.items() if e.get("challenger")), next(iter(tenants)))
