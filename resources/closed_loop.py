@@ -369,6 +369,9 @@ class ClosedLoopDemo:
                 self.for_each_tenant(_worker_day, day)
                 self.watch_runs()
                 self.confirm_promotions()
+                # The service swaps in today's snapshot within its 0.5 s poll: let it, so today's
+                # traffic is scored (and monitored) with today's features.
+                time.sleep(1.0)
                 scored = {t: self.traffic(t) for t in self.tenants}
                 if self.day % 7 == 0:
                     self.emit("-", "traffic", ", ".join(f"{t}: {n} accounts scored" for t, n in scored.items()))
