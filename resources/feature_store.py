@@ -42,74 +42,113 @@ LOOKBACK_WEEKS = 13
 LABEL_HORIZON_DAYS = 30
 MIN_HISTORY_DAYS = 35
 
-# One definition of every feature. Events are first summed per account and week (one hash
-# aggregate over the raw rows, no sort), then windows run over the small account x week grid.
-# $origin: DATE; $first_week..$last_week: the (negative) weeks returned; $scan_from/$scan_to:
-# the days read (the returned weeks plus LOOKBACK_WEEKS - 1 weeks before them).
+# One definition of every feature. $origin: DATE; $first_week..$last_week: the (negative) weeks
+# returned; $scan_from/$scan_to: the days read (the returned weeks plus LOOKBACK_WEEKS - 1 weeks
+# before them). Inside the query a week is its index ``idx`` from $scan_from (idx 0 is week
+# $first_week - (LOOKBACK_WEEKS - 1)), computed with integer arithmetic, and an account is a dense
+# integer ``k``: the joins hash one BIGINT ``key = k * 2^32 + idx`` instead of a string and a week,
+# and ``key - n`` is the same account n weeks earlier. There is no window function and no sort:
+# - usage is summed per account and week; a row's 4-week sums are its 2-week sums (the week and
+#   the one before) plus those of two weeks earlier, found by key;
+# - payment failures and tickets are sparse, so each one is counted straight into every window
+#   that contains its week (13 weeks for failures, 4 for tickets);
+# - the grid has a row for every account and week whose last day is on or after the signup day;
+#   weeks before the signup week count in no window (``idx >= signup_idx``), nor do events of
+#   accounts missing from raw_accounts.
+# The usage sums run as USAGE_PARTS aggregates over consecutive ranges of weeks rather than one:
+# each hash table then holds a fraction of the account-weeks, and as usage is appended day by day
+# each range reads only its own row groups (about 10% less CPU at 10M events; on rows in no
+# particular order it costs what one aggregate costs).
+USAGE_PARTS = 4
+_USAGE_PART_SQL = """
+        SELECT account_id, CAST((CAST(event_date AS DATE) - CAST($scan_from AS DATE)) // 7 AS INTEGER) AS idx,
+               -- BIGINT, not the HUGEINT that sum() of BIGINT gives
+               count(*) AS active_days, CAST(sum(active_users) AS BIGINT) AS user_days,
+               CAST(sum(sessions) AS BIGINT) AS sessions, CAST(sum(feature_events) AS BIGINT) AS events
+        FROM raw_usage_events
+        WHERE event_date >= FROM_DAY AND event_date < TO_DAY
+        GROUP BY ALL"""
+
+
+def _usage_part_day(part: int) -> str:
+    """The first day of a part: $scan_from plus 7 * (part * weeks read // USAGE_PARTS) days."""
+    weeks_read = "(CAST($last_week AS INTEGER) - CAST($first_week AS INTEGER) + LOOKBACK_WEEKS)"
+    return f"CAST($scan_from AS DATE) + CAST(7 * ({weeks_read} * {part} // {USAGE_PARTS}) AS INTEGER)"
+
+
 FEATURE_VIEW_SQL = """
-WITH usage_weekly AS (
-    SELECT account_id, CAST(floor(date_diff('day', CAST($origin AS DATE), CAST(event_date AS DATE)) / 7) AS INTEGER) AS week,
-           -- BIGINT, not the HUGEINT that sum() of BIGINT gives: windows over HUGEINT are slow
-           count(*) AS active_days, CAST(sum(active_users) AS BIGINT) AS user_days,
-           CAST(sum(sessions) AS BIGINT) AS sessions, CAST(sum(feature_events) AS BIGINT) AS events
-    FROM raw_usage_events
-    WHERE event_date >= CAST($scan_from AS DATE) AND event_date < CAST($scan_to AS DATE)
-    GROUP BY ALL
+WITH accounts AS (
+    SELECT account_id, CAST(row_number() OVER () AS BIGINT) AS k,
+           -- the signup week's index, or 0 when it is before the first week read
+           CAST(greatest(0, (CAST(signup_date AS DATE) - CAST($scan_from AS DATE)) // 7) AS INTEGER) AS signup_idx,
+           seats, mrr, company_size, signup_date, plan, segment
+    FROM raw_accounts
 ),
-billing_weekly AS (
-    SELECT account_id, CAST(floor(date_diff('day', CAST($origin AS DATE), CAST(event_time AS DATE)) / 7) AS INTEGER) AS week,
-           count(*) FILTER (WHERE event_type = 'payment_failed') AS payment_failures
-    FROM raw_billing_events
-    WHERE event_time >= CAST($scan_from AS DATE) AND event_time < CAST($scan_to AS DATE)
-    GROUP BY ALL
+usage_weekly AS (
+    SELECT a.k * 4294967296 + u.idx AS key, u.active_days, u.user_days, u.sessions, u.events
+    FROM (USAGE_PARTS_SQL
+    ) u
+    JOIN accounts a ON a.account_id = u.account_id AND u.idx >= a.signup_idx
 ),
-tickets_weekly AS (
-    SELECT account_id, CAST(floor(date_diff('day', CAST($origin AS DATE), CAST(opened_at AS DATE)) / 7) AS INTEGER) AS week,
-           count(*) AS tickets, count(*) FILTER (WHERE severity >= 3) AS high_severity_tickets,
-           max(severity) AS max_severity
-    FROM raw_support_tickets
-    WHERE opened_at >= CAST($scan_from AS DATE) AND opened_at < CAST($scan_to AS DATE)
+event_windows AS (
+    SELECT a.k * 4294967296 + e.idx + j AS key,
+           count(*) FILTER (WHERE e.is_failure AND j < 4) AS payment_failures_28d,
+           count(*) FILTER (WHERE e.is_failure) AS payment_failures_91d,
+           count(*) FILTER (WHERE NOT e.is_failure) AS tickets_28d,
+           count(*) FILTER (WHERE NOT e.is_failure AND e.severity >= 3) AS high_severity_tickets_28d,
+           max(e.severity) AS max_ticket_severity_28d
+    FROM (
+        SELECT account_id, CAST((CAST(event_time AS DATE) - CAST($scan_from AS DATE)) // 7 AS INTEGER) AS idx,
+               true AS is_failure, CAST(NULL AS BIGINT) AS severity
+        FROM raw_billing_events
+        WHERE event_type = 'payment_failed'
+          AND event_time >= CAST($scan_from AS DATE) AND event_time < CAST($scan_to AS DATE)
+        UNION ALL
+        SELECT account_id, CAST((CAST(opened_at AS DATE) - CAST($scan_from AS DATE)) // 7 AS INTEGER) AS idx,
+               false AS is_failure, severity
+        FROM raw_support_tickets
+        WHERE opened_at >= CAST($scan_from AS DATE) AND opened_at < CAST($scan_to AS DATE)
+    ) e
+    JOIN accounts a ON a.account_id = e.account_id AND e.idx >= a.signup_idx,
+    range(LOOKBACK_WEEKS) r(j)  -- the event's week counts in the windows of the weeks idx + j
+    WHERE (e.is_failure OR j < 4) AND e.idx + j >= LOOKBACK_WEEKS - 1
     GROUP BY ALL
 ),
 grid AS (
-    -- every week an account existed in (its last day on or after the signup day)
-    SELECT a.account_id, CAST(w.week AS INTEGER) AS week
-    FROM raw_accounts a, range(CAST($first_week AS INTEGER) - (LOOKBACK_WEEKS - 1), CAST($last_week AS INTEGER) + 1) w(week)
-    WHERE date_diff('day', CAST($origin AS DATE), CAST(a.signup_date AS DATE)) < 7 * (w.week + 1)
+    -- every week an account existed in (its last day on or after the signup day): the returned
+    -- weeks and the two before them
+    SELECT a.k, CAST(w.idx AS INTEGER) AS idx, a.k * 4294967296 + w.idx AS key
+    FROM accounts a,
+         range(LOOKBACK_WEEKS - 3, CAST($last_week AS INTEGER) - CAST($first_week AS INTEGER) + LOOKBACK_WEEKS) w(idx)
+    WHERE w.idx >= a.signup_idx
 ),
-weekly AS (
-    SELECT g.account_id, g.week,
-           coalesce(u.active_days, 0) AS active_days, coalesce(u.user_days, 0) AS user_days,
-           coalesce(u.sessions, 0) AS sessions, coalesce(u.events, 0) AS events,
-           coalesce(b.payment_failures, 0) AS payment_failures, coalesce(t.tickets, 0) AS tickets,
-           coalesce(t.high_severity_tickets, 0) AS high_severity_tickets, coalesce(t.max_severity, 0) AS max_severity
+two_weeks AS (
+    SELECT g.k, g.idx, g.key, u0.active_days, u0.events, u0.user_days,
+           coalesce(u0.events, 0) + coalesce(u1.events, 0) AS events_2w,
+           coalesce(u0.sessions, 0) + coalesce(u1.sessions, 0) AS sessions_2w,
+           coalesce(u0.user_days, 0) + coalesce(u1.user_days, 0) AS user_days_2w
     FROM grid g
-    LEFT JOIN usage_weekly u USING (account_id, week)
-    LEFT JOIN billing_weekly b USING (account_id, week)
-    LEFT JOIN tickets_weekly t USING (account_id, week)
+    LEFT JOIN usage_weekly u0 ON u0.key = g.key
+    LEFT JOIN usage_weekly u1 ON u1.key = g.key - 1
 ),
 windowed AS (
-    -- Weeks of an account run without gaps, so a 4-week window is the week plus its 3 lags
-    -- (cheaper than a framed aggregate); the 13-week sum keeps its frame.
-    SELECT account_id, week, active_days AS active_days_7d, events AS events_7d, user_days AS user_days_7d,
-           events + lag(events, 1, 0) OVER w + lag(events, 2, 0) OVER w + lag(events, 3, 0) OVER w AS events_28d,
-           sessions + lag(sessions, 1, 0) OVER w + lag(sessions, 2, 0) OVER w + lag(sessions, 3, 0) OVER w
-               AS sessions_28d,
-           user_days + lag(user_days, 1, 0) OVER w + lag(user_days, 2, 0) OVER w + lag(user_days, 3, 0) OVER w
-               AS user_days_28d,
-           payment_failures + lag(payment_failures, 1, 0) OVER w + lag(payment_failures, 2, 0) OVER w
-               + lag(payment_failures, 3, 0) OVER w AS payment_failures_28d,
-           sum(payment_failures) OVER w13 AS payment_failures_91d,
-           tickets + lag(tickets, 1, 0) OVER w + lag(tickets, 2, 0) OVER w + lag(tickets, 3, 0) OVER w AS tickets_28d,
-           high_severity_tickets + lag(high_severity_tickets, 1, 0) OVER w + lag(high_severity_tickets, 2, 0) OVER w
-               + lag(high_severity_tickets, 3, 0) OVER w AS high_severity_tickets_28d,
-           greatest(max_severity, lag(max_severity, 1, 0) OVER w, lag(max_severity, 2, 0) OVER w,
-                    lag(max_severity, 3, 0) OVER w) AS max_ticket_severity_28d
-    FROM weekly
-    WINDOW w AS (PARTITION BY account_id ORDER BY week),
-           w13 AS (PARTITION BY account_id ORDER BY week ROWS BETWEEN 12 PRECEDING AND CURRENT ROW)
+    SELECT t.k, CAST(t.idx + CAST($first_week AS INTEGER) - (LOOKBACK_WEEKS - 1) AS INTEGER) AS week,
+           coalesce(t.active_days, 0) AS active_days_7d, coalesce(t.events, 0) AS events_7d,
+           coalesce(t.user_days, 0) AS user_days_7d,
+           t.events_2w + coalesce(p.events_2w, 0) AS events_28d,
+           t.sessions_2w + coalesce(p.sessions_2w, 0) AS sessions_28d,
+           t.user_days_2w + coalesce(p.user_days_2w, 0) AS user_days_28d,
+           coalesce(e.payment_failures_28d, 0) AS payment_failures_28d,
+           coalesce(e.payment_failures_91d, 0) AS payment_failures_91d,
+           coalesce(e.tickets_28d, 0) AS tickets_28d,
+           coalesce(e.high_severity_tickets_28d, 0) AS high_severity_tickets_28d,
+           coalesce(e.max_ticket_severity_28d, 0) AS max_ticket_severity_28d
+    FROM two_weeks t
+    LEFT JOIN two_weeks p ON p.key = t.key - 2
+    LEFT JOIN event_windows e ON e.key = t.key
+    WHERE t.idx >= LOOKBACK_WEEKS - 1
 )
-SELECT w.account_id,
+SELECT a.account_id,
        w.week AS feature_week,
        CAST($origin AS DATE) + CAST(7 * w.week + 6 AS INTEGER) AS feature_date,
        CAST(CAST($origin AS DATE) + CAST(7 * (w.week + 1) AS INTEGER) AS TIMESTAMP) AS available_at,
@@ -132,9 +171,14 @@ SELECT w.account_id,
        CAST(w.max_ticket_severity_28d AS DOUBLE) AS max_ticket_severity_28d,
        a.plan,
        a.segment
-FROM windowed w JOIN raw_accounts a USING (account_id)
-WHERE w.week BETWEEN CAST($first_week AS INTEGER) AND CAST($last_week AS INTEGER)
-""".replace("LOOKBACK_WEEKS", str(LOOKBACK_WEEKS))
+FROM windowed w JOIN accounts a USING (k)
+""".replace(
+    "USAGE_PARTS_SQL",
+    "\n        UNION ALL".join(
+        _USAGE_PART_SQL.replace("FROM_DAY", _usage_part_day(part)).replace("TO_DAY", _usage_part_day(part + 1))
+        for part in range(USAGE_PARTS)
+    ),
+).replace("LOOKBACK_WEEKS", str(LOOKBACK_WEEKS))
 
 # Labels: at every week boundary (prediction time) with enough history, every account live at
 # that time; positive when it churns in the following LABEL_HORIZON_DAYS. Only mature labels.

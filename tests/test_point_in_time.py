@@ -115,3 +115,50 @@ def test_model_frame_has_fixed_columns_and_category_levels():
     assert list(frame["plan"].cat.categories) == ["starter", "pro", "enterprise"]
     with pytest.raises(KeyError, match="lacks columns"):
         to_model_frame(rows.drop(columns=["mrr"]))
+
+
+def test_feature_view_matches_an_independent_pandas_implementation():
+    """FEATURE_VIEW_SQL against the benchmark's pandas implementation of the same features, on random
+    data with the awkward cases: gaps, signups inside the history (with usage, payments and tickets
+    before the signup week, which no window may count), events of unknown accounts, several tickets
+    and failed payments in one week, an account signing up after the last week."""
+    import numpy as np
+
+    from benchmarks.features import OUTPUT_COLUMNS, compare, pandas_features
+    from resources.feature_store import compute_features, feature_origin
+
+    rng = np.random.default_rng(7)
+    n, days = 60, 150
+    start = pd.Timestamp(START)
+    ids = [f"acc-{i:03d}" for i in range(n)]
+    signup = start + pd.to_timedelta(
+        np.where(rng.random(n) < 0.5, -rng.integers(1, 400, n), rng.integers(0, days + 10, n)), unit="D")
+    con = duckdb.connect()
+    _load(con, "raw_accounts", pd.DataFrame({
+        "account_id": ids, "plan": rng.choice(["starter", "pro", "enterprise"], n), "seats": rng.integers(1, 50, n),
+        "mrr": rng.uniform(10, 5000, n).round(2), "signup_date": signup, "region": "eu",
+        "segment": rng.choice(["smb", "mid_market", "enterprise"], n), "company_size": rng.integers(1, 5000, n)}))
+    day, acc = np.nonzero(rng.random((days, n + 3)) < 0.6)  # accounts n.. are unknown
+    all_ids = np.array([*ids, "ghost-1", "ghost-2", "ghost-3"])
+    _load(con, "raw_usage_events", pd.DataFrame({
+        "account_id": all_ids[acc], "event_date": start + pd.to_timedelta(day, unit="D"),
+        "active_users": rng.integers(0, 40, len(day)), "sessions": rng.integers(0, 100, len(day)),
+        "feature_events": rng.integers(0, 10_000, len(day))}))
+    k = 500
+    _load(con, "raw_billing_events", pd.DataFrame({
+        "event_id": [f"b{i}" for i in range(k)], "account_id": rng.choice(all_ids, k),
+        "event_time": start + pd.to_timedelta(rng.integers(-30, days * 86_400, k), unit="s"),
+        "event_type": rng.choice(["invoice_paid", "payment_failed"], k), "amount": 10.0}))
+    _load(con, "raw_support_tickets", pd.DataFrame({
+        "ticket_id": [f"t{i}" for i in range(k)], "account_id": rng.choice(all_ids, k),
+        "opened_at": start + pd.to_timedelta(rng.integers(0, days * 86_400, k), unit="s"),
+        "severity": rng.integers(1, 5, k), "category": "billing"}))
+    raw = {name: con.execute(f"SELECT * EXCLUDE (source) FROM {name}").df()  # noqa: S608 - test tables
+           for name in ("raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets")}
+    origin, weeks = feature_origin(con)
+    for first, last in ((-weeks, -1), (-1, -1), (-9, -4)):
+        duck = compute_features(con, origin, first, last).sort_values(["account_id", "feature_week"], ignore_index=True)
+        pand = pandas_features(raw, origin, first, last).sort_values(["account_id", "feature_week"], ignore_index=True)
+        assert list(duck.columns) == list(OUTPUT_COLUMNS)
+        assert len(duck) > 0 and compare(duck, pand) == [], (first, last)
+    assert not duck["account_id"].str.startswith("ghost").any()
