@@ -7,10 +7,14 @@ imports it cheaply.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from resources.vocabulary import PLANS, SEGMENTS
+
+if TYPE_CHECKING:  # pandas is imported where a frame is built: the service's hot path never needs it
+    import pandas as pd
 
 NUMERIC_FEATURES: tuple[str, ...] = (
     "active_days_7d",
@@ -39,6 +43,8 @@ def to_model_frame(features: pd.DataFrame) -> pd.DataFrame:
 
     Training and serving both call this, so the two can never disagree on encoding.
     """
+    import pandas as pd
+
     missing = [c for c in FEATURE_COLUMNS if c not in features.columns]
     if missing:
         raise KeyError(f"feature frame lacks columns {missing}")
