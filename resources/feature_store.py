@@ -245,6 +245,18 @@ def build_feature_table(con: duckdb.DuckDBPyConnection) -> int:
     return con.execute(f"SELECT count(*) FROM {FEATURE_TABLE}").fetchone()[0]  # noqa: S608 - constant
 
 
+def build_training_set(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """Mature labels joined point-in-time to the offline features; stored as ``churn_training_set``."""
+    # The labels go in as a CTE: an ASOF join against a table created earlier in the same
+    # transaction is planned without statistics and runs ~100x slower.
+    con.execute(
+        "CREATE OR REPLACE TABLE churn_training_set AS WITH churn_labels AS (" + LABELS_SQL + ") "
+        + TRAINING_SET_SQL
+    )
+    con.execute("CREATE OR REPLACE TABLE churn_labels AS " + LABELS_SQL)
+    return con.execute("SELECT * FROM churn_training_set").df()
+
+
 def content_hash(frame: pd.DataFrame) -> str:
     """A stable content hash of a data frame (row order and dtypes included)."""
     hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
@@ -265,14 +277,7 @@ class FeatureStore(dg.ConfigurableResource):
 
     def build_training_set(self, con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
         """Mature labels joined point-in-time to the offline features; stored as ``churn_training_set``."""
-        # The labels go in as a CTE: an ASOF join against a table created earlier in the same
-        # transaction is planned without statistics and runs ~100x slower.
-        con.execute(
-            "CREATE OR REPLACE TABLE churn_training_set AS WITH churn_labels AS (" + LABELS_SQL + ") "
-            + TRAINING_SET_SQL
-        )
-        con.execute("CREATE OR REPLACE TABLE churn_labels AS " + LABELS_SQL)
-        return con.execute("SELECT * FROM churn_training_set").df()
+        return build_training_set(con)
 
     # --- online snapshot ------------------------------------------------------------------
     def online_dir(self, tenant: str) -> Path:

@@ -14,7 +14,7 @@ import duckdb
 import pandas as pd
 
 from resources import modeling
-from resources.feature_store import LABEL_HORIZON_DAYS, FeatureStore, build_feature_table, compute_features
+from resources.feature_store import LABEL_HORIZON_DAYS, build_feature_table, build_training_set, compute_features
 from resources.monitoring import TIMESTAMP, MonitoringPolicy, TenantMonitor
 from resources.schemas import RAW_TABLES
 from resources.simulator import SIMULATION_START, simulate_tenant
@@ -59,8 +59,7 @@ def replay_tenant(spec: TenantSpec, start_day: int, end_day: int) -> ReplayedTen
     until ``end_day`` with that model."""
     built = load_world(dataclasses.replace(spec, today=start_day))
     build_feature_table(built)
-    # The platform's own training-set builder (it needs nothing of the resource but the connection).
-    training = FeatureStore.build_training_set(None, built)
+    training = build_training_set(built)
     split = modeling.time_split(training)
     booster = modeling.train_booster(split.train)
     reference = split.holdout.assign(score=modeling.score(booster, split.holdout)).rename(
