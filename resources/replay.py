@@ -14,7 +14,12 @@ import duckdb
 import pandas as pd
 
 from resources import modeling
-from resources.feature_store import LABEL_HORIZON_DAYS, build_feature_table, build_training_set, compute_features
+from resources.feature_store import (
+    LABEL_HORIZON_DAYS,
+    build_feature_table,
+    build_training_set,
+    compute_features,
+)
 from resources.monitoring import TIMESTAMP, MonitoringPolicy, TenantMonitor
 from resources.schemas import RAW_TABLES
 from resources.simulator import SIMULATION_START, simulate_tenant
