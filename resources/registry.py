@@ -125,5 +125,10 @@ class ModelRegistry(dg.ConfigurableResource):
 def mlflow_tracking_in_home(context):
     # dagster-mlflow creates a missing experiment with MLflow's default artifact root (./mlruns in
     # the working directory); creating it first keeps artifacts under MLOPS_HOME.
-    context.resources.registry.ensure_experiment()
+    registry = context.resources.registry
+    registry.ensure_experiment()
+    # MLflow's URIs are process-wide, and dagster-mlflow sets only the tracking one: registering
+    # the model would otherwise go to whichever registry this process used last.
+    mlflow.set_tracking_uri(registry.settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(registry.settings.mlflow_tracking_uri)
     return mlflow_tracking.resource_fn(context)
