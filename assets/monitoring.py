@@ -181,16 +181,14 @@ def model_monitoring(
         analysis = analysis_frame(con, feature_store.online_dir(tenant), version, monitoring_policy.analysis_window_days)
         monitor, fitted = load_or_fit(settings.root, tenant, version, monitoring_policy,
                                       lambda: reference_frame(con, version))
+        stored = read_monitoring_results(con, version)
+        raised = set(read_monitoring_alerts(con, version)[["metric", "chunk_key"]].itertuples(index=False, name=None))
     if analysis.empty:
         context.log.info(f"{tenant}: champion v{version} has no logged predictions yet")
         return dg.MaterializeResult(metadata={"model_version": version, "analysis_rows": dg.MetadataValue.int(0),
                                               "decay_alert": False})
-    with warehouse.connect(tenant) as con:
-        stored = read_monitoring_results(con, version)
     fresh, everything = run_incremental(monitor, analysis, stored, monitoring_policy)
     # A decay alert is raised once per alerting chunk, not again every day it stays the newest.
-    with warehouse.connect(tenant) as con:
-        raised = {(m, c) for m, c in read_monitoring_alerts(con, version)[["metric", "chunk_key"]].itertuples(index=False)}
     decay = [a for a in decay_alerts(everything, monitoring_policy.consecutive_chunks)
              if (a["metric"], a["chunk"]) not in raised]
     report = MonitoringReport(everything, monitor.reference_roc_auc, decay)
@@ -346,15 +344,15 @@ def shadow_comparison(
             con.execute(PREDICTION_LOG_DDL)
             pairs = con.execute(SHADOW_PAIRS_SQL, [champ_v, chall_v]).df()
             if len(pairs) >= policy.shadow_min_predictions:
-                online = feature_store.online_dir(tenant)
-                shadow_features = analysis_frame(con, online, champ_v, policy.analysis_window_days)
-                labelled = analysis_frame(con, online, champ_v, policy.analysis_window_days + LABEL_HORIZON_DAYS)
+                # The champion's logged features: the shadow pairs' rows and the labelled ones.
+                logged = analysis_frame(con, feature_store.online_dir(tenant), champ_v,
+                                        policy.analysis_window_days + LABEL_HORIZON_DAYS)
                 references = {v: reference_frame(con, v) for v in (champ_v, chall_v)}
         if len(pairs) < policy.shadow_min_predictions:
             decision = "wait"
             reason = f"{len(pairs)} of {policy.shadow_min_predictions} shadow predictions so far"
         else:
-            comparison |= compare_shadow(pairs, shadow_features, labelled, references,
+            comparison |= compare_shadow(pairs, logged, references,
                                          {v: registry.load_booster(tenant, v) for v in (champ_v, chall_v)})
             decision, reason = promotion_decision(comparison, policy)
     comparison |= {"decision": decision, "reason": reason, "shadow_pairs": len(pairs)}
@@ -391,8 +389,8 @@ def shadow_comparison(
     )
 
 
-def compare_shadow(pairs: pd.DataFrame, shadow_features: pd.DataFrame, labelled: pd.DataFrame,
-                   references: dict[str, pd.DataFrame], boosters: dict) -> dict:
+def compare_shadow(pairs: pd.DataFrame, logged: pd.DataFrame, references: dict[str, pd.DataFrame],
+                   boosters: dict) -> dict:
     """Agreement, latency and ROC AUC (estimated and, where labels exist, realized) of both models."""
     import nannyml as nml
     from scipy.stats import spearmanr
@@ -409,7 +407,7 @@ def compare_shadow(pairs: pd.DataFrame, shadow_features: pd.DataFrame, labelled:
         out[f"{role}_p95_ms"] = float(np.percentile(latency, 95))
         out[f"{role}_p99_ms"] = float(np.percentile(latency, 99))
     # CBPE: each model's estimate on the shadow requests, calibrated on its own reference.
-    features = shadow_features.drop(columns=["score"]).merge(pairs[["prediction_id", "champion_score", "challenger_score"]],
+    features = logged.drop(columns=["score"]).merge(pairs[["prediction_id", "champion_score", "challenger_score"]],
                                                           on="prediction_id")
     for role, version in (("champion", champ_v), ("challenger", chall_v)):
         data = prepare(features.rename(columns={f"{role}_score": SCORE}))
@@ -419,7 +417,7 @@ def compare_shadow(pairs: pd.DataFrame, shadow_features: pd.DataFrame, labelled:
         result = estimator.estimate(data.drop(columns=[TARGET])).filter(period="analysis").to_df()
         out[f"{role}_estimated_roc_auc"] = float(result[("roc_auc", "value")].iloc[0])
     # Realized: both models scored on the freshest traffic whose labels have matured.
-    mature = labelled[labelled[TARGET].notna()]
+    mature = logged[logged[TARGET].notna()]
     if len(mature) and mature[TARGET].nunique() == 2:
         from resources.model_inputs import to_model_matrix
 

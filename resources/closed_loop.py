@@ -276,16 +276,20 @@ class ClosedLoopDemo:
         self.processes.clear()
 
     # --- one simulated day ----------------------------------------------------------------------
-    def traffic(self, tenant: str) -> int:
-        """Score every active account of the tenant: batches of 1,000 plus one single predict."""
+    def active_accounts(self, tenant: str) -> list[str]:
+        """Accounts active in the last week of the snapshot the service is serving."""
         import pandas as pd
 
-        from resources.serving import serving_dir
+        from resources.serving import read_manifest, serving_dir
 
-        manifest = json.loads((serving_dir(self.root) / "manifest.json").read_text())
-        entry = manifest["tenants"][tenant]
-        snapshot = pd.read_parquet(serving_dir(self.root) / entry["snapshot"]["file"], columns=["account_id", "active_days_7d"])
-        accounts = snapshot.loc[snapshot["active_days_7d"] > 0, "account_id"].tolist()
+        entry = read_manifest(serving_dir(self.root))["tenants"][tenant]
+        snapshot = pd.read_parquet(serving_dir(self.root) / entry["snapshot"]["file"],
+                                   columns=["account_id", "active_days_7d"])
+        return snapshot.loc[snapshot["active_days_7d"] > 0, "account_id"].tolist()
+
+    def traffic(self, tenant: str) -> int:
+        """Score every active account of the tenant, in batches of 1,000."""
+        accounts = self.active_accounts(tenant)
         headers = {"Authorization": f"Bearer {self.keys[tenant]}"}
         for i in range(0, len(accounts), 1000):
             payload = {"tenant": tenant, "account_ids": accounts[i:i + 1000]}
@@ -304,21 +308,16 @@ class ClosedLoopDemo:
         while self.promoted_tenants:
             tenant = self.promoted_tenants.pop()
             expected = str(self.registry.alias_version(tenant, "champion").version)
+            account = self.active_accounts(tenant)[0]
             deadline = time.monotonic() + 30
-            while (version := self.serving_version(tenant)) != expected and time.monotonic() < deadline:
+            while (version := self.serving_version(tenant, account)) != expected and time.monotonic() < deadline:
                 time.sleep(0.1)
             since = time.monotonic() - self.first_alert.get(tenant, time.monotonic())
             self.emit(tenant, "new champion serving", f"v{version} answers; {since:.1f}s after the first decay alert")
             self.alert_to_serving_s = since
 
-    def serving_version(self, tenant: str) -> str:
-        from resources.serving import serving_dir
-
-        manifest = json.loads((serving_dir(self.root) / "manifest.json").read_text())
-        snapshot_file = serving_dir(self.root) / manifest["tenants"][tenant]["snapshot"]["file"]
-        import pandas as pd
-
-        account = pd.read_parquet(snapshot_file, columns=["account_id"])["account_id"].iloc[0]
+    def serving_version(self, tenant: str, account: str) -> str:
+        """The model version the running service answers with for one account."""
         response = requests.post(f"{self.service_url}/v1/predict", timeout=10,
                                  headers={"Authorization": f"Bearer {self.keys[tenant]}"},
                                  json={"tenant": tenant, "account_id": account})
@@ -381,7 +380,7 @@ class ClosedLoopDemo:
                 if self.promoted_on is not None and self.day >= self.promoted_on + self.stop_after_promotion_days - 1:
                     break
             for tenant in self.tenants:
-                self.emit(tenant, "serving", f"model v{self.serving_version(tenant)}")
+                self.emit(tenant, "serving", f"model v{self.serving_version(tenant, self.active_accounts(tenant)[0])}")
             closed = self.promoted_on is not None
             self.emit("-", "loop closed" if closed else "loop NOT closed",
                       f"{sum(self.retrained.values())} retrain(s); wall {time.monotonic() - self.t0:.0f}s")

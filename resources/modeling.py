@@ -142,7 +142,7 @@ def roc_and_calibration_png(y_true: np.ndarray, y_score: np.ndarray, title: str)
     ax.plot([0, 1], [0, 1], "--", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {title}")
     ax.legend(loc="lower right")
-    roc_png = _png(fig)
+    roc_png = figure_png(fig)
     frac_pos, mean_pred = calibration_curve(y_true, y_score, n_bins=10, strategy="quantile")
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.plot(mean_pred, frac_pos, "o-", label="model")
@@ -150,10 +150,11 @@ def roc_and_calibration_png(y_true: np.ndarray, y_score: np.ndarray, title: str)
     ax.plot([0, hi], [0, hi], "--", color="grey", label="perfect")
     ax.set(xlabel="mean predicted churn", ylabel="observed churn rate", title=f"Calibration: {title}")
     ax.legend(loc="upper left")
-    return roc_png, _png(fig)
+    return roc_png, figure_png(fig)
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (closed afterwards): plots for metadata and MLflow."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=90)

@@ -16,7 +16,6 @@ default thresholds and are reported, not acted on: drift without decay does not 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -353,7 +352,9 @@ def performance_plot(results: pd.DataFrame, title: str) -> bytes:
     ax.set_ylabel("ROC AUC")
     ax.legend(loc="lower left", fontsize=8)
     fig.autofmt_xdate()
-    return _png(fig)
+    from resources.modeling import figure_png
+
+    return figure_png(fig)
 
 
 def drift_plot(results: pd.DataFrame, title: str) -> bytes:
@@ -376,17 +377,9 @@ def drift_plot(results: pd.DataFrame, title: str) -> bytes:
     bottom.bar(counts.index, counts.values, width=0.8)
     bottom.set_ylabel("features drifting")
     fig.autofmt_xdate()
-    return _png(fig)
+    from resources.modeling import figure_png
 
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 # --- operational monitoring -------------------------------------------------------------------
