@@ -10,7 +10,7 @@ It simulates one large tenant (deterministically, with numpy), loads the raw tab
 in-memory DuckDB database, then times
 
 - the platform's real feature build, ``resources.feature_store.build_feature_table`` (the
-  ``CREATE OR REPLACE TABLE account_features AS FEATURE_VIEW_SQL`` over the whole history that the
+  ``CREATE OR REPLACE TABLE account_features AS feature_view_sql(...)`` over the whole history that the
   ``account_features`` asset runs): the headline figure;
 - ``resources.feature_store.compute_features(con, origin, -weeks, -1)``, the same query fetched as
   a pandas DataFrame: a secondary figure;
@@ -44,13 +44,13 @@ import pandas as pd
 from resources.feature_store import (
     FEATURE_COLUMNS,
     FEATURE_TABLE,
-    FEATURE_VIEW_SQL,
     LOOKBACK_WEEKS,
     NUMERIC_FEATURES,
     _view_params,
     build_feature_table,
     compute_features,
     feature_origin,
+    feature_view_sql,
 )
 from resources.schemas import BILLING_EVENT_TYPES, PLANS, RAW_TABLES, SEGMENTS, TICKET_CATEGORIES
 from resources.simulator import SIMULATION_START
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
 
     profile = None
     if args.profile:
-        sql = f"EXPLAIN ANALYZE CREATE OR REPLACE TABLE {FEATURE_TABLE} AS " + FEATURE_VIEW_SQL
+        sql = f"EXPLAIN ANALYZE CREATE OR REPLACE TABLE {FEATURE_TABLE} AS " + feature_view_sql(-weeks, -1)
         profile = con.execute(sql, _view_params(origin, -weeks, -1)).fetchall()[0][1]
 
     duck = con.execute(f"SELECT * FROM {FEATURE_TABLE} ORDER BY account_id, feature_week").df()  # noqa: S608 - constant

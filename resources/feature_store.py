@@ -14,6 +14,7 @@ what was known at the end of the week's last day ``feature_date`` and becomes av
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -55,25 +56,19 @@ MIN_HISTORY_DAYS = 35
 # - the grid has a row for every account and week whose last day is on or after the signup day;
 #   weeks before the signup week count in no window (``idx >= signup_idx``), nor do events of
 #   accounts missing from raw_accounts.
-# The usage sums run as USAGE_PARTS aggregates over consecutive ranges of weeks rather than one:
-# each hash table then holds a fraction of the account-weeks, and as usage is appended day by day
-# each range reads only its own row groups (about 10% less CPU at 10M events; on rows in no
-# particular order it costs what one aggregate costs).
-USAGE_PARTS = 4
-_USAGE_PART_SQL = """
-        SELECT account_id, CAST((CAST(event_date AS DATE) - CAST($scan_from AS DATE)) // 7 AS INTEGER) AS idx,
+# The usage sums run as one aggregate per week, grouped by account alone (the week is a constant)
+# and reading only the row groups of its seven days (usage is appended day by day): each hash
+# table holds one week's accounts and stays in cache, where one aggregate over every account-week
+# would not (about 40% less time for this step at 10M events). Only the weeks the windows need are
+# read: from LOOKBACK_WEEKS - 4, the start of the first returned week's 4-week window.
+_USAGE_WEEK_SQL = """
+        SELECT account_id, CAST(@IDX@ AS INTEGER) AS idx,
                -- BIGINT, not the HUGEINT that sum() of BIGINT gives
                count(*) AS active_days, CAST(sum(active_users) AS BIGINT) AS user_days,
                CAST(sum(sessions) AS BIGINT) AS sessions, CAST(sum(feature_events) AS BIGINT) AS events
         FROM raw_usage_events
-        WHERE event_date >= FROM_DAY AND event_date < TO_DAY
-        GROUP BY ALL"""
-
-
-def _usage_part_day(part: int) -> str:
-    """The first day of a part: $scan_from plus 7 * (part * weeks read // USAGE_PARTS) days."""
-    weeks_read = "(CAST($last_week AS INTEGER) - CAST($first_week AS INTEGER) + LOOKBACK_WEEKS)"
-    return f"CAST($scan_from AS DATE) + CAST(7 * ({weeks_read} * {part} // {USAGE_PARTS}) AS INTEGER)"
+        WHERE event_date >= CAST($scan_from AS DATE) + 7 * @IDX@ AND event_date < CAST($scan_from AS DATE) + 7 * (@IDX@ + 1)
+        GROUP BY account_id"""
 
 
 FEATURE_VIEW_SQL = """
@@ -86,7 +81,7 @@ WITH accounts AS (
 ),
 usage_weekly AS (
     SELECT a.k * 4294967296 + u.idx AS key, u.active_days, u.user_days, u.sessions, u.events
-    FROM (USAGE_PARTS_SQL
+    FROM (USAGE_WEEKS_SQL
     ) u
     JOIN accounts a ON a.account_id = u.account_id AND u.idx >= a.signup_idx
 ),
@@ -172,13 +167,20 @@ SELECT a.account_id,
        a.plan,
        a.segment
 FROM windowed w JOIN accounts a USING (k)
-""".replace(
-    "USAGE_PARTS_SQL",
-    "\n        UNION ALL".join(
-        _USAGE_PART_SQL.replace("FROM_DAY", _usage_part_day(part)).replace("TO_DAY", _usage_part_day(part + 1))
-        for part in range(USAGE_PARTS)
-    ),
-).replace("LOOKBACK_WEEKS", str(LOOKBACK_WEEKS))
+""".replace("LOOKBACK_WEEKS", str(LOOKBACK_WEEKS))
+
+
+@functools.lru_cache(maxsize=64)
+def feature_view_sql(first_week: int, last_week: int) -> str:
+    """FEATURE_VIEW_SQL for the weeks [first_week, last_week]: one usage aggregate per week read."""
+    if first_week > last_week:
+        raise ValueError(f"first_week {first_week} is after last_week {last_week}")
+    weeks_read = last_week - first_week + LOOKBACK_WEEKS
+    usage_weeks = "\n        UNION ALL".join(
+        _USAGE_WEEK_SQL.replace("@IDX@", str(idx)) for idx in range(LOOKBACK_WEEKS - 4, weeks_read)
+    )
+    return FEATURE_VIEW_SQL.replace("USAGE_WEEKS_SQL", usage_weeks)
+
 
 # Labels: at every week boundary (prediction time) with enough history, every account live at
 # that time; positive when it churns in the following LABEL_HORIZON_DAYS. Only mature labels.
@@ -210,7 +212,7 @@ ORDER BY l.prediction_time, l.account_id
 """
 
 FEATURE_VIEW_VERSION = hashlib.sha256(
-    json.dumps([FEATURE_VIEW_SQL, LABELS_SQL, TRAINING_SET_SQL, FEATURE_COLUMNS, CATEGORICAL_FEATURES]).encode()
+    json.dumps([FEATURE_VIEW_SQL, _USAGE_WEEK_SQL, LABELS_SQL, TRAINING_SET_SQL, FEATURE_COLUMNS, CATEGORICAL_FEATURES]).encode()
 ).hexdigest()[:16]
 
 
@@ -235,13 +237,13 @@ def _view_params(origin: dt.date, first_week: int, last_week: int) -> dict:
 
 def compute_features(con: duckdb.DuckDBPyConnection, origin: dt.date, first_week: int, last_week: int) -> pd.DataFrame:
     """Feature rows for every account and every week in [first_week, last_week] (weeks are < 0)."""
-    return con.execute(FEATURE_VIEW_SQL, _view_params(origin, first_week, last_week)).df()
+    return con.execute(feature_view_sql(first_week, last_week), _view_params(origin, first_week, last_week)).df()
 
 
 def build_feature_table(con: duckdb.DuckDBPyConnection) -> int:
     """(Re)build the offline table ``account_features`` over the whole history; returns its rows."""
     origin, weeks = feature_origin(con)
-    con.execute(f"CREATE OR REPLACE TABLE {FEATURE_TABLE} AS " + FEATURE_VIEW_SQL, _view_params(origin, -weeks, -1))
+    con.execute(f"CREATE OR REPLACE TABLE {FEATURE_TABLE} AS " + feature_view_sql(-weeks, -1), _view_params(origin, -weeks, -1))
     return con.execute(f"SELECT count(*) FROM {FEATURE_TABLE}").fetchone()[0]  # noqa: S608 - constant
 
 
