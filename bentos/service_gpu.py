@@ -59,11 +59,11 @@ class ChurnServiceGPU(ChurnService.inner):
         self.scorers = ScorerCache()  # before super().__init__(), whose refresh() compiles
         super().__init__()
 
-    def _load_booster(self, path):
-        # The tensor compiler reads a lightgbm.Booster (the CPU service scores with NativeBooster).
+    def _load_model(self, folder, spec, sample):
+        # The tensor compiler reads a lightgbm.Booster (the CPU service scores with compiled trees).
         import lightgbm as lgb
 
-        return lgb.Booster(model_file=str(path))
+        return lgb.Booster(model_file=str(folder / spec["model_file"]))
 
     def refresh(self) -> None:
         super().refresh()

@@ -4,6 +4,7 @@ The service never opens a warehouse or the registry. It reads a *serving bundle*
 
     <serving dir>/manifest.json                      tenant -> champion, challenger, snapshot, history
     <serving dir>/models/<tenant>/v<N>.txt           LightGBM model files exported from the registry
+    <serving dir>/models/<tenant>/v<N>-<hash>.o      the same trees compiled to native code (lleaves)
     <serving dir>/online/<tenant>/features-vNNNNN.parquet   online feature snapshots
     <serving dir>/api_keys.json                      hashed API keys
 
@@ -74,6 +75,64 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 _manifest_lock = threading.Lock()
 
 
+# --- compiled models ---------------------------------------------------------------------------
+# Every published model file is also compiled to native code by lleaves (LLVM): each tree becomes
+# straight-line machine code, scored 3-5x faster than by LightGBM's own predictor, with the same
+# float64 comparisons and the same scores (the service checks this on load). Compiling costs
+# seconds once per model version, at publication, never at service start: the service loads the
+# object file in milliseconds. The object is built for the baseline x86-64 CPU, so it runs on any
+# x86-64 host the bento is deployed to; the service falls back to LightGBM where it cannot use it.
+# Inlining (lleaves' default) scores another ~1.6x faster but compiles ~2.5x slower (~11 s for
+# 250 trees here): publication latency is part of the closed loop, so it is off.
+COMPILE_OPTIONS = {"finline": False, "fcodemodel": "large", "target_cpu": "x86-64", "target_cpu_features": ""}
+# The options that must be the same when the service loads the object as when it was compiled.
+LOAD_OPTIONS = {k: COMPILE_OPTIONS[k] for k in ("fcodemodel", "target_cpu", "target_cpu_features")}
+
+
+def compiled_model_name(model_file: Path) -> str:
+    """``v<N>-<hash>.o``: the hash covers the model text, the compile options and the compiler versions,
+    so a stale object is never picked up (lleaves does not check its cache)."""
+    import lleaves
+    import llvmlite
+
+    digest = hashlib.sha256(model_file.read_bytes())
+    digest.update(json.dumps([COMPILE_OPTIONS, _version_of(lleaves), llvmlite.__version__]).encode())
+    return f"{model_file.stem}-{digest.hexdigest()[:16]}.o"
+
+
+def _version_of(module) -> str:
+    from importlib.metadata import version
+
+    return version(module.__name__)
+
+
+def compile_model(model_file: Path) -> dict:
+    """Compile a published model file next to itself (once); returns the manifest's ``compiled`` entry."""
+    import lleaves
+    import llvmlite.binding as llvm
+
+    target = model_file.with_name(compiled_model_name(model_file))
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        tmp.unlink(missing_ok=True)
+        lleaves.Model(model_file=str(model_file)).compile(cache=str(tmp), **COMPILE_OPTIONS)
+        os.replace(tmp, target)
+    return {"file": target.name, "triple": llvm.get_process_triple(), **LOAD_OPTIONS}
+
+
+def _model_entry(folder: Path, tenant: str, version: str) -> dict:
+    """The manifest entry of a published model version: its file, and its compiled object when one exists."""
+    model_file = folder / "models" / tenant / f"v{version}.txt"
+    entry = {"version": version, "model_file": f"models/{tenant}/v{version}.txt"}
+    try:
+        compiled = compile_model(model_file)
+    except Exception as exc:  # the service scores with LightGBM instead: slower, same scores
+        print(f"serving: could not compile {model_file.name} for tenant {tenant!r}, LightGBM will score it: {exc!r}")
+    else:
+        entry["compiled"] = {**compiled, "file": f"models/{tenant}/{compiled['file']}"}
+    return entry
+
+
 def publish_tenant(
     folder: Path,
     tenant: str,
@@ -91,8 +150,10 @@ def publish_tenant(
     online = folder / "online" / tenant
     models.mkdir(parents=True, exist_ok=True)
     online.mkdir(parents=True, exist_ok=True)
+    entries = {}
     for version, source in [champion] + ([challenger] if challenger else []):
         _copy_atomic(source, models / f"v{version}.txt")
+        entries[version] = _model_entry(folder, tenant, version)  # compiled before the manifest names it
     snap_version, snap_source = snapshot
     _copy_atomic(snap_source, online / snap_source.name)
     with _manifest_lock:
@@ -102,11 +163,8 @@ def publish_tenant(
         if not history or history[-1] != champion[0]:
             history.append(champion[0])
         manifest["tenants"][tenant] = {
-            "champion": {"version": champion[0], "model_file": f"models/{tenant}/v{champion[0]}.txt"},
-            "challenger": (
-                {"version": challenger[0], "model_file": f"models/{tenant}/v{challenger[0]}.txt"}
-                if challenger else None
-            ),
+            "champion": entries[champion[0]],
+            "challenger": entries[challenger[0]] if challenger else None,
             "snapshot": {"version": snap_version, "file": f"online/{tenant}/{snap_source.name}"},
             "champion_history": history,
         }
@@ -125,7 +183,7 @@ def rollback_tenant(folder: Path, tenant: str) -> tuple[str, str]:
         if len(history) < 2:
             raise ValueError(f"tenant {tenant!r} has no previous champion to roll back to")
         current, previous = history[-1], history[-2]
-        entry["champion"] = {"version": previous, "model_file": f"models/{tenant}/v{previous}.txt"}
+        entry["champion"] = _model_entry(folder, tenant, previous)
         entry["champion_history"] = history[:-1]
         entry["challenger"] = None  # the rolled-back model must not keep shadowing
         _write_manifest(folder, manifest)
@@ -349,6 +407,7 @@ def _epoch_us(value: dt.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+@functools.cache
 @functools.cache
 def _segment_schema():
     """The Arrow schema of a segment, with the pandas metadata ``DataFrame.to_parquet`` writes, so

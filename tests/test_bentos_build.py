@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from resources.serving import compile_model
+
 REPO = Path(__file__).resolve().parents[1]
 BENTOS = REPO / "bentos"
 VARIANTS = {
@@ -34,7 +36,7 @@ VARIANTS = {
 }
 # What the service code imports, plus what it needs without importing it (pandas reads Parquet
 # through pyarrow). The GPU bento adds the scorer's torch + hummingbird-ml.
-CPU_ROOTS = ("bentoml", "lightgbm", "numpy", "pandas", "pyarrow", "pydantic", "dagster", "duckdb", "pandera")
+CPU_ROOTS = ("bentoml", "lightgbm", "lleaves", "numpy", "pandas", "pyarrow", "pydantic", "dagster", "duckdb", "pandera")
 GPU_ROOTS = ("torch", "hummingbird-ml")
 GPU_ONLY = ("torch", "hummingbird-ml", "onnx", "onnxconverter-common")
 # The platform the images run on: requirement markers are evaluated for it.
@@ -155,6 +157,7 @@ def _stage_context(ctx: Path) -> dict:
         text = _tiny_model_text()
         for version in (1, 2):
             (serving / "models" / tenant / f"v{version}.txt").write_text(text)
+            compile_model(serving / "models" / tenant / f"v{version}.txt")  # v<N>-<hash>.o, as publication does
         (serving / "online" / tenant / "features-v00001.parquet").write_bytes(b"PAR1 stand-in")
         (serving / "online" / tenant / ".features-v00002.parquet.tmp-77").write_bytes(b"half written")
     manifest = {
@@ -218,7 +221,8 @@ def bentos(tmp_path_factory):
     built = {variant: _build(ctx, home, variant, isolate) for variant in VARIANTS}
     for variant, (_, seconds) in built.items():
         print(f"bentoml build {variant}: {seconds:.1f}s{' (in a network namespace without network)' if isolate else ''}")
-    return {"manifest": manifest, "isolated": bool(isolate), **{v: path for v, (path, _) in built.items()}}
+    return {"manifest": manifest, "isolated": bool(isolate), "context": ctx,
+            **{v: path for v, (path, _) in built.items()}}
 
 
 def _bento_yaml(path: Path) -> dict:
@@ -231,6 +235,10 @@ def _dockerfile(path: Path) -> str:
 
 def _bento_requirements(path: Path) -> dict[str, str]:
     return _pins(path / "env" / "python" / "requirements.txt")
+
+
+def _compiled(serving: Path) -> set[str]:
+    return {p.relative_to(serving).as_posix() for p in (serving / "models").rglob("*.o")}
 
 
 def _bundle_files(path: Path) -> set[str]:
@@ -256,8 +264,11 @@ def test_cpu_bento(bentos):
     assert reqs["lightgbm"] == md.version("lightgbm")
     assert reqs["numpy"] == md.version("numpy") and reqs["bentoml"] == md.version("bentoml")
     assert not set(GPU_ONLY) & set(reqs), "the CPU image must not carry torch/hummingbird"
-    # The serving bundle is inside, and nothing half-written or unrelated came along.
-    assert _bundle_files(path) == EXPECTED_BUNDLE
+    assert reqs["lleaves"] == md.version("lleaves") and reqs["llvmlite"] == md.version("llvmlite")
+    # The serving bundle is inside (compiled models too), and nothing half-written or unrelated came along.
+    compiled = _compiled(bentos["context"] / ".mlops" / "serving")
+    assert len(compiled) == 4
+    assert _bundle_files(path) == EXPECTED_BUNDLE | compiled
     assert json.loads((path / "src/.mlops/serving/manifest.json").read_text()) == bentos["manifest"]
     assert not (path / "src/.mlops/warehouse.duckdb").exists()
     assert not (path / "src/tests").exists()
@@ -285,7 +296,7 @@ def test_gpu_bento(bentos):
     assert reqs["torch"] == "2.13.0"
     assert reqs["hummingbird-ml"] == "0.4.12"
     assert reqs["lightgbm"] == md.version("lightgbm")
-    assert _bundle_files(path) == EXPECTED_BUNDLE
+    assert _bundle_files(path) == EXPECTED_BUNDLE | _compiled(bentos["context"] / ".mlops" / "serving")
     for module in ("service.py", "service_gpu.py", "gpu_scoring.py"):
         assert (path / "src" / "bentos" / module).exists()
     services = {svc["name"]: svc for svc in info["services"]}

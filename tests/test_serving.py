@@ -11,6 +11,7 @@ import threading
 import time
 
 import lightgbm as lgb
+import numpy as np
 import pandas as pd
 import psutil
 import pytest
@@ -109,14 +110,63 @@ def test_predict_returns_the_champion_score_of_the_online_features(service):
 
 
 def test_batch_scores_many_accounts(service):
-    _, snapshot = _snapshot(service["home"])
+    entry, snapshot = _snapshot(service["home"])
     accounts = snapshot["account_id"].iloc[:1000].tolist()
     response = _post(service, "/v1/predict_batch", {"tenant": TENANT, "account_ids": accounts})
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     assert [p["account_id"] for p in predictions] == accounts
     assert len({p["prediction_id"] for p in predictions}) == 1000
-    assert all(0 <= p["score"] <= 1 for p in predictions)
+    # The published model is compiled, the service scores with the compiled trees (it says so when it
+    # cannot), and the scores are LightGBM's.
+    assert (serving_dir(service["home"]) / entry["champion"]["compiled"]["file"]).exists()
+    assert "not its compiled object" not in service["log"].read_text()
+    booster = lgb.Booster(model_file=str(serving_dir(service["home"]) / entry["champion"]["model_file"]))
+    expected = booster.predict(to_model_matrix(snapshot.iloc[:1000]))
+    assert [p["score"] for p in predictions] == pytest.approx(expected.tolist(), abs=1e-12, rel=0)
+
+
+def _tiny_model(folder, seed=0, rounds=30):
+    from resources.feature_store import FEATURE_COLUMNS
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(500, len(FEATURE_COLUMNS)))
+    x[rng.random(x.shape) < 0.05] = np.nan  # missing values take LightGBM's default branches
+    y = (x[:, 0] + rng.normal(size=500) > 0).astype(int)
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_leaves": 8, "num_threads": 1},
+                        lgb.Dataset(x, y), num_boost_round=rounds)
+    folder.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(folder / "v1.txt"))
+    return folder / "v1.txt", x
+
+
+def test_compiled_model_scores_as_lightgbm_and_falls_back_when_it_cannot_be_used(tmp_path, capsys):
+    from bentos.service import CompiledBooster, NativeBooster, load_scorer
+    from resources.serving import _model_entry
+
+    model_file, x = _tiny_model(tmp_path / "models" / "t")
+    entry = _model_entry(tmp_path, "t", "1")
+    compiled = entry["compiled"]
+    assert compiled["file"].startswith("models/t/v1-") and (tmp_path / compiled["file"]).exists()
+    scorer = load_scorer(tmp_path, entry, x[:100])
+    assert isinstance(scorer, CompiledBooster)
+    expected = lgb.Booster(model_file=str(model_file)).predict(x)
+    assert np.max(np.abs(scorer.predict(x) - expected)) <= 1e-12
+    assert np.max(np.abs(scorer.predict(x[:1]) - expected[:1])) <= 1e-12
+
+    # Publishing the same file again reuses the object; another model text gets another object.
+    assert _model_entry(tmp_path, "t", "1")["compiled"] == compiled
+    other, _ = _tiny_model(tmp_path / "models" / "u", seed=1)
+    assert _model_entry(tmp_path, "u", "1")["compiled"]["file"].split("-")[-1] != compiled["file"].split("-")[-1]
+
+    # Another architecture, a damaged object, or an object of another model: LightGBM scores instead.
+    for broken in ({**compiled, "triple": "aarch64-unknown-linux-gnu"},
+                   {**compiled, "file": "models/u/" + _model_entry(tmp_path, "u", "1")["compiled"]["file"].split("/")[-1]},
+                   {**compiled, "file": "models/t/missing.o"}):
+        scorer = load_scorer(tmp_path, {**entry, "compiled": broken}, x[:100])
+        assert isinstance(scorer, NativeBooster), broken
+        assert "is scored by LightGBM, not its compiled object" in capsys.readouterr().out
+        assert np.max(np.abs(scorer.predict(x) - expected)) <= 1e-12
 
 
 @pytest.mark.parametrize(
