@@ -685,8 +685,9 @@ async def _fast_predict(request: Request) -> Response:
         deployment, ids, scores = service._predict(payload.tenant, [payload.account_id], request.headers, "predict")
     except (ValidationError, ServiceError) as exc:
         return _error_response(exc)
-    body = Prediction(prediction_id=ids[0], tenant=payload.tenant, account_id=payload.account_id,
-                      score=float(scores[0]), model_version=deployment.champion.version).model_dump_json()
+    # The fields of ``Prediction``, serialized by pydantic-core as model_dump_json would (no model instance).
+    body = pydantic_core.to_json({"prediction_id": ids[0], "tenant": payload.tenant, "account_id": payload.account_id,
+                                  "score": float(scores[0]), "model_version": deployment.champion.version})
     return Response(body, media_type="application/json")
 
 
