@@ -80,6 +80,10 @@ WORKERS = int(os.environ.get("CHURN_SERVICE_WORKERS", "2"))
 KEEPALIVE_REQUESTS = int(os.environ.get("CHURN_KEEPALIVE_REQUESTS", "100"))
 # Batches at least this large are scored on a thread of their own, so the event loop keeps serving.
 OFFLOAD_ROWS = 64
+# Shadow work is scored in micro-batches this often; requests answered on the event loop with at
+# most LOOP_SHADOW_MAX_ROWS accounts are shadowed on the loop, larger ones by the shadow thread.
+SHADOW_BATCH_S = 0.02
+LOOP_SHADOW_MAX_ROWS = OFFLOAD_ROWS - 1
 
 TenantName = Annotated[str, Field(min_length=2, max_length=40, pattern=r"^[a-z][a-z0-9_-]+$")]
 AccountId = Annotated[str, Field(min_length=1, max_length=64)]
@@ -210,11 +214,11 @@ class CompiledBooster:
     interface.
 
     The compiled function is called directly, not through ``lleaves.Model.predict`` (whose argument
-    conversion costs more than scoring one row), and for a few rows without releasing the GIL: a
-    single row scores in microseconds, and handing the GIL over would let the shadow or log-writer
-    thread hold the request up for a switch interval. Large batches release it."""
+    conversion costs more than scoring one row), and without releasing the GIL below HOLD_GIL_ROWS
+    rows (under a millisecond of scoring): handing the GIL over would let the log-writer thread
+    hold the event loop up for a switch interval. Larger batches release it."""
 
-    HOLD_GIL_ROWS = 64
+    HOLD_GIL_ROWS = 256
 
     def __init__(self, model_file: Path, object_file: Path, load_options: dict):
         import lleaves
@@ -375,7 +379,9 @@ class ChurnService:
         self.folder = serving_dir(self.home)
         # Segments rotate once a second, written by the writer's own thread, never by a request.
         self.log_writer = PredictionLogWriter(self.home, max_rows=200_000, max_age_s=1.0)
-        self._shadow_items: list[_ShadowItem] = []
+        self._shadow_items: list[_ShadowItem] = []  # for the shadow thread
+        self._loop_shadow_items: list[_ShadowItem] = []  # for the event loop (single predictions)
+        self._loop_shadow_scheduled = False
         self._shadow_pending = 0
         self._shadow_cond = threading.Condition()
         self._shadow_closed = False
@@ -465,6 +471,7 @@ class ChurnService:
             self._shadow_closed = True
             self._shadow_cond.notify()
         self._shadow_thread.join(timeout=10)
+        self._flush_loop_shadow()  # what the event loop had queued and not yet scored
         self.log_writer.close()
         self._batch_pool.shutdown(wait=False)
 
@@ -537,44 +544,75 @@ class ChurnService:
 
     # --- shadow ----------------------------------------------------------------------------
     def _enqueue_shadow(self, item: _ShadowItem, sample: float) -> None:
-        """Hand the request to the shadow thread (or skip it: sampled out, or the backlog is full)."""
+        """Queue the request for the challenger (or skip it: sampled out, or the backlog is full).
+
+        Requests answered on the event loop (single predictions) are shadowed on the event loop too,
+        in a micro-batch every SHADOW_BATCH_S scheduled with ``call_later``: after their responses
+        are written, holding the GIL throughout (a micro-batch of compiled scoring takes well under a
+        millisecond). Handing them to a thread made the loop and the thread trade the GIL every
+        switch interval, which showed in the tail latency. Batches scored on worker threads go to
+        the shadow thread, which releases the GIL while it scores."""
         tenant, endpoint = item.deployment.tenant, item.endpoint
         if sample < 1.0 and random.random() >= sample:
             self._shadow_counter(tenant, endpoint, "sampled_out").inc()
             return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the event loop: a worker thread
+            loop = None
+        schedule = False
         with self._shadow_cond:
             if self._shadow_closed or self._shadow_pending + len(item.ids) > SHADOW_MAX_PENDING:
                 outcome = "dropped"
             else:
                 outcome = "shadowed"
-                self._shadow_items.append(item)
                 self._shadow_pending += len(item.ids)
-                if len(self._shadow_items) == 1:
-                    self._shadow_cond.notify()
-        self._shadow_counter(tenant, endpoint, outcome).inc()
+                if loop is not None and len(item.ids) <= LOOP_SHADOW_MAX_ROWS:
+                    self._loop_shadow_items.append(item)
+                    schedule, self._loop_shadow_scheduled = not self._loop_shadow_scheduled, True
+                else:
+                    self._shadow_items.append(item)
+                    if len(self._shadow_items) == 1:
+                        self._shadow_cond.notify()
+        if schedule:
+            loop.call_later(SHADOW_BATCH_S, self._flush_loop_shadow)
+        if outcome == "dropped":  # "shadowed" is counted per micro-batch, once scored
+            self._shadow_counter(tenant, endpoint, outcome).inc()
+
+    def _flush_loop_shadow(self) -> None:
+        """Score the event loop's queued shadow work (also called at shutdown)."""
+        with self._shadow_cond:
+            items, self._loop_shadow_items = self._loop_shadow_items, []
+            self._loop_shadow_scheduled = False
+        self._shadow_batch(items)
+
+    def _shadow_batch(self, items: list[_ShadowItem]) -> None:
+        """One challenger predict per deployment and endpoint for the queued items."""
+        groups: dict = {}
+        for item in items:
+            groups.setdefault((id(item.deployment), item.endpoint), []).append(item)
+        for group in groups.values():
+            try:
+                self._shadow(group)
+                self._shadow_counter(group[0].deployment.tenant, group[0].endpoint, "shadowed").inc(len(group))
+            except Exception as exc:  # the shadow must never take the service down
+                print(f"churn_service: shadow scoring failed: {exc!r}")
+            finally:
+                with self._shadow_cond:
+                    self._shadow_pending -= sum(len(i.ids) for i in group)
 
     def _shadow_loop(self) -> None:
-        """Score queued shadow work in micro-batches: one predict per deployment every ~20 ms."""
+        """Score queued shadow work in micro-batches: one predict per deployment every SHADOW_BATCH_S."""
         while True:
             with self._shadow_cond:
                 while not self._shadow_items and not self._shadow_closed:
                     self._shadow_cond.wait()
                 closed = self._shadow_closed
             if not closed:
-                time.sleep(0.02)  # let a micro-batch accumulate
+                time.sleep(SHADOW_BATCH_S)  # let a micro-batch accumulate
             with self._shadow_cond:
                 items, self._shadow_items = self._shadow_items, []
-            groups: dict = {}
-            for item in items:
-                groups.setdefault((id(item.deployment), item.endpoint), []).append(item)
-            for group in groups.values():
-                try:
-                    self._shadow(group)
-                except Exception as exc:  # the shadow must never take the service down
-                    print(f"churn_service: shadow scoring failed: {exc!r}")
-                finally:
-                    with self._shadow_cond:
-                        self._shadow_pending -= sum(len(i.ids) for i in group)
+            self._shadow_batch(items)
             if closed:
                 with self._shadow_cond:
                     if not self._shadow_items:

@@ -257,6 +257,11 @@ def test_shadow_predictions_are_logged_under_the_same_id_and_ingested_once(servi
         assert response.status_code == 200 and response.json()["model_version"] == "1"
         ids.append(response.json()["prediction_id"])
     time.sleep(3)  # segments rotate after 1 s
+    metrics = requests.get(f"{service['url']}/metrics", timeout=5).text
+    shadowed = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                if line.startswith("churn_shadow_requests_total{") and f'tenant="{TENANT}"' in line
+                and 'outcome="shadowed"' in line and 'endpoint="predict"' in line]
+    assert shadowed and sum(shadowed) >= 20, metrics[-2000:]
     first = _ingest_log(defs, platform_home)
     assert first["segments_ingested"].value >= 1
     second = _ingest_log(defs, platform_home)
