@@ -80,10 +80,8 @@ WORKERS = int(os.environ.get("CHURN_SERVICE_WORKERS", "2"))
 KEEPALIVE_REQUESTS = int(os.environ.get("CHURN_KEEPALIVE_REQUESTS", "100"))
 # Batches at least this large are scored on a thread of their own, so the event loop keeps serving.
 OFFLOAD_ROWS = 64
-# Shadow work is scored in micro-batches this often; requests answered on the event loop with at
-# most LOOP_SHADOW_MAX_ROWS accounts are shadowed on the loop, larger ones by the shadow thread.
+# Shadow work is scored in micro-batches this often.
 SHADOW_BATCH_S = 0.02
-LOOP_SHADOW_MAX_ROWS = OFFLOAD_ROWS - 1
 
 TenantName = Annotated[str, Field(min_length=2, max_length=40, pattern=r"^[a-z][a-z0-9_-]+$")]
 AccountId = Annotated[str, Field(min_length=1, max_length=64)]
@@ -272,8 +270,7 @@ def load_scorer(folder: Path, spec: dict, sample: np.ndarray):
         expected = compiled_model_name(folder / spec["model_file"])  # this model text, options and compiler
         if Path(compiled["file"]).name != expected:
             raise RuntimeError(f"{compiled['file']} is not the object of this model and compiler ({expected})")
-        booster = CompiledBooster(folder / spec["model_file"], folder / compiled["file"],
-                                  {k: compiled.get(k, v) for k, v in LOAD_OPTIONS.items()})
+        booster = CompiledBooster(folder / spec["model_file"], folder / compiled["file"], LOAD_OPTIONS)
         if len(sample):
             gap = float(np.max(np.abs(booster.predict(sample) - native.predict(sample))))
             if not gap <= COMPILED_TOLERANCE:
@@ -567,7 +564,7 @@ class ChurnService:
             else:
                 outcome = "shadowed"
                 self._shadow_pending += len(item.ids)
-                if loop is not None and len(item.ids) <= LOOP_SHADOW_MAX_ROWS:
+                if loop is not None and len(item.ids) < OFFLOAD_ROWS:
                     self._loop_shadow_items.append(item)
                     schedule, self._loop_shadow_scheduled = not self._loop_shadow_scheduled, True
                 else:

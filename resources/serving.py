@@ -85,25 +85,19 @@ _manifest_lock = threading.Lock()
 # Inlining (lleaves' default) scores another ~1.6x faster but compiles ~2.5x slower (~11 s for
 # 250 trees here): publication latency is part of the closed loop, so it is off.
 COMPILE_OPTIONS = {"finline": False, "fcodemodel": "large", "target_cpu": "x86-64", "target_cpu_features": ""}
-# The options that must be the same when the service loads the object as when it was compiled.
+# The options the service loads the object with: those of the compilation (the object's name,
+# which the service checks, says it was compiled with COMPILE_OPTIONS).
 LOAD_OPTIONS = {k: COMPILE_OPTIONS[k] for k in ("fcodemodel", "target_cpu", "target_cpu_features")}
 
 
 def compiled_model_name(model_file: Path) -> str:
     """``v<N>-<hash>.o``: the hash covers the model text, the compile options and the compiler versions,
     so a stale object is never picked up (lleaves does not check its cache)."""
-    import lleaves
-    import llvmlite
-
-    digest = hashlib.sha256(model_file.read_bytes())
-    digest.update(json.dumps([COMPILE_OPTIONS, _version_of(lleaves), llvmlite.__version__]).encode())
-    return f"{model_file.stem}-{digest.hexdigest()[:16]}.o"
-
-
-def _version_of(module) -> str:
     from importlib.metadata import version
 
-    return version(module.__name__)
+    digest = hashlib.sha256(model_file.read_bytes())
+    digest.update(json.dumps([COMPILE_OPTIONS, version("lleaves"), version("llvmlite")]).encode())
+    return f"{model_file.stem}-{digest.hexdigest()[:16]}.o"
 
 
 def compile_model(model_file: Path) -> dict:
@@ -117,7 +111,7 @@ def compile_model(model_file: Path) -> dict:
         tmp.unlink(missing_ok=True)
         lleaves.Model(model_file=str(model_file)).compile(cache=str(tmp), **COMPILE_OPTIONS)
         os.replace(tmp, target)
-    return {"file": target.name, "triple": llvm.get_process_triple(), **LOAD_OPTIONS}
+    return {"file": target.name, "triple": llvm.get_process_triple()}
 
 
 def _model_entry(folder: Path, tenant: str, version: str) -> dict:
@@ -407,7 +401,6 @@ def _epoch_us(value: dt.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-@functools.cache
 @functools.cache
 def _segment_schema():
     """The Arrow schema of a segment, with the pandas metadata ``DataFrame.to_parquet`` writes, so
