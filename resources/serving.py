@@ -28,7 +28,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from operator import attrgetter
 from pathlib import Path
 
 from resources.environment import write_atomic
@@ -261,8 +260,8 @@ class LogChunk:
     """``rows`` predictions of one request (or one shadow micro-batch) for one tenant, by column.
 
     Every column is either one value for all ``rows`` rows or a list, tuple or numpy array of
-    ``rows`` values (``requested_at_us``: microseconds since the epoch, UTC). The service appends one chunk per
-    request instead of one dict per prediction: cheap on the request path, columnar for Parquet.
+    ``rows`` values (``requested_at_us``: microseconds since the epoch, UTC). A single prediction
+    is cheaper to append with ``PredictionLogWriter.append_one``.
     """
 
     rows: int
@@ -277,6 +276,69 @@ class LogChunk:
     scores: float | Sequence[float]
 
 
+class _SegmentBuffer:
+    """One tenant's open segment, column by column, as Python lists.
+
+    Role, model version, snapshot version and endpoint repeat over many rows: each row holds the
+    code of its combination (``groups``), decoded when the segment is written. Appending a row is a
+    few list appends, and turning the lists into Arrow arrays costs the writer thread (which
+    competes with the event loop for the GIL) little per row.
+    """
+
+    __slots__ = ("opened", "prediction_ids", "account_ids", "scores", "latency_ms", "requested_at_us", "groups",
+                 "codes")
+
+    def __init__(self, opened: float):
+        self.opened = opened
+        self.prediction_ids: list[str] = []
+        self.account_ids: list[str] = []
+        self.scores: list[float] = []
+        self.latency_ms: list[float] = []
+        self.requested_at_us: list[int] = []
+        self.groups: list[int] = []
+        self.codes: dict[tuple, int] = {}  # (role, model_version, snapshot_version, endpoint) -> code
+
+    def code(self, role: str, model_version: str, snapshot_version: int, endpoint: str) -> int:
+        key = (role, model_version, snapshot_version, endpoint)
+        code = self.codes.get(key)
+        if code is None:
+            code = self.codes[key] = len(self.codes)
+        return code
+
+    def append_one(self, group: tuple, requested_at_us: int, latency_ms: float, prediction_id: str, account_id: str,
+                   score: float) -> None:
+        self.prediction_ids.append(prediction_id)
+        self.account_ids.append(account_id)
+        self.scores.append(score)
+        self.latency_ms.append(latency_ms)
+        self.requested_at_us.append(requested_at_us)
+        self.groups.append(self.code(*group))
+
+    def extend(self, chunk: LogChunk) -> None:
+        n = chunk.rows
+
+        def values(value):
+            if isinstance(value, str) or not hasattr(value, "__len__"):  # one value for every row
+                return repeat(value, n)
+            if len(value) != n:
+                raise ValueError(f"a prediction-log chunk of {n} rows has a column of {len(value)} values")
+            return value.tolist() if hasattr(value, "tolist") else value
+
+        self.prediction_ids.extend(values(chunk.prediction_ids))
+        self.account_ids.extend(values(chunk.account_ids))
+        self.scores.extend(values(chunk.scores))
+        self.latency_ms.extend(values(chunk.latency_ms))
+        self.requested_at_us.extend(values(chunk.requested_at_us))
+        group = (chunk.role, chunk.model_version, chunk.snapshot_version, chunk.endpoint)
+        if all(isinstance(v, str) or not hasattr(v, "__len__") for v in group):
+            self.groups.extend(repeat(self.code(*group), n))
+        else:
+            self.groups.extend(self.code(*row) for row in zip(*map(values, group), strict=True))
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+
 class PredictionLogWriter:
     """Buffers prediction records and writes them as closed, immutable Parquet segments.
 
@@ -284,17 +346,16 @@ class PredictionLogWriter:
     close(). Segments are written to a temporary name and renamed, so the ingestion asset only
     ever sees complete files.
 
-    After ``start()``, a background thread writes the segments: ``append``/``append_chunk`` only
-    buffer (a lock, a list append), so a request never waits for Parquet. Without ``start()``,
-    the caller rotates with ``rotate_due`` and a full segment is written by the appending call.
+    After ``start()``, a background thread writes the segments: ``append_one``/``append_chunk``
+    only buffer (a lock, a few list appends), so a request never waits for Parquet. Without
+    ``start()``, the caller rotates with ``rotate_due`` and a full segment is written by the
+    appending call.
     """
 
     def __init__(self, home: Path, max_rows: int = 5000, max_age_s: float = 5.0):
         self.home = Path(home)
         self.max_rows, self.max_age_s = max_rows, max_age_s
-        self._chunks: dict[str, list[LogChunk]] = {}
-        self._rows: dict[str, int] = {}
-        self._opened: dict[str, float] = {}
+        self._buffers: dict[str, _SegmentBuffer] = {}
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # one segment write at a time, in sequence order
         self._seq = 0
@@ -306,34 +367,39 @@ class PredictionLogWriter:
     # --- buffering (the request path) ---
     def append(self, records: list[dict], now: float) -> None:
         """Append records given as dicts with the columns of ``PREDICTION_LOG_COLUMNS``."""
-        by_tenant: dict[str, list[dict]] = {}
         for record in records:
-            by_tenant.setdefault(record["tenant"], []).append(record)
-        for tenant, rows in by_tenant.items():
-            column = lambda name, rows=rows: [r[name] for r in rows]  # noqa: E731
-            self.append_chunk(tenant, LogChunk(
-                rows=len(rows), role=column("role"), model_version=column("model_version"),
-                snapshot_version=column("snapshot_version"), endpoint=column("endpoint"),
-                requested_at_us=[_epoch_us(r["requested_at"]) for r in rows], latency_ms=column("latency_ms"),
-                prediction_ids=column("prediction_id"), account_ids=column("account_id"), scores=column("score"),
-            ), now)
+            self.append_one(record["tenant"], (record["role"], record["model_version"], record["snapshot_version"],
+                                               record["endpoint"]),
+                            _epoch_us(record["requested_at"]), record["latency_ms"], record["prediction_id"],
+                            record["account_id"], record["score"], now)
+
+    def append_one(self, tenant: str, group: tuple, requested_at_us: int, latency_ms: float, prediction_id: str,
+                   account_id: str, score: float, now: float) -> None:
+        """One prediction; ``group`` is (role, model_version, snapshot_version, endpoint)."""
+        with self._lock:
+            buffer = self._buffers.get(tenant)
+            if buffer is None:
+                buffer = self._buffers[tenant] = _SegmentBuffer(now)
+            buffer.append_one(group, requested_at_us, latency_ms, prediction_id, account_id, score)
+            full = len(buffer) >= self.max_rows
+        if full:
+            self._full()
 
     def append_chunk(self, tenant: str, chunk: LogChunk, now: float) -> None:
-        full = False
         with self._lock:
-            chunks = self._chunks.get(tenant)
-            if not chunks:
-                chunks = self._chunks[tenant] = []
-                self._opened[tenant] = now
-                self._rows[tenant] = 0
-            chunks.append(chunk)
-            self._rows[tenant] += chunk.rows
-            full = self._rows[tenant] >= self.max_rows
+            buffer = self._buffers.get(tenant)
+            if buffer is None:
+                buffer = self._buffers[tenant] = _SegmentBuffer(now)
+            buffer.extend(chunk)
+            full = len(buffer) >= self.max_rows
         if full:
-            if self._thread is not None:
-                self._wake.set()
-            else:
-                self._flush(lambda t, opened, rows: rows >= self.max_rows)
+            self._full()
+
+    def _full(self) -> None:
+        if self._thread is not None:
+            self._wake.set()
+        else:
+            self._flush(lambda t, opened, rows: rows >= self.max_rows)
 
     # --- writing ---
     def start(self) -> None:
@@ -367,20 +433,29 @@ class PredictionLogWriter:
     def _flush(self, due) -> int:
         with self._write_lock:
             with self._lock:
-                tenants = [t for t, chunks in self._chunks.items()
-                           if chunks and due(t, self._opened[t], self._rows[t])]
-                batches = [(t, self._take(t)) for t in tenants]
-            for tenant, chunks in batches:
-                self._write_segment(tenant, chunks)
+                tenants = [t for t, buffer in self._buffers.items() if len(buffer) and due(t, buffer.opened, len(buffer))]
+                batches = [(t, self._buffers.pop(t)) for t in tenants]
+            for i, (tenant, buffer) in enumerate(batches):
+                try:
+                    self._write_segment(tenant, buffer)
+                except BaseException:
+                    for unwritten in batches[i:]:  # nothing is lost: the rows go back in front
+                        self._restore(*unwritten)
+                    raise
         return len(batches)
 
-    def _take(self, tenant: str) -> list[LogChunk]:
-        chunks = self._chunks.pop(tenant)
-        self._opened.pop(tenant, None)
-        self._rows.pop(tenant, None)
-        return chunks
+    def _restore(self, tenant: str, buffer: _SegmentBuffer) -> None:
+        """Put the rows of a segment that could not be written back in front of the newer ones."""
+        with self._lock:
+            newer = self._buffers.get(tenant)
+            self._buffers[tenant] = buffer
+            if newer is not None:
+                keys = list(newer.codes)
+                for group, *row in zip(newer.groups, newer.requested_at_us, newer.latency_ms, newer.prediction_ids,
+                                       newer.account_ids, newer.scores, strict=True):
+                    buffer.append_one(keys[group], *row)
 
-    def _write_segment(self, tenant: str, chunks: list) -> Path:
+    def _write_segment(self, tenant: str, buffer: _SegmentBuffer) -> Path:
         import pyarrow.parquet as pq
 
         folder = prediction_log_dir(self.home, tenant) / "closed"
@@ -388,11 +463,15 @@ class PredictionLogWriter:
         self._seq += 1
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
         target = folder / f"segment-{stamp}-{self._token}-{self._seq:06d}.parquet"
-        table = _segment_table(tenant, chunks)
+        table = _segment_table(tenant, buffer)
         tmp = folder / f".{target.name}.tmp"
-        pq.write_table(table, tmp)
+        # Dictionary pages only where values repeat (not for the unique prediction ids).
+        pq.write_table(table, tmp, use_dictionary=_DICTIONARY_COLUMNS)
         os.replace(tmp, target)
         return target
+
+
+_DICTIONARY_COLUMNS = ["tenant", "account_id", "role", "model_version", "snapshot_version", "endpoint"]
 
 
 def _epoch_us(value: dt.datetime) -> int:
@@ -412,45 +491,26 @@ def _segment_schema():
     return pa.Schema.from_pandas(empty, preserve_index=False)
 
 
-def _segment_table(tenant: str, chunks: list[LogChunk]):
-    """One Arrow table from the buffered chunks, column by column, in Arrow and numpy where it can."""
-    import numpy as np
+def _segment_table(tenant: str, buffer: _SegmentBuffer):
+    """One Arrow table from a tenant's buffered columns."""
     import pyarrow as pa
 
-    counts = np.fromiter(map(attrgetter("rows"), chunks), dtype=np.int64, count=len(chunks))
-    # Chunk of each row; None where every chunk holds one row (single predictions).
-    expand = None if bool((counts == 1).all()) else np.repeat(np.arange(len(chunks)), counts)
-    sequence = (list, tuple, np.ndarray)
+    groups = pa.array(buffer.groups, type=pa.int32())
+    keys = list(buffer.codes)  # in code order
 
-    def strings(name: str) -> pa.Array:
-        values = list(map(attrgetter(name), chunks))
-        if all(map(isinstance, values, repeat(str))):  # one value per chunk
-            array = pa.array(values, type=pa.string())
-            return array if expand is None else array.take(pa.array(expand))
-        flat: list = []
-        for value, n in zip(values, counts.tolist(), strict=True):
-            flat.extend([value] * n if isinstance(value, str) else value)
-        return pa.array(flat, type=pa.string())
-
-    def numbers(name: str, dtype) -> pa.Array:
-        values = list(map(attrgetter(name), chunks))
-        if not any(map(isinstance, values, repeat(sequence))):  # one value per chunk
-            array = np.asarray(values, dtype=dtype)
-            return pa.array(array if expand is None else array[expand])
-        parts = [np.asarray(v, dtype=dtype) if isinstance(v, sequence) else np.full(n, v, dtype=dtype)
-                 for v, n in zip(values, counts.tolist(), strict=True)]
-        return pa.array(np.concatenate(parts))
+    def grouped(i: int, type_) -> pa.Array:
+        return pa.array([key[i] for key in keys], type=type_).take(groups)
 
     columns = {
-        "prediction_id": strings("prediction_ids"),
-        "tenant": pa.repeat(pa.scalar(tenant, type=pa.string()), int(counts.sum())),
-        "account_id": strings("account_ids"),
-        "role": strings("role"),
-        "model_version": strings("model_version"),
-        "score": numbers("scores", np.float64),
-        "latency_ms": numbers("latency_ms", np.float64),
-        "snapshot_version": numbers("snapshot_version", np.int64),
-        "endpoint": strings("endpoint"),
-        "requested_at": numbers("requested_at_us", np.int64).cast(pa.timestamp("us")),
+        "prediction_id": pa.array(buffer.prediction_ids, type=pa.string()),
+        "tenant": pa.repeat(pa.scalar(tenant, type=pa.string()), len(buffer)),
+        "account_id": pa.array(buffer.account_ids, type=pa.string()),
+        "role": grouped(0, pa.string()),
+        "model_version": grouped(1, pa.string()),
+        "score": pa.array(buffer.scores, type=pa.float64()),
+        "latency_ms": pa.array(buffer.latency_ms, type=pa.float64()),
+        "snapshot_version": grouped(2, pa.int64()),
+        "endpoint": grouped(3, pa.string()),
+        "requested_at": pa.array(buffer.requested_at_us, type=pa.int64()).cast(pa.timestamp("us")),
     }
     return pa.Table.from_arrays(list(columns.values()), schema=_segment_schema())

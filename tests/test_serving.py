@@ -336,3 +336,46 @@ def test_graceful_shutdown_loses_no_prediction(service, with_challenger, platfor
             "SELECT count(DISTINCT prediction_id) FROM prediction_log WHERE list_contains(?, prediction_id)",
             [ids]).fetchone()[0]
     assert found == 10
+
+
+def test_prediction_log_writer_keeps_every_row_in_order_and_loses_none_when_a_write_fails(tmp_path):
+    from resources.serving import LogChunk, PredictionLogWriter, prediction_log_dir
+
+    writer = PredictionLogWriter(tmp_path, max_rows=10**6, max_age_s=3600)
+    writer.append_one("t1", ("champion", "3", 7, "predict"), 1_700_000_000_000_001, 0.5, "id-1", "a-1", 0.25, 0.0)
+    # a shadow micro-batch: numpy columns, one value for the rest
+    writer.append_chunk("t1", LogChunk(2, "challenger", "4", 7, "predict", np.array([11, 12]), 0.1,
+                                       ["id-1", "id-2"], ["a-1", "a-2"], np.array([0.75, 0.125])), 0.0)
+    # per-row role and version (as ``append`` of dicts gives), and another tenant in between
+    writer.append_one("t2", ("champion", "1", 1, "predict"), 5, 1.0, "id-9", "b-9", 0.5, 0.0)
+    writer.append_chunk("t1", LogChunk(2, ["champion", "challenger"], ["3", "4"], 7, "predict_batch", 13, [0.2, 0.3],
+                                       ["id-3", "id-3"], "a-3", [0.5, 0.625]), 0.0)
+    with pytest.raises(ValueError, match="chunk of 2 rows has a column of 3 values"):
+        writer.append_chunk("t1", LogChunk(2, "champion", "3", 7, "predict", 1, 0.1, ["x", "y", "z"], "a", 0.5), 0.0)
+
+    # The first write fails (the tenant's log folder is a file): its rows go back in front of the
+    # ones appended since, and the next rotation writes them all.
+    folder = prediction_log_dir(tmp_path, "t1")
+    folder.parent.mkdir(parents=True)
+    folder.write_text("in the way")
+    with pytest.raises(OSError):
+        writer.rotate_due(now=7200.0)
+    writer.append_one("t1", ("champion", "3", 7, "predict"), 14, 0.4, "id-4", "a-4", 0.875, 7200.0)
+    folder.unlink()
+    writer.close()
+
+    t1 = pd.concat([pd.read_parquet(p) for p in sorted((folder / "closed").glob("segment-*.parquet"))], ignore_index=True)
+    assert t1["prediction_id"].tolist() == ["id-1", "id-1", "id-2", "id-3", "id-3", "id-4"]
+    assert t1["account_id"].tolist() == ["a-1", "a-1", "a-2", "a-3", "a-3", "a-4"]
+    assert t1["role"].tolist() == ["champion", "challenger", "challenger", "champion", "challenger", "champion"]
+    assert t1["model_version"].tolist() == ["3", "4", "4", "3", "4", "3"]
+    assert t1["endpoint"].tolist() == ["predict"] * 3 + ["predict_batch"] * 2 + ["predict"]
+    assert t1["score"].tolist() == [0.25, 0.75, 0.125, 0.5, 0.625, 0.875]
+    assert t1["latency_ms"].tolist() == [0.5, 0.1, 0.1, 0.2, 0.3, 0.4]
+    assert t1["snapshot_version"].tolist() == [7] * 6
+    assert t1["tenant"].unique().tolist() == ["t1"]
+    assert t1["requested_at"].iloc[0] == pd.Timestamp("2023-11-14 22:13:20.000001")
+    assert (t1["requested_at"].iloc[1:] - pd.Timestamp(0)).dt.total_seconds().mul(1e6).round().tolist() == [11, 12, 13, 13, 14]
+    assert str(t1["requested_at"].dtype) == "datetime64[us]" and str(t1["score"].dtype) == "float64"
+    t2 = pd.read_parquet(next((prediction_log_dir(tmp_path, "t2") / "closed").glob("segment-*.parquet")))
+    assert t2[["prediction_id", "account_id", "score"]].values.tolist() == [["id-9", "b-9", 0.5]]
