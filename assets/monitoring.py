@@ -265,9 +265,8 @@ def operational_metrics(
     tenant = context.partition_key
     with warehouse.connect(tenant) as con:
         con.execute(PREDICTION_LOG_DDL)
-        log = con.execute("SELECT model_version, role, score, latency_ms, requested_at FROM prediction_log").df()
+        summary = operational_summary(con)
         today = con.execute("SELECT count(*) FROM prediction_log WHERE requested_at >= now() - INTERVAL 1 DAY").fetchone()[0]
-    summary = operational_summary(log)
     usage = service_cpu_usage(settings.root)
     champion = summary[summary["role"] == "champion"]
     metadata = {

@@ -383,19 +383,24 @@ def drift_plot(results: pd.DataFrame, title: str) -> bytes:
 
 
 # --- operational monitoring -------------------------------------------------------------------
-def operational_summary(log: pd.DataFrame) -> pd.DataFrame:
-    """Latency percentiles, volume and errors per model version and role, from the prediction log.
+OPERATIONAL_SUMMARY_SQL = """
+SELECT model_version, role, predictions, q[1] AS p50_ms, q[2] AS p95_ms, q[3] AS p99_ms, errors
+FROM (
+    SELECT model_version, role, count(*) AS predictions,
+           quantile_cont(latency_ms, [0.5, 0.95, 0.99]) AS q,
+           count(*) FILTER (WHERE NOT isfinite(score) OR score < 0 OR score > 1) AS errors
+    FROM prediction_log
+    GROUP BY model_version, role
+)
+ORDER BY model_version, role
+"""
+
+
+def operational_summary(con) -> pd.DataFrame:
+    """Latency percentiles (linear interpolation), volume and errors per model version and role,
+    computed by DuckDB over the whole ``prediction_log`` table: the log never comes into memory.
     An error is a logged score that is not a probability (NaN, infinite or outside [0, 1])."""
-    columns = ["model_version", "role", "predictions", "p50_ms", "p95_ms", "p99_ms", "errors"]
-    if log.empty:
-        return pd.DataFrame(columns=columns)
-    log = log.assign(error=~np.isfinite(log["score"]) | (log["score"] < 0) | (log["score"] > 1))
-    grouped = log.groupby(["model_version", "role"])
-    summary = grouped["latency_ms"].quantile([0.5, 0.95, 0.99]).unstack()
-    summary.columns = ["p50_ms", "p95_ms", "p99_ms"]
-    summary["predictions"] = grouped.size()
-    summary["errors"] = grouped["error"].sum().astype("int64")
-    return summary.reset_index()[columns]
+    return con.execute(OPERATIONAL_SUMMARY_SQL).df()
 
 
 def service_status_dir(root: Path) -> Path:

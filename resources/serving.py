@@ -307,12 +307,13 @@ class _SegmentBuffer:
 
     def append_one(self, group: tuple, requested_at_us: int, latency_ms: float, prediction_id: str, account_id: str,
                    score: float) -> None:
+        code = self.code(*group)
         self.prediction_ids.append(prediction_id)
         self.account_ids.append(account_id)
         self.scores.append(score)
         self.latency_ms.append(latency_ms)
         self.requested_at_us.append(requested_at_us)
-        self.groups.append(self.code(*group))
+        self.groups.append(code)
 
     def extend(self, chunk: LogChunk) -> None:
         n = chunk.rows
@@ -324,16 +325,22 @@ class _SegmentBuffer:
                 raise ValueError(f"a prediction-log chunk of {n} rows has a column of {len(value)} values")
             return value.tolist() if hasattr(value, "tolist") else value
 
-        self.prediction_ids.extend(values(chunk.prediction_ids))
-        self.account_ids.extend(values(chunk.account_ids))
-        self.scores.extend(values(chunk.scores))
-        self.latency_ms.extend(values(chunk.latency_ms))
-        self.requested_at_us.extend(values(chunk.requested_at_us))
+        # Every column is checked before any list grows: a bad chunk leaves the buffer as it was.
+        columns = [values(c) for c in (chunk.prediction_ids, chunk.account_ids, chunk.scores, chunk.latency_ms,
+                                        chunk.requested_at_us)]
         group = (chunk.role, chunk.model_version, chunk.snapshot_version, chunk.endpoint)
         if all(isinstance(v, str) or not hasattr(v, "__len__") for v in group):
-            self.groups.extend(repeat(self.code(*group), n))
+            codes = repeat(self.code(*group), n)
         else:
-            self.groups.extend(self.code(*row) for row in zip(*map(values, group), strict=True))
+            codes = [self.code(*row) for row in zip(*map(values, group), strict=True)]
+        for target, column in zip((self.prediction_ids, self.account_ids, self.scores, self.latency_ms,
+                                   self.requested_at_us, self.groups), (*columns, codes), strict=True):
+            target.extend(column)
+
+    def drop_oldest(self, rows: int) -> None:
+        for column in (self.prediction_ids, self.account_ids, self.scores, self.latency_ms, self.requested_at_us,
+                       self.groups):
+            del column[:rows]
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -352,9 +359,12 @@ class PredictionLogWriter:
     appending call.
     """
 
-    def __init__(self, home: Path, max_rows: int = 5000, max_age_s: float = 5.0):
+    def __init__(self, home: Path, max_rows: int = 5000, max_age_s: float = 5.0, max_backlog_rows: int = 1_000_000):
         self.home = Path(home)
         self.max_rows, self.max_age_s = max_rows, max_age_s
+        # Rows kept per tenant while segments cannot be written (a full disk): beyond it the oldest go,
+        # with a message, rather than the process's memory.
+        self.max_backlog_rows = max_backlog_rows
         self._buffers: dict[str, _SegmentBuffer] = {}
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # one segment write at a time, in sequence order
@@ -454,6 +464,11 @@ class PredictionLogWriter:
                 for group, *row in zip(newer.groups, newer.requested_at_us, newer.latency_ms, newer.prediction_ids,
                                        newer.account_ids, newer.scores, strict=True):
                     buffer.append_one(keys[group], *row)
+            excess = len(buffer) - self.max_backlog_rows
+            if excess > 0:
+                buffer.drop_oldest(excess)
+                print(f"prediction log: segments of tenant {tenant!r} cannot be written; dropped its {excess} oldest "
+                      f"rows to keep at most {self.max_backlog_rows} buffered")
 
     def _write_segment(self, tenant: str, buffer: _SegmentBuffer) -> Path:
         import pyarrow.parquet as pq

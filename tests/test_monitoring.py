@@ -277,3 +277,34 @@ def test_monitoring_never_calls_home():
     proc = subprocess.run([sys.executable, "-c", NO_NETWORK_SCRIPT], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "no network" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_operational_summary_is_computed_in_duckdb_with_pandas_percentiles():
+    import duckdb
+
+    from assets.monitoring import PREDICTION_LOG_DDL
+    from resources.monitoring import operational_summary
+
+    rng = np.random.default_rng(7)
+    rows = []
+    for version, role, n in (("1", "champion", 500), ("2", "challenger", 300), ("2", "champion", 40)):
+        for i, latency in enumerate(rng.gamma(2.0, 0.5, n)):
+            rows.append((uuid.uuid4().hex, "t", f"a{i}", role, version, float(rng.random()), float(latency), 1,
+                         "predict", pd.Timestamp("2026-11-01") + pd.Timedelta(seconds=i), "s"))
+    rows[3] = rows[3][:5] + (float("nan"),) + rows[3][6:]  # errors: not a probability
+    rows[4] = rows[4][:5] + (1.5,) + rows[4][6:]
+    rows[501] = rows[501][:5] + (float("inf"),) + rows[501][6:]
+    con = duckdb.connect()
+    con.execute(PREDICTION_LOG_DDL)
+    assert operational_summary(con).empty
+    con.executemany("INSERT INTO prediction_log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    summary = operational_summary(con)
+    log = pd.DataFrame(rows, columns=[c[0] for c in con.execute("DESCRIBE prediction_log").fetchall()])
+    assert summary[["model_version", "role"]].values.tolist() == [["1", "champion"], ["2", "challenger"], ["2", "champion"]]
+    for _, row in summary.iterrows():
+        part = log[(log["model_version"] == row["model_version"]) & (log["role"] == row["role"])]
+        assert row["predictions"] == len(part)
+        assert np.allclose([row["p50_ms"], row["p95_ms"], row["p99_ms"]],
+                           part["latency_ms"].quantile([0.5, 0.95, 0.99]).to_numpy(), rtol=1e-12)
+    assert summary["errors"].tolist() == [2, 1, 0]

@@ -338,7 +338,7 @@ def test_graceful_shutdown_loses_no_prediction(service, with_challenger, platfor
     assert found == 10
 
 
-def test_prediction_log_writer_keeps_every_row_in_order_and_loses_none_when_a_write_fails(tmp_path):
+def test_prediction_log_writer_keeps_every_row_in_order_and_loses_none_when_a_write_fails(tmp_path, capsys):
     from resources.serving import LogChunk, PredictionLogWriter, prediction_log_dir
 
     writer = PredictionLogWriter(tmp_path, max_rows=10**6, max_age_s=3600)
@@ -350,8 +350,8 @@ def test_prediction_log_writer_keeps_every_row_in_order_and_loses_none_when_a_wr
     writer.append_one("t2", ("champion", "1", 1, "predict"), 5, 1.0, "id-9", "b-9", 0.5, 0.0)
     writer.append_chunk("t1", LogChunk(2, ["champion", "challenger"], ["3", "4"], 7, "predict_batch", 13, [0.2, 0.3],
                                        ["id-3", "id-3"], "a-3", [0.5, 0.625]), 0.0)
-    with pytest.raises(ValueError, match="chunk of 2 rows has a column of 3 values"):
-        writer.append_chunk("t1", LogChunk(2, "champion", "3", 7, "predict", 1, 0.1, ["x", "y", "z"], "a", 0.5), 0.0)
+    with pytest.raises(ValueError, match="chunk of 2 rows has a column of 3 values"):  # the buffer is untouched
+        writer.append_chunk("t1", LogChunk(2, "champion", "3", 7, "predict", 1, 0.1, ["x", "y"], "a", [0.5] * 3), 0.0)
 
     # The first write fails (the tenant's log folder is a file): its rows go back in front of the
     # ones appended since, and the next rotation writes them all.
@@ -379,3 +379,18 @@ def test_prediction_log_writer_keeps_every_row_in_order_and_loses_none_when_a_wr
     assert str(t1["requested_at"].dtype) == "datetime64[us]" and str(t1["score"].dtype) == "float64"
     t2 = pd.read_parquet(next((prediction_log_dir(tmp_path, "t2") / "closed").glob("segment-*.parquet")))
     assert t2[["prediction_id", "account_id", "score"]].values.tolist() == [["id-9", "b-9", 0.5]]
+
+    # While segments cannot be written, a tenant keeps at most max_backlog_rows rows: the newest.
+    small = PredictionLogWriter(tmp_path / "small", max_rows=10**6, max_age_s=3600, max_backlog_rows=2)
+    for i in range(3):
+        small.append_one("t3", ("champion", "1", 1, "predict"), i, 0.1, f"id-{i}", "a", 0.5, 0.0)
+    folder = prediction_log_dir(tmp_path / "small", "t3")
+    folder.parent.mkdir(parents=True)
+    folder.write_text("in the way")
+    with pytest.raises(OSError):
+        small.rotate_due(now=7200.0)
+    assert "dropped its 1 oldest rows" in capsys.readouterr().out
+    folder.unlink()
+    small.close()
+    kept = pd.read_parquet(next((folder / "closed").glob("segment-*.parquet")))
+    assert kept["prediction_id"].tolist() == ["id-1", "id-2"]
