@@ -420,13 +420,16 @@ class PredictionLogWriter:
 
     def _run(self) -> None:
         tick = max(min(self.max_age_s / 4, 0.25), 0.01)
+        delay = tick
         while not self._stop.is_set():
-            self._wake.wait(tick)
+            self._wake.wait(delay)
             self._wake.clear()
             try:
                 self.rotate_due(time.monotonic())
-            except Exception as exc:  # keep buffering; the next tick retries, close() writes the rest
-                print(f"prediction log: writing a segment failed: {exc!r}")
+                delay = tick
+            except Exception as exc:  # the rows stay buffered; retry, less often while it keeps failing
+                delay = min(delay * 2, 30.0)
+                print(f"prediction log: writing a segment failed (next try in {delay:.1f} s): {exc!r}")
 
     def rotate_due(self, now: float) -> int:
         """Close every segment older than max_age_s or fuller than max_rows; returns how many were written."""
