@@ -375,14 +375,6 @@ class PredictionLogWriter:
         self._thread: threading.Thread | None = None
 
     # --- buffering (the request path) ---
-    def append(self, records: list[dict], now: float) -> None:
-        """Append records given as dicts with the columns of ``PREDICTION_LOG_COLUMNS``."""
-        for record in records:
-            self.append_one(record["tenant"], (record["role"], record["model_version"], record["snapshot_version"],
-                                               record["endpoint"]),
-                            _epoch_us(record["requested_at"]), record["latency_ms"], record["prediction_id"],
-                            record["account_id"], record["score"], now)
-
     def append_one(self, tenant: str, group: tuple, requested_at_us: int, latency_ms: float, prediction_id: str,
                    account_id: str, score: float, now: float) -> None:
         """One prediction; ``group`` is (role, model_version, snapshot_version, endpoint)."""
@@ -490,12 +482,6 @@ class PredictionLogWriter:
 
 
 _DICTIONARY_COLUMNS = ["tenant", "account_id", "role", "model_version", "snapshot_version", "endpoint"]
-
-
-def _epoch_us(value: dt.datetime) -> int:
-    """Microseconds since the epoch of a naive UTC datetime (the log's ``requested_at``)."""
-    delta = value - dt.datetime(1970, 1, 1)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 @functools.cache
