@@ -266,12 +266,11 @@ def operational_metrics(
     with warehouse.connect(tenant) as con:
         con.execute(PREDICTION_LOG_DDL)
         summary = operational_summary(con)
-        today = con.execute("SELECT count(*) FROM prediction_log WHERE requested_at >= now() - INTERVAL 1 DAY").fetchone()[0]
     usage = service_cpu_usage(settings.root)
     champion = summary[summary["role"] == "champion"]
     metadata = {
         "requests": dg.MetadataValue.int(int(champion["predictions"].sum()) if len(champion) else 0),
-        "requests_last_24h": dg.MetadataValue.int(int(today)),
+        "requests_last_24h": dg.MetadataValue.int(int(summary["last_24h"].sum())),
         "shadow_predictions": dg.MetadataValue.int(int(summary.loc[summary["role"] == "challenger", "predictions"].sum())),
         "errors": dg.MetadataValue.int(int(summary["errors"].sum()) if len(summary) else 0),
         "by_model_version": dg.MetadataValue.md(

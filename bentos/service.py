@@ -535,7 +535,7 @@ class ChurnService:
             self._predictions_served += rows
         if rows == 1:  # a single prediction: a few list appends
             self.log_writer.append_one(deployment.tenant, (role, model.version, deployment.snapshot_version, endpoint),
-                                       int(requested_at_us), latency_per_row_ms, ids[0], accounts[0], float(scores[0]),
+                                       requested_at_us, latency_per_row_ms, ids[0], accounts[0], float(scores[0]),
                                        time.monotonic())
             return
         chunk = LogChunk(rows, role, model.version, deployment.snapshot_version, endpoint, requested_at_us,

@@ -384,11 +384,12 @@ def drift_plot(results: pd.DataFrame, title: str) -> bytes:
 
 # --- operational monitoring -------------------------------------------------------------------
 OPERATIONAL_SUMMARY_SQL = """
-SELECT model_version, role, predictions, q[1] AS p50_ms, q[2] AS p95_ms, q[3] AS p99_ms, errors
+SELECT model_version, role, predictions, q[1] AS p50_ms, q[2] AS p95_ms, q[3] AS p99_ms, errors, last_24h
 FROM (
     SELECT model_version, role, count(*) AS predictions,
            quantile_cont(latency_ms, [0.5, 0.95, 0.99]) AS q,
-           count(*) FILTER (WHERE NOT isfinite(score) OR score < 0 OR score > 1) AS errors
+           count(*) FILTER (WHERE NOT isfinite(score) OR score < 0 OR score > 1) AS errors,
+           count(*) FILTER (WHERE requested_at >= now() - INTERVAL 1 DAY) AS last_24h
     FROM prediction_log
     GROUP BY model_version, role
 )
@@ -397,8 +398,8 @@ ORDER BY model_version, role
 
 
 def operational_summary(con) -> pd.DataFrame:
-    """Latency percentiles (linear interpolation), volume and errors per model version and role,
-    computed by DuckDB over the whole ``prediction_log`` table: the log never comes into memory.
+    """Latency percentiles (linear interpolation), volume (all time and the last 24 hours) and errors
+    per model version and role, in one DuckDB pass over ``prediction_log``: the log never comes into memory.
     An error is a logged score that is not a probability (NaN, infinite or outside [0, 1])."""
     return con.execute(OPERATIONAL_SUMMARY_SQL).df()
 

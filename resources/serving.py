@@ -305,14 +305,19 @@ class _SegmentBuffer:
             code = self.codes[key] = len(self.codes)
         return code
 
+    def columns(self) -> tuple[list, ...]:
+        """The row columns, in the order of ``append_one``'s arguments after ``group``, then the codes."""
+        return (self.requested_at_us, self.latency_ms, self.prediction_ids, self.account_ids, self.scores,
+                self.groups)
+
     def append_one(self, group: tuple, requested_at_us: int, latency_ms: float, prediction_id: str, account_id: str,
                    score: float) -> None:
         code = self.code(*group)
+        self.requested_at_us.append(requested_at_us)
+        self.latency_ms.append(latency_ms)
         self.prediction_ids.append(prediction_id)
         self.account_ids.append(account_id)
         self.scores.append(score)
-        self.latency_ms.append(latency_ms)
-        self.requested_at_us.append(requested_at_us)
         self.groups.append(code)
 
     def extend(self, chunk: LogChunk) -> None:
@@ -326,20 +331,25 @@ class _SegmentBuffer:
             return value.tolist() if hasattr(value, "tolist") else value
 
         # Every column is checked before any list grows: a bad chunk leaves the buffer as it was.
-        columns = [values(c) for c in (chunk.prediction_ids, chunk.account_ids, chunk.scores, chunk.latency_ms,
-                                        chunk.requested_at_us)]
+        rows = [values(c) for c in (chunk.requested_at_us, chunk.latency_ms, chunk.prediction_ids, chunk.account_ids,
+                                    chunk.scores)]
         group = (chunk.role, chunk.model_version, chunk.snapshot_version, chunk.endpoint)
         if all(isinstance(v, str) or not hasattr(v, "__len__") for v in group):
             codes = repeat(self.code(*group), n)
         else:
             codes = [self.code(*row) for row in zip(*map(values, group), strict=True)]
-        for target, column in zip((self.prediction_ids, self.account_ids, self.scores, self.latency_ms,
-                                   self.requested_at_us, self.groups), (*columns, codes), strict=True):
+        for target, column in zip(self.columns(), (*rows, codes), strict=True):
             target.extend(column)
 
+    def absorb(self, newer: _SegmentBuffer) -> None:
+        """Append the rows of a buffer opened after this one (its codes mapped to this one's)."""
+        codes = [self.code(*key) for key in newer.codes]  # newer.codes is in code order
+        for target, column in zip(self.columns()[:-1], newer.columns()[:-1], strict=True):
+            target.extend(column)
+        self.groups.extend(codes[g] for g in newer.groups)
+
     def drop_oldest(self, rows: int) -> None:
-        for column in (self.prediction_ids, self.account_ids, self.scores, self.latency_ms, self.requested_at_us,
-                       self.groups):
+        for column in self.columns():
             del column[:rows]
 
     def __len__(self) -> int:
@@ -379,9 +389,7 @@ class PredictionLogWriter:
                    account_id: str, score: float, now: float) -> None:
         """One prediction; ``group`` is (role, model_version, snapshot_version, endpoint)."""
         with self._lock:
-            buffer = self._buffers.get(tenant)
-            if buffer is None:
-                buffer = self._buffers[tenant] = _SegmentBuffer(now)
+            buffer = self._open(tenant, now)
             buffer.append_one(group, requested_at_us, latency_ms, prediction_id, account_id, score)
             full = len(buffer) >= self.max_rows
         if full:
@@ -389,13 +397,18 @@ class PredictionLogWriter:
 
     def append_chunk(self, tenant: str, chunk: LogChunk, now: float) -> None:
         with self._lock:
-            buffer = self._buffers.get(tenant)
-            if buffer is None:
-                buffer = self._buffers[tenant] = _SegmentBuffer(now)
+            buffer = self._open(tenant, now)
             buffer.extend(chunk)
             full = len(buffer) >= self.max_rows
         if full:
             self._full()
+
+    def _open(self, tenant: str, now: float) -> _SegmentBuffer:
+        """The tenant's open segment (called with the lock held)."""
+        buffer = self._buffers.get(tenant)
+        if buffer is None:
+            buffer = self._buffers[tenant] = _SegmentBuffer(now)
+        return buffer
 
     def _full(self) -> None:
         if self._thread is not None:
@@ -455,10 +468,7 @@ class PredictionLogWriter:
             newer = self._buffers.get(tenant)
             self._buffers[tenant] = buffer
             if newer is not None:
-                keys = list(newer.codes)
-                for group, *row in zip(newer.groups, newer.requested_at_us, newer.latency_ms, newer.prediction_ids,
-                                       newer.account_ids, newer.scores, strict=True):
-                    buffer.append_one(keys[group], *row)
+                buffer.absorb(newer)
             excess = len(buffer) - self.max_backlog_rows
             if excess > 0:
                 buffer.drop_oldest(excess)

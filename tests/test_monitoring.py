@@ -294,6 +294,9 @@ def test_operational_summary_is_computed_in_duckdb_with_pandas_percentiles():
     rows[3] = rows[3][:5] + (float("nan"),) + rows[3][6:]  # errors: not a probability
     rows[4] = rows[4][:5] + (1.5,) + rows[4][6:]
     rows[501] = rows[501][:5] + (float("inf"),) + rows[501][6:]
+    recent = pd.Timestamp.now(tz="UTC").tz_localize(None) - pd.Timedelta(hours=1)
+    for i in (0, 1, 2, 600):  # three champion v1 rows and one challenger row in the last 24 hours
+        rows[i] = rows[i][:9] + (recent,) + rows[i][10:]
     con = duckdb.connect()
     con.execute(PREDICTION_LOG_DDL)
     assert operational_summary(con).empty
@@ -308,3 +311,4 @@ def test_operational_summary_is_computed_in_duckdb_with_pandas_percentiles():
         assert np.allclose([row["p50_ms"], row["p95_ms"], row["p99_ms"]],
                            part["latency_ms"].quantile([0.5, 0.95, 0.99]).to_numpy(), rtol=1e-12)
     assert summary["errors"].tolist() == [2, 1, 0]
+    assert summary["last_24h"].tolist() == [3, 1, 0]

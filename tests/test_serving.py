@@ -394,3 +394,16 @@ def test_prediction_log_writer_keeps_every_row_in_order_and_loses_none_when_a_wr
     small.close()
     kept = pd.read_parquet(next((folder / "closed").glob("segment-*.parquet")))
     assert kept["prediction_id"].tolist() == ["id-1", "id-2"]
+
+    # Rows appended while a failed segment was being written (a newer buffer) follow the failed
+    # segment's rows, their role/version codes mapped onto the older buffer's.
+    from resources.serving import _segment_table, _SegmentBuffer
+
+    older, newer = _SegmentBuffer(0.0), _SegmentBuffer(1.0)
+    older.append_one(("champion", "1", 1, "predict"), 1, 0.1, "o-1", "a", 0.1)
+    newer.append_one(("challenger", "2", 1, "predict"), 2, 0.2, "n-1", "b", 0.2)
+    newer.append_one(("champion", "1", 1, "predict"), 3, 0.3, "n-2", "c", 0.3)
+    older.absorb(newer)
+    merged = _segment_table("t4", older).to_pandas()
+    assert merged[["prediction_id", "role", "model_version", "score"]].values.tolist() == [
+        ["o-1", "champion", "1", 0.1], ["n-1", "challenger", "2", 0.2], ["n-2", "champion", "1", 0.3]]
