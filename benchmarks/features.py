@@ -413,7 +413,8 @@ RAW_TABLE_NAMES = ("raw_accounts", "raw_usage_events", "raw_billing_events", "ra
 
 def copy_to_file(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     """Copy the raw tables of ``con`` into a new database file, attached to ``con`` as ``wh``."""
-    con.execute("ATTACH ? AS wh", [str(path)])
+    quoted = str(path).replace("'", "''")
+    con.execute(f"ATTACH '{quoted}' AS wh")  # a literal: DuckDB 1.x takes no parameter here
     for name in RAW_TABLE_NAMES:
         con.execute(f"CREATE TABLE wh.{name} AS SELECT * FROM memory.{name}")  # noqa: S608 - known tables
     con.execute("CHECKPOINT wh")
