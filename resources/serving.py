@@ -276,6 +276,11 @@ class LogChunk:
     scores: float | Sequence[float]
 
 
+def _one_value(value) -> bool:
+    """Whether a ``LogChunk`` column is one value for every row (not a sequence of values)."""
+    return isinstance(value, str) or not hasattr(value, "__len__")
+
+
 class _SegmentBuffer:
     """One tenant's open segment, column by column, as Python lists.
 
@@ -324,7 +329,7 @@ class _SegmentBuffer:
         n = chunk.rows
 
         def values(value):
-            if isinstance(value, str) or not hasattr(value, "__len__"):  # one value for every row
+            if _one_value(value):
                 return repeat(value, n)
             if len(value) != n:
                 raise ValueError(f"a prediction-log chunk of {n} rows has a column of {len(value)} values")
@@ -334,7 +339,7 @@ class _SegmentBuffer:
         rows = [values(c) for c in (chunk.requested_at_us, chunk.latency_ms, chunk.prediction_ids, chunk.account_ids,
                                     chunk.scores)]
         group = (chunk.role, chunk.model_version, chunk.snapshot_version, chunk.endpoint)
-        if all(isinstance(v, str) or not hasattr(v, "__len__") for v in group):
+        if all(map(_one_value, group)):
             codes = repeat(self.code(*group), n)
         else:
             codes = [self.code(*row) for row in zip(*map(values, group), strict=True)]
