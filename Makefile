@@ -1,13 +1,9 @@
 # One entry point. Every target installs what is missing first (uv, the locked Python deps,
 # Debian chromium for the browser test), then acts.
 SHELL := /bin/bash
+# Every process of the platform points itself at MLOPS_HOME and switches telemetry off
+# (mlops.core.environment); `mlops ui` and `mlops serve` start Dagster and BentoML that way.
 export MLOPS_HOME ?= $(CURDIR)/.mlops
-export DAGSTER_HOME := $(MLOPS_HOME)/dagster
-export NML_DISABLE_USAGE_LOGGING := 1
-export BENTOML_DO_NOT_TRACK := true
-export MLFLOW_DISABLE_TELEMETRY := true
-export DO_NOT_TRACK := 1
-export DAGSTER_DISABLE_TELEMETRY := 1
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 RUN := $(UV) run --frozen
 
@@ -24,7 +20,7 @@ install:
 # CPU build of torch that this machine image carries; uv would download a multi-GB CUDA build.
 gpu-extras: install
 	@.venv/bin/python -c "import torch, hummingbird" 2>/dev/null || \
-	  python3 -m pip --python .venv/bin/python install --quiet torch==2.13.0 hummingbird-ml==0.4.12
+	  python3 -m pip --python .venv/bin/python install --quiet -r bentos/gpu-extras.txt
 
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -35,15 +31,15 @@ chromium:
 ## Dagster UI + daemon and the service, replay days with concept drift for acme until the platform
 ## has retrained and promoted on its own; the UI stays up until Ctrl-C
 demo: install
-	$(RUN) python -m resources.cli demo --reset
+	$(RUN) mlops demo --reset
 
 ## make demo-headless: the same without the UI, on two small tenants; exits with the timeline
 demo-headless: install
-	$(RUN) python -m resources.cli demo --reset --headless --small
+	$(RUN) mlops demo --reset --headless --small
 
 ## make build: data, features and a validated champion for every default tenant (no replay)
 build: install
-	$(RUN) python -m resources.cli build
+	$(RUN) mlops build
 
 ## make test: the whole test suite
 test: install chromium gpu-extras
@@ -54,19 +50,18 @@ lint: install
 
 ## make ui: the Dagster web UI (asset graph, checks, runs, sensors) on http://127.0.0.1:3000
 ui: install
-	$(RUN) python -m resources.cli init
-	$(RUN) dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(RUN) mlops ui --host 127.0.0.1 --port 3000
 
 ## make serve: the BentoML churn service (OpenAPI docs at http://127.0.0.1:3001/)
 serve: install
-	$(RUN) bentoml serve bentos.service:ChurnService --host 127.0.0.1 --port 3001
+	$(RUN) mlops serve --host 127.0.0.1 --port 3001
 
 ## make bentos: build the CPU and GPU bentos with the current serving bundle packaged inside
 bentos: install
 	@test -f $(MLOPS_HOME)/serving/manifest.json || { echo "no serving bundle: run make demo or make build first"; exit 1; }
 	@if [ "$(MLOPS_HOME)" != "$(CURDIR)/.mlops" ]; then rm -rf .mlops/serving && mkdir -p .mlops && cp -r $(MLOPS_HOME)/serving .mlops/serving; fi
-	BENTOML_HOME=$(MLOPS_HOME)/bentoml $(RUN) bentoml build -f bentos/bentofile.cpu.yaml .
-	BENTOML_HOME=$(MLOPS_HOME)/bentoml $(RUN) bentoml build -f bentos/bentofile.gpu.yaml .
+	env $$($(RUN) mlops env) $(RUN) bentoml build -f bentos/bentofile.cpu.yaml .
+	env $$($(RUN) mlops env) $(RUN) bentoml build -f bentos/bentofile.gpu.yaml .
 
 clean:
 	rm -rf $(MLOPS_HOME)

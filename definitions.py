@@ -5,12 +5,14 @@ from __future__ import annotations
 import dagster as dg
 
 from assets import automation, deployment, features, ingestion, monitoring, reports, training, validation
+from mlops.core.environment import configure_environment
+from mlops.core.names import EXPERIMENT_NAME
 from resources.feature_store import FeatureStore
 from resources.gates import GatePolicy
 from resources.monitoring import MonitoringPolicy
 from resources.notebooks import NotebookRunner
-from resources.registry import EXPERIMENT_NAME, ModelRegistry, mlflow_tracking_in_home
-from resources.settings import PlatformSettings, configure_environment
+from resources.registry import ModelRegistry, mlflow_tracking_in_home
+from resources.settings import PlatformSettings
 from resources.tenants import TenantCatalog
 from resources.warehouse import DuckDBWarehouse
 

@@ -13,8 +13,9 @@ import time
 
 import dagster as dg
 
+from mlops.core.monitoring import record_health_check
 from resources.inbox import move_aside, unknown_tenant_folders
-from resources.monitoring import MonitoringPolicy, record_health_check
+from resources.monitoring import MonitoringPolicy
 from resources.settings import PlatformSettings
 from resources.tenants import TENANT_PARTITIONS, TenantCatalog
 

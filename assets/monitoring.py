@@ -3,56 +3,43 @@ shadow comparison that gates promotion, and delivery KPIs, per tenant."""
 
 import datetime as dt
 import json
-from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 
-from assets.deployment import promote_challenger, publish_from_registry
-from assets.training import HOLDOUT_TABLE, png_metadata
-from resources.feature_store import LABEL_HORIZON_DAYS, FeatureStore, feature_origin
-from resources.monitoring import (
-    PREDICTED,
-    SCORE,
-    TARGET,
-    TIMESTAMP,
-    MonitoringPolicy,
+from assets.training import png_metadata
+from mlops.core.deployment import promote_challenger, retire_challenger
+from mlops.core.monitoring import (
     MonitoringReport,
+    analysis_frame,
     compute_kpis,
     decay_alerts,
     drift_plot,
     load_or_fit,
     operational_summary,
     performance_plot,
-    prepare,
     read_health_checks,
     read_monitoring_alerts,
     read_monitoring_results,
+    reference_frame,
     run_incremental,
     service_cpu_usage,
     store_report,
 )
-from resources.registry import CHALLENGER, CHAMPION, ModelRegistry, registered_model_name
-from resources.serving import PREDICTION_LOG_COLUMNS, prediction_log_dir
+from mlops.core.names import CHALLENGER, CHAMPION, registered_model_name
+from mlops.core.prediction_log import (
+    PREDICTION_LOG_DDL,
+    ForeignSegmentError,
+    archive_segments,
+    ingest_closed_segments,
+)
+from mlops.core.shadow import SHADOW_DDL, compare_shadow, promotion_decision, shadow_pairs
+from resources.feature_store import LABEL_HORIZON_DAYS, FeatureStore, feature_origin
+from resources.monitoring import MonitoringPolicy
+from resources.registry import ModelRegistry
 from resources.settings import PlatformSettings
 from resources.tenants import TENANT_PARTITIONS
 from resources.warehouse import DuckDBWarehouse
-
-PREDICTION_LOG_DDL = """
-CREATE TABLE IF NOT EXISTS prediction_log (
-    prediction_id VARCHAR NOT NULL, tenant VARCHAR NOT NULL, account_id VARCHAR NOT NULL,
-    role VARCHAR NOT NULL, model_version VARCHAR NOT NULL, score DOUBLE NOT NULL, latency_ms DOUBLE NOT NULL,
-    snapshot_version BIGINT NOT NULL, endpoint VARCHAR NOT NULL, requested_at TIMESTAMP NOT NULL,
-    segment VARCHAR NOT NULL,
-    PRIMARY KEY (prediction_id, role)
-)
-"""
-SEGMENTS_DDL = """
-CREATE TABLE IF NOT EXISTS ingested_log_segments (
-    segment VARCHAR PRIMARY KEY, rows BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL
-)
-"""
 
 
 @dg.asset(
@@ -63,98 +50,27 @@ CREATE TABLE IF NOT EXISTS ingested_log_segments (
 def prediction_log(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, settings: PlatformSettings):
     """Closed prediction-log segments written by the service, ingested exactly once.
 
-    A segment's name is recorded in the same transaction as its rows, so a segment is never
-    loaded twice, even if moving it aside afterwards fails; the service only ever renames
-    complete segments into ``closed/``, so a segment being written is never read.
+    A segment's name is recorded in the same transaction as its rows (``mlops.core.prediction_log``),
+    so a segment is never loaded twice, even if moving it aside afterwards fails.
     """
     tenant = context.partition_key
-    folder = prediction_log_dir(settings.root, tenant)
-    closed = sorted((folder / "closed").glob("segment-*.parquet"))
-    loaded = skipped = rows = 0
     with warehouse.transaction(tenant) as con:
-        con.execute(PREDICTION_LOG_DDL)
-        con.execute(SEGMENTS_DDL)
-        done = {r[0] for r in con.execute("SELECT segment FROM ingested_log_segments").fetchall()}
-        for path in closed:
-            if path.name in done:
-                skipped += 1
-                continue
-            frame = pd.read_parquet(path)
-            if (frame["tenant"] != tenant).any():
-                raise dg.Failure(f"segment {path.name} holds rows of another tenant; refusing to ingest it")
-            frame = frame[list(PREDICTION_LOG_COLUMNS)].assign(segment=path.name)
-            con.register("segment_rows", frame)
-            con.execute("INSERT INTO prediction_log BY NAME SELECT * FROM segment_rows")
-            con.unregister("segment_rows")
-            con.execute("INSERT INTO ingested_log_segments VALUES (?, ?, ?)",
-                        [path.name, len(frame), dt.datetime.now(dt.UTC).replace(tzinfo=None)])
-            loaded += 1
-            rows += len(frame)
-        total = con.execute("SELECT count(*) FROM prediction_log").fetchone()[0]
-    archive = folder / "ingested"
-    archive.mkdir(parents=True, exist_ok=True)
-    for path in closed:
-        path.replace(archive / path.name)
+        try:
+            ingestion = ingest_closed_segments(con, settings.root, tenant)
+        except ForeignSegmentError as exc:
+            raise dg.Failure(str(exc)) from exc
+    archive_segments(settings.root, tenant, ingestion.closed)
     return dg.MaterializeResult(
         metadata={
-            "segments_ingested": dg.MetadataValue.int(loaded),
-            "segments_already_ingested": dg.MetadataValue.int(skipped),
-            "rows_ingested": dg.MetadataValue.int(rows),
-            "rows_total": dg.MetadataValue.int(total),
+            "segments_ingested": dg.MetadataValue.int(ingestion.loaded),
+            "segments_already_ingested": dg.MetadataValue.int(ingestion.skipped),
+            "rows_ingested": dg.MetadataValue.int(ingestion.rows),
+            "rows_total": dg.MetadataValue.int(ingestion.total_rows),
         }
     )
 
 
 # --- model monitoring (NannyML) -----------------------------------------------------------------
-ANALYSIS_SQL = """
-WITH snapshots AS (
-    SELECT * EXCLUDE (filename),
-           CAST(regexp_extract(filename, 'features-v([0-9]+)[.]parquet', 1) AS BIGINT) AS snapshot_version
-    FROM read_parquet($files, filename = true)
-),
-predictions AS (
-    SELECT p.prediction_id, p.account_id, p.score, p.snapshot_version, p.requested_at
-    FROM prediction_log p
-    WHERE p.role = $role AND p.model_version = $version
-)
-SELECT p.prediction_id, p.score, s.*  EXCLUDE (snapshot_version), s.available_at AS timestamp,
-       CASE WHEN s.available_at + INTERVAL (HORIZON) DAY <= CAST($origin AS TIMESTAMP)
-            THEN CAST(c.churned_at IS NOT NULL AND c.churned_at < s.available_at + INTERVAL (HORIZON) DAY AS INTEGER)
-       END AS churned
-FROM predictions p
-JOIN snapshots s ON s.account_id = p.account_id AND s.snapshot_version = p.snapshot_version
-LEFT JOIN raw_churn_events c ON c.account_id = p.account_id AND c.churned_at >= s.available_at
-WHERE s.available_at >= CAST($origin AS TIMESTAMP) - INTERVAL (WINDOW) DAY
-QUALIFY row_number() OVER (PARTITION BY p.prediction_id ORDER BY c.churned_at) = 1
-"""
-
-
-def analysis_frame(con, online_dir: Path, version: str, window_days: int, role: str = "champion") -> pd.DataFrame:
-    """Logged predictions of one model version with the features they were scored from and, once
-    mature, their label: the analysis data of monitoring."""
-    con.execute(PREDICTION_LOG_DDL)
-    versions = [r[0] for r in con.execute(
-        "SELECT DISTINCT snapshot_version FROM prediction_log WHERE role = ? AND model_version = ?",
-        [role, version]).fetchall()]
-    files = [str(online_dir / f"features-v{v:05d}.parquet") for v in versions]
-    files = [f for f in files if Path(f).exists()]
-    if not files:
-        return pd.DataFrame()
-    origin, _ = feature_origin(con)
-    sql = (ANALYSIS_SQL.replace("(HORIZON)", str(LABEL_HORIZON_DAYS)).replace("(WINDOW)", str(int(window_days))))
-    return con.execute(sql, {"files": files, "role": role, "version": version, "origin": origin}).df()
-
-
-def reference_frame(con, version: str) -> pd.DataFrame:
-    """The reference of a model version: its training holdout, with scores and labels."""
-    frame = con.execute(
-        f"SELECT * FROM {HOLDOUT_TABLE} WHERE model_version = ?", [version]  # noqa: S608 - constant table
-    ).df()
-    if frame.empty:
-        raise dg.Failure(f"model version {version} has no holdout scores to use as monitoring reference")
-    return frame.rename(columns={"prediction_time": TIMESTAMP})
-
-
 @dg.asset(
     deps=[prediction_log, "churn_model"],
     partitions_def=TENANT_PARTITIONS,
@@ -178,7 +94,8 @@ def model_monitoring(
         raise dg.Failure(f"tenant {tenant!r} has no champion to monitor yet")
     version = str(champion.version)
     with warehouse.connect(tenant) as con:
-        analysis = analysis_frame(con, feature_store.online_dir(tenant), version, monitoring_policy.analysis_window_days)
+        analysis = analysis_frame(con, feature_store.online_dir(tenant), version, monitoring_policy.analysis_window_days,
+                                  origin=feature_origin(con)[0], horizon_days=LABEL_HORIZON_DAYS)
         monitor, fitted = load_or_fit(settings.root, tenant, version, monitoring_policy,
                                       lambda: reference_frame(con, version))
         stored = read_monitoring_results(con, version)
@@ -290,21 +207,6 @@ def operational_metrics(
 
 
 # --- shadow comparison and promotion -----------------------------------------------------------
-SHADOW_DDL = """
-CREATE TABLE IF NOT EXISTS shadow_comparisons (
-    evaluated_at TIMESTAMP NOT NULL, champion_version VARCHAR NOT NULL, challenger_version VARCHAR,
-    decision VARCHAR NOT NULL, reason VARCHAR NOT NULL, shadow_pairs BIGINT NOT NULL, details VARCHAR NOT NULL,
-    dagster_run_id VARCHAR NOT NULL
-)
-"""
-SHADOW_PAIRS_SQL = """
-SELECT c.prediction_id, c.account_id, c.score AS champion_score, h.score AS challenger_score,
-       c.latency_ms AS champion_latency_ms, h.latency_ms AS challenger_latency_ms, c.snapshot_version
-FROM prediction_log c JOIN prediction_log h USING (prediction_id)
-WHERE c.role = 'champion' AND h.role = 'challenger' AND c.model_version = ? AND h.model_version = ?
-"""
-
-
 @dg.asset(
     deps=[prediction_log, "churn_model_aliases"],
     partitions_def=TENANT_PARTITIONS,
@@ -340,11 +242,12 @@ def shadow_comparison(
     else:
         with warehouse.connect(tenant) as con:
             con.execute(PREDICTION_LOG_DDL)
-            pairs = con.execute(SHADOW_PAIRS_SQL, [champ_v, chall_v]).df()
+            pairs = shadow_pairs(con, champ_v, chall_v)
             if len(pairs) >= policy.shadow_min_predictions:
                 # The champion's logged features: the shadow pairs' rows and the labelled ones.
                 logged = analysis_frame(con, feature_store.online_dir(tenant), champ_v,
-                                        policy.analysis_window_days + LABEL_HORIZON_DAYS)
+                                        policy.analysis_window_days + LABEL_HORIZON_DAYS,
+                                        origin=feature_origin(con)[0], horizon_days=LABEL_HORIZON_DAYS)
                 references = {v: reference_frame(con, v) for v in (champ_v, chall_v)}
         if len(pairs) < policy.shadow_min_predictions:
             decision = "wait"
@@ -365,11 +268,7 @@ def shadow_comparison(
                         subject=f"{registered_model_name(tenant)}/{chall_v}",
                         outcome="passed" if decision == "promote" else "failed", details=comparison)
     if decision == "retire":
-        registry.delete_alias(tenant, CHALLENGER)
-        publish_from_registry(tenant, registry, feature_store, settings)
-        warehouse.audit(tenant, actor="shadow_comparison", action="challenger_retired",
-                        subject=f"{registered_model_name(tenant)}/{chall_v}", outcome="retired",
-                        details={"reason": reason})
+        retire_challenger(tenant, chall_v, registry, feature_store, settings, warehouse, reason)
 
     numbers = {k: dg.MetadataValue.float(float(v)) for k, v in comparison.items()
                if isinstance(v, float | int) and not isinstance(v, bool) and k != "shadow_pairs"}
@@ -385,74 +284,6 @@ def shadow_comparison(
         description=f"{decision}: {reason}",
         metadata={"decision": decision, "reason": reason, "challenger_version": chall_v or "none"},
     )
-
-
-def compare_shadow(pairs: pd.DataFrame, logged: pd.DataFrame, references: dict[str, pd.DataFrame],
-                   boosters: dict) -> dict:
-    """Agreement, latency and ROC AUC (estimated and, where labels exist, realized) of both models."""
-    import nannyml as nml
-    from scipy.stats import spearmanr
-    from sklearn.metrics import roc_auc_score
-
-    champ_v, chall_v = list(references)
-    out: dict = {
-        "agreement": float(((pairs["champion_score"] >= 0.5) == (pairs["challenger_score"] >= 0.5)).mean()),
-        "rank_correlation": float(spearmanr(pairs["champion_score"], pairs["challenger_score"]).statistic),
-        "mean_abs_score_diff": float((pairs["champion_score"] - pairs["challenger_score"]).abs().mean()),
-    }
-    for role in ("champion", "challenger"):
-        latency = pairs[f"{role}_latency_ms"]
-        out[f"{role}_p95_ms"] = float(np.percentile(latency, 95))
-        out[f"{role}_p99_ms"] = float(np.percentile(latency, 99))
-    # CBPE: each model's estimate on the shadow requests, calibrated on its own reference.
-    features = logged.drop(columns=["score"]).merge(pairs[["prediction_id", "champion_score", "challenger_score"]],
-                                                          on="prediction_id")
-    for role, version in (("champion", champ_v), ("challenger", chall_v)):
-        data = prepare(features.rename(columns={f"{role}_score": SCORE}))
-        estimator = nml.CBPE(metrics=["roc_auc"], y_pred_proba=SCORE, y_pred=PREDICTED, y_true=TARGET,
-                             problem_type="classification_binary", chunk_number=1)
-        estimator.fit(prepare(references[version]))
-        result = estimator.estimate(data.drop(columns=[TARGET])).filter(period="analysis").to_df()
-        out[f"{role}_estimated_roc_auc"] = float(result[("roc_auc", "value")].iloc[0])
-    # Realized: both models scored on the freshest traffic whose labels have matured.
-    mature = logged[logged[TARGET].notna()]
-    if len(mature) and mature[TARGET].nunique() == 2:
-        from resources.model_inputs import to_model_matrix
-
-        matrix = to_model_matrix(mature)
-        for role, version in (("champion", champ_v), ("challenger", chall_v)):
-            out[f"{role}_realized_roc_auc"] = float(roc_auc_score(mature[TARGET], boosters[version].predict(matrix)))
-        out["labelled_rows"] = len(mature)
-    return out
-
-
-def promotion_decision(comparison: dict, policy: MonitoringPolicy) -> tuple[str, str]:
-    """Promote when the challenger is not worse than the champion beyond the tolerance and meets the
-    latency budget; otherwise retire it. Returns (decision, reason).
-
-    Realized ROC AUC on labelled traffic, where there is enough of it, decides: CBPE assumes the
-    relation between features and churn has not changed, which is exactly what a concept drift
-    breaks, and each model's estimate is calibrated on its own reference. Without labels, the CBPE
-    estimates decide."""
-    tol = policy.promotion_auc_tolerance
-    labelled = comparison.get("labelled_rows", 0) >= policy.promotion_min_labelled_rows
-    kind = "realized" if labelled and comparison.get("challenger_realized_roc_auc") is not None else "estimated"
-    champ, chall = comparison.get(f"champion_{kind}_roc_auc"), comparison.get(f"challenger_{kind}_roc_auc")
-    problems, evidence = [], []
-    if champ is None or chall is None:
-        problems.append("no ROC AUC evidence for the comparison")
-    else:
-        evidence.append(f"{kind} ROC AUC {chall:.4f} vs champion {champ:.4f}"
-                        + (f" on {comparison['labelled_rows']} labelled predictions" if kind == "realized" else ""))
-        if chall < champ - tol:
-            problems.append(f"{kind} ROC AUC {chall:.4f} is worse than the champion's {champ:.4f} beyond {tol}")
-    p99 = comparison["challenger_p99_ms"]
-    evidence.append(f"shadow p99 {p99:.2f} ms")
-    if p99 > policy.promotion_max_p99_ms:
-        problems.append(f"shadow p99 {p99:.2f} ms is over the budget {policy.promotion_max_p99_ms} ms")
-    if problems:
-        return "retire", "; ".join(problems)
-    return "promote", "; ".join(evidence)
 
 
 @dg.asset(

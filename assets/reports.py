@@ -8,8 +8,9 @@ raises fails the materialization with that cell's error.
 import dagster as dg
 from pydantic import Field
 
+from mlops.core.names import CHALLENGER, CHAMPION, registered_model_name
 from resources.notebooks import NotebookRun, NotebookRunner
-from resources.registry import CHALLENGER, CHAMPION, ModelRegistry, registered_model_name
+from resources.registry import ModelRegistry
 from resources.tenants import TENANT_PARTITIONS
 
 

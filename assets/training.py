@@ -1,34 +1,18 @@
 """Training: a LightGBM churn model per tenant, tracked and registered in MLflow (dagster-mlflow)."""
 
 
-import datetime as dt
-import json
 import tempfile
 from pathlib import Path
 
 import dagster as dg
 import mlflow
-import pandas as pd
 
-from resources import modeling
+from mlops.core import modeling
+from mlops.core.candidates import record_candidate
+from mlops.core.names import registered_model_name
 from resources.feature_store import FEATURE_COLUMNS, FEATURE_VIEW_VERSION, content_hash
-from resources.registry import registered_model_name, runtime_tags
+from resources.registry import runtime_tags
 from resources.tenants import TENANT_PARTITIONS
-
-CANDIDATES_DDL = """
-CREATE TABLE IF NOT EXISTS model_candidates (
-    model_version VARCHAR PRIMARY KEY,
-    trained_at TIMESTAMP NOT NULL,
-    mlflow_run_id VARCHAR NOT NULL,
-    dagster_run_id VARCHAR NOT NULL,
-    dataset_version VARCHAR NOT NULL,
-    feature_view_version VARCHAR NOT NULL,
-    holdout_cutoff TIMESTAMP NOT NULL,
-    model_bytes BIGINT NOT NULL,
-    metrics VARCHAR NOT NULL
-)
-"""
-HOLDOUT_TABLE = "model_holdout_scores"
 
 
 @dg.asset(
@@ -88,19 +72,11 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     registry.tag_version(tenant, version, lineage | {"mlflow_run_id": run_id})
     mlflow.end_run()
 
-    holdout = split.holdout.assign(score=holdout_scores, model_version=version)
     with warehouse.transaction(tenant) as con:
-        con.execute(CANDIDATES_DDL)
-        con.execute(
-            "INSERT OR REPLACE INTO model_candidates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [version, dt.datetime.now(dt.UTC).replace(tzinfo=None), run_id, context.run_id, dataset_version,
-             FEATURE_VIEW_VERSION, split.cutoff.to_pydatetime(), model_bytes, json.dumps(metrics)],
-        )
-        con.register("holdout_frame", holdout)
-        con.execute(f"CREATE TABLE IF NOT EXISTS {HOLDOUT_TABLE} AS SELECT * FROM holdout_frame LIMIT 0")  # noqa: S608 - constant table name
-        con.execute(f"DELETE FROM {HOLDOUT_TABLE} WHERE model_version = ?", [version])  # noqa: S608
-        con.execute(f"INSERT INTO {HOLDOUT_TABLE} BY NAME SELECT * FROM holdout_frame")  # noqa: S608
-        con.unregister("holdout_frame")
+        record_candidate(con, version=version, mlflow_run_id=run_id, dagster_run_id=context.run_id,
+                         dataset_version=dataset_version, feature_view_version=FEATURE_VIEW_VERSION,
+                         holdout_cutoff=split.cutoff, model_bytes=model_bytes, metrics=metrics,
+                         holdout=split.holdout.assign(score=holdout_scores))
     warehouse.audit(tenant, actor="training", action="model_trained", subject=f"{registered_model_name(tenant)}/{version}",
                     outcome="registered", details={**metrics, "mlflow_run_id": run_id, "dataset_version": dataset_version})
 
@@ -136,13 +112,3 @@ def png_metadata(png: bytes) -> dg.MetadataValue:
     import base64
 
     return dg.MetadataValue.md(f"![plot](data:image/png;base64,{base64.b64encode(png).decode()})")
-
-
-def latest_candidate(con) -> pd.Series:
-    """The most recently trained model version of this tenant, with its metrics."""
-    con.execute(CANDIDATES_DDL)
-    frame = con.execute("SELECT * FROM model_candidates ORDER BY trained_at DESC LIMIT 1").df()
-    if frame.empty:
-        raise dg.Failure("no trained model candidate yet: materialize churn_model first")
-    row = frame.iloc[0]
-    return row

@@ -1,37 +1,23 @@
 """Validation gates: blocking asset checks between a trained model and the ``challenger`` alias.
 
-Each gate evaluates the newest model candidate of the tenant, records its result in the
-warehouse table ``gate_results`` and in the audit log, and explains itself in the UI. A failed
+Each gate evaluates the newest model candidate of the tenant (``mlops.core.candidates``), records
+its result in the warehouse table ``gate_results`` and in the audit log, and explains itself in the UI. A failed
 gate blocks ``churn_model_aliases`` in the same run, and that asset also refuses any version
 without a full set of passed gates.
 """
 
 
-import datetime as dt
-
 import dagster as dg
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from assets.training import HOLDOUT_TABLE, churn_model, latest_candidate
-from resources import modeling
-from resources.gates import GateOutcome, GatePolicy
-from resources.registry import CHAMPION, ModelRegistry, registered_model_name
+from assets.training import churn_model
+from mlops.core import modeling
+from mlops.core.candidates import GateOutcome, holdout_scores, latest_candidate, record_gate_result
+from mlops.core.names import CHAMPION, registered_model_name
+from resources.gates import GatePolicy
+from resources.registry import ModelRegistry
 from resources.warehouse import DuckDBWarehouse
-
-GATE_RESULTS_DDL = """
-CREATE TABLE IF NOT EXISTS gate_results (
-    model_version VARCHAR NOT NULL,
-    gate VARCHAR NOT NULL,
-    passed BOOLEAN NOT NULL,
-    value DOUBLE,
-    threshold DOUBLE,
-    reason VARCHAR NOT NULL,
-    dagster_run_id VARCHAR NOT NULL,
-    evaluated_at TIMESTAMP NOT NULL
-)
-"""
-GATES = ("roc_auc_gate", "calibration_gate", "fairness_gate", "latency_gate", "model_size_gate")
 
 
 def tenant_of(context: dg.AssetCheckExecutionContext) -> str:
@@ -45,12 +31,7 @@ def record_gate(context, warehouse: DuckDBWarehouse, version: str, outcome: Gate
     """Persist a gate outcome and its audit entry, and turn it into the check result the UI shows."""
     tenant = tenant_of(context)
     with warehouse.transaction(tenant) as con:
-        con.execute(GATE_RESULTS_DDL)
-        con.execute(
-            "INSERT INTO gate_results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [version, outcome.gate, outcome.passed, outcome.value, outcome.threshold, outcome.reason,
-             context.run.run_id, dt.datetime.now(dt.UTC).replace(tzinfo=None)],
-        )
+        record_gate_result(con, version, outcome, context.run.run_id)
     warehouse.audit(
         tenant, actor="validation", action=f"gate:{outcome.gate}", subject=f"{registered_model_name(tenant)}/{version}",
         outcome="passed" if outcome.passed else "failed",
@@ -71,9 +52,7 @@ def record_gate(context, warehouse: DuckDBWarehouse, version: str, outcome: Gate
 def _candidate_and_holdout(warehouse: DuckDBWarehouse, tenant: str) -> tuple[pd.Series, pd.DataFrame]:
     with warehouse.connect(tenant) as con:
         candidate = latest_candidate(con)
-        holdout = con.execute(
-            f"SELECT * FROM {HOLDOUT_TABLE} WHERE model_version = ?", [candidate["model_version"]]  # noqa: S608
-        ).df()
+        holdout = holdout_scores(con, candidate["model_version"])
     return candidate, holdout
 
 
@@ -162,20 +141,3 @@ def model_size_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWar
     return record_gate(context, warehouse, candidate["model_version"], GateOutcome(
         "model_size_gate", passed, size, gates.max_model_bytes,
         f"model file is {size:,} bytes, limit {gates.max_model_bytes:,}"))
-
-
-def failed_or_missing_gates(con, version: str) -> dict[str, str]:
-    """Gates that the version has not passed in its latest evaluation, with the reason."""
-    con.execute(GATE_RESULTS_DDL)
-    rows = con.execute(
-        "SELECT gate, passed, reason FROM gate_results WHERE model_version = ? "
-        "QUALIFY row_number() OVER (PARTITION BY gate ORDER BY evaluated_at DESC) = 1",
-        [version],
-    ).fetchall()
-    latest = {gate: (passed, reason) for gate, passed, reason in rows}
-    problems = {g: "not evaluated" for g in GATES if g not in latest}
-    problems.update({g: reason for g, (passed, reason) in latest.items() if not passed})
-    return problems
-
-
-

@@ -7,7 +7,7 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.gpu_scoring --model .mlops/serving/models/acme/v3.txt
 
 The model is a real churn booster: by default trained by the pipeline's own code and parameters
-(``resources.modeling.train_booster``, 250 rounds) on a simulated tenant run through the feature
+(``mlops.core.modeling.train_booster``, 250 rounds) on a simulated tenant run through the feature
 store; ``--model`` scores a LightGBM model file instead. The rows are the tenant's real feature
 rows (``to_model_matrix``), resampled to ``--rows``, a few with unseen categories.
 
@@ -29,8 +29,8 @@ import lightgbm as lgb
 import numpy as np
 
 from bentos.gpu_scoring import BatchScorer, cuda_available, default_threads, torch_available
+from mlops.core.modeling import time_split, train_booster
 from resources import feature_store as fs
-from resources.modeling import time_split, train_booster
 from resources.simulator import simulate_tenant
 from resources.tenants import TenantSpec
 

@@ -30,7 +30,7 @@ def main() -> int:
     if not args.executors_only:
         shutil.rmtree(home, ignore_errors=True)
 
-        from resources.closed_loop import ClosedLoopDemo
+        from mlops.demo import ClosedLoopDemo
 
         demo = ClosedLoopDemo(home, headless=True, small=True, service_port=args.service_port)
         started = time.perf_counter()

@@ -20,11 +20,11 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from resources.environment import disable_telemetry
+from mlops.core.environment import disable_telemetry
 
 
 def synthetic(source: pd.DataFrame, rows: int, days: int, start: str, seed: int) -> pd.DataFrame:
-    from resources.model_inputs import NUMERIC_FEATURES
+    from mlops.core.model_inputs import NUMERIC_FEATURES
 
     rng = np.random.default_rng(seed)
     frame = source.iloc[rng.integers(0, len(source), rows)].reset_index(drop=True)
@@ -46,8 +46,8 @@ def main() -> int:
 
     import nannyml as nml
 
-    from resources.model_inputs import CATEGORICAL_FEATURES, FEATURE_COLUMNS
-    from resources.monitoring import (
+    from mlops.core.model_inputs import CATEGORICAL_FEATURES, FEATURE_COLUMNS
+    from mlops.core.monitoring import (
         PREDICTED,
         SCORE,
         TARGET,

@@ -1,7 +1,7 @@
 """Benchmark: the BentoML churn service against a bare ASGI server scoring the same model.
 
 Run from the repository root, against a platform home that has a published serving bundle
-(``python -m resources.cli --home /tmp/benchhome build``)::
+(``mlops --home /tmp/benchhome build``)::
 
     .venv/bin/python -m benchmarks.serving --home /tmp/benchhome                # ~1 minute
     .venv/bin/python -m benchmarks.serving --home /tmp/benchhome --soak 300     # + 5 min soak
@@ -324,7 +324,7 @@ def model_ceiling(folder: Path, entry: dict, batch_size: int) -> dict:
     import pandas as pd
 
     from bentos.service import CompiledBooster, load_scorer
-    from resources.model_inputs import to_model_matrix
+    from mlops.core.model_inputs import to_model_matrix
 
     matrix = to_model_matrix(pd.read_parquet(folder / entry["snapshot"]["file"]))
     rows = np.resize(np.arange(len(matrix)), batch_size)
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: psutil is not importable in this environment", file=sys.stderr)
         return 1
 
-    from resources.serving import ApiKeyStore, read_manifest, serving_dir
+    from mlops.core.serving import ApiKeyStore, read_manifest, serving_dir
 
     home = Path(args.home).resolve()
     os.environ["MLOPS_HOME"] = str(home)
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(folder)
     tenants = manifest.get("tenants", {})
     if not tenants:
-        print(f"error: no tenants in {folder / 'manifest.json'}; run `python -m resources.cli --home {home} build`",
+        print(f"error: no tenants in {folder / 'manifest.json'}; run `mlops --home {home} build`",
               file=sys.stderr)
         return 1
     tenant = args.tenant or next((t for t, e in tenants.items() if e.get("challenger")), next(iter(tenants)))

@@ -1,7 +1,7 @@
 """The churn prediction service: every tenant, champion + shadow challenger, hot model swaps.
 
 Start it with ``bentoml serve bentos.service:ChurnService``. It reads only the serving bundle (see
-``resources.serving``): never the warehouse, never the registry.
+``mlops.core.serving``): never the warehouse, never the registry.
 
 Settings (environment variables, read at start-up):
 
@@ -61,8 +61,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from resources.environment import configure_environment, write_atomic
-from resources.serving import (
+from mlops.core.environment import configure_environment, write_atomic
+from mlops.core.serving import (
     MANIFEST,
     ApiKeyStore,
     LogChunk,
@@ -208,7 +208,7 @@ class NativeBooster:
 
 class CompiledBooster:
     """A published model's trees compiled to native code by lleaves (the bundle's ``v<N>-<hash>.o``,
-    built at publication by ``resources.serving.compile_model``), with ``NativeBooster.predict``'s
+    built at publication by ``mlops.core.serving.compile_model``), with ``NativeBooster.predict``'s
     interface.
 
     The compiled function is called directly, not through ``lleaves.Model.predict`` (whose argument
@@ -263,7 +263,7 @@ def load_scorer(folder: Path, spec: dict, sample: np.ndarray):
     try:
         import llvmlite.binding as llvm
 
-        from resources.serving import LOAD_OPTIONS, compiled_model_name
+        from mlops.core.serving import LOAD_OPTIONS, compiled_model_name
 
         if compiled.get("triple") != llvm.get_process_triple():
             raise RuntimeError(f"compiled for {compiled.get('triple')}, this host is {llvm.get_process_triple()}")
@@ -308,7 +308,7 @@ def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDepl
     else:
         import pandas as pd  # in the workers only, not in the `bentoml serve` process
 
-        from resources.model_inputs import to_model_matrix
+        from mlops.core.model_inputs import to_model_matrix
 
         frame = pd.read_parquet(folder / entry["snapshot"]["file"])
         index = {account: i for i, account in enumerate(frame["account_id"].tolist())}

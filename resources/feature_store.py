@@ -24,7 +24,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from resources.model_inputs import (  # noqa: F401 - re-exported for callers of the feature store
+from mlops.core.environment import write_atomic
+from mlops.core.model_inputs import (  # noqa: F401 - re-exported for callers of the feature store
     CATEGORICAL_FEATURES,
     FEATURE_COLUMNS,
     NUMERIC_FEATURES,
@@ -32,7 +33,7 @@ from resources.model_inputs import (  # noqa: F401 - re-exported for callers of 
     to_model_frame,
     to_model_matrix,
 )
-from resources.settings import PlatformSettings, write_atomic
+from resources.settings import PlatformSettings
 from resources.tenants import TenantCatalog
 
 FEATURE_TABLE = "account_features"

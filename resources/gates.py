@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import dagster as dg
 
 
@@ -21,12 +19,3 @@ class GatePolicy(dg.ConfigurableResource):
     max_model_bytes: int = 20_000_000
     # Freshness: the newest training label may be at most this many days older than the newest raw event.
     max_label_staleness_days: int = 45
-
-
-@dataclass(frozen=True)
-class GateOutcome:
-    gate: str
-    passed: bool
-    value: float
-    threshold: float
-    reason: str

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from resources.settings import PROJECT_ROOT, PlatformSettings
+from mlops.core.environment import PROJECT_ROOT
+from resources.settings import PlatformSettings
 
 NOTEBOOKS_DIR = PROJECT_ROOT / "notebooks"
 SUMMARY_TAG = "summary"  # a cell with this tag displays an application/json summary of the report

@@ -21,11 +21,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from resources.settings import PROJECT_ROOT, PlatformSettings
+from mlops.core.environment import PROJECT_ROOT
+from mlops.core.names import EXPERIMENT_NAME, registered_model_name
+from resources.settings import PlatformSettings
 
-EXPERIMENT_NAME = "saas-churn"
-CHALLENGER = "challenger"
-CHAMPION = "champion"
 LINEAGE_TAGS = (
     "tenant",
     "dataset_version",
@@ -37,9 +36,6 @@ LINEAGE_TAGS = (
     "dagster_run_id",
 )
 
-
-def registered_model_name(tenant: str) -> str:
-    return f"churn-{tenant}"
 
 
 def code_version() -> str:

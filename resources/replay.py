@@ -13,14 +13,15 @@ import datetime as dt
 import duckdb
 import pandas as pd
 
-from resources import modeling
+from mlops.core import modeling
+from mlops.core.monitoring import TIMESTAMP, TenantMonitor
 from resources.feature_store import (
     LABEL_HORIZON_DAYS,
     build_feature_table,
     build_training_set,
     compute_features,
 )
-from resources.monitoring import TIMESTAMP, MonitoringPolicy, TenantMonitor
+from resources.monitoring import MonitoringPolicy
 from resources.schemas import RAW_TABLES
 from resources.simulator import SIMULATION_START, simulate_tenant
 from resources.tenants import TenantSpec

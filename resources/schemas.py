@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pandera.pandas as pa
 
-from resources.vocabulary import (
+from mlops.core.vocabulary import (
     BILLING_EVENT_TYPES,
     PLANS,
     SEGMENTS,

@@ -1,8 +1,8 @@
 """Where the platform keeps its state: the ``PlatformSettings`` resource over ``MLOPS_HOME``.
 
 Nothing here touches the disk at import time; ``PlatformSettings.ensure_home()`` creates the layout
-on first use. The Dagster-free pieces (paths, telemetry switches, atomic writes) live in
-``resources.environment`` and are re-exported here.
+on first use. The layout itself, telemetry switches and atomic writes are Dagster-free and live in
+``mlops.core.environment``.
 """
 
 from __future__ import annotations
@@ -11,14 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from resources.environment import (  # noqa: F401 - re-exported
-    DEFAULT_HOME,
-    PROJECT_ROOT,
-    TELEMETRY_OFF,
-    configure_environment,
-    disable_telemetry,
-    write_atomic,
-)
+from mlops.core.environment import HomeLayout, write_atomic
 
 DAGSTER_YAML = """\
 # Written by the platform. Telemetry off; one run per tenant partition at a time, because a
@@ -41,7 +34,7 @@ run_coordinator:
 
 
 class PlatformSettings(dg.ConfigurableResource):
-    """Paths of the platform's state directory (``MLOPS_HOME``)."""
+    """Paths of the platform's state directory (``MLOPS_HOME``), laid out by ``HomeLayout``."""
 
     home: str
 
@@ -49,48 +42,52 @@ class PlatformSettings(dg.ConfigurableResource):
     def root(self) -> Path:
         return Path(self.home).resolve()
 
+    @property
+    def layout(self) -> HomeLayout:
+        return HomeLayout(self.root)
+
     def tenant_dir(self, tenant: str, region: str) -> Path:
-        # Data of a region stays under that region's storage root.
-        return self.root / "regions" / region / tenant
+        return self.layout.tenant_dir(tenant, region)
 
     def warehouse_path(self, tenant: str, region: str) -> Path:
-        return self.tenant_dir(tenant, region) / "warehouse.duckdb"
+        return self.layout.warehouse_path(tenant, region)
 
     def online_dir(self, tenant: str, region: str) -> Path:
-        return self.tenant_dir(tenant, region) / "online"
+        return self.layout.online_dir(tenant, region)
 
     def inbox_dir(self, tenant: str) -> Path:
-        return self.root / "inbox" / tenant
+        return self.layout.inbox_dir(tenant)
 
     @property
     def inbox_root(self) -> Path:
-        return self.root / "inbox"
+        return self.layout.inbox_root
 
     @property
     def mlflow_dir(self) -> Path:
-        return self.root / "mlflow"
+        return self.layout.mlflow_dir
 
     @property
     def mlflow_tracking_uri(self) -> str:
-        return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+        return self.layout.mlflow_tracking_uri
 
     @property
     def mlflow_artifact_uri(self) -> str:
-        return (self.mlflow_dir / "artifacts").as_uri()
+        return self.layout.mlflow_artifact_uri
 
     @property
     def dagster_home(self) -> Path:
-        return self.root / "dagster"
+        return self.layout.dagster_home
 
     @property
     def tenants_file(self) -> Path:
-        return self.root / "tenants.json"
+        return self.layout.tenants_file
 
     def ensure_home(self) -> Path:
         """Create the directory layout and the Dagster instance config (idempotent)."""
-        for path in (self.root, self.mlflow_dir / "artifacts", self.dagster_home, self.inbox_root):
+        layout = self.layout
+        for path in (layout.root, layout.mlflow_dir / "artifacts", layout.dagster_home, layout.inbox_root):
             path.mkdir(parents=True, exist_ok=True)
-        dagster_yaml = self.dagster_home / "dagster.yaml"
+        dagster_yaml = layout.dagster_home / "dagster.yaml"
         if not dagster_yaml.exists():
             write_atomic(dagster_yaml, DAGSTER_YAML.encode())
         return self.root

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from resources.environment import write_atomic
+from mlops.core.environment import write_atomic
 
 TENANT_PARTITIONS = dg.DynamicPartitionsDefinition(name="tenant")
 
@@ -97,7 +97,7 @@ class TenantCatalog(dg.ConfigurableResource):
         if name not in specs:
             raise UnknownTenantError(
                 f"unknown tenant {name!r}: known tenants are {sorted(specs)}; add one with "
-                "`python -m resources.cli add-tenant`"
+                "`mlops add-tenant`"
             )
         return specs[name]
 

@@ -15,7 +15,7 @@ import dagster as dg
 import duckdb
 import pandas as pd
 
-from resources import audit
+from mlops.core import audit
 from resources.schemas import RAW_TABLES, RawTable
 from resources.settings import PlatformSettings
 from resources.tenants import TenantCatalog, TenantSpec

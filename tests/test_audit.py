@@ -1,6 +1,6 @@
 import duckdb
 
-from resources import audit
+from mlops.core import audit
 
 
 def _log(con, n):

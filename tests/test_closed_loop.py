@@ -12,8 +12,8 @@ import sys
 import duckdb
 import pytest
 
-from resources.closed_loop import demo_tenants
-from resources.environment import PROJECT_ROOT
+from mlops.core.environment import PROJECT_ROOT
+from mlops.demo import demo_tenants
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -34,7 +34,7 @@ def _free_port() -> int:
 def demo(tmp_path_factory):
     home = tmp_path_factory.mktemp("loop") / "home"
     proc = subprocess.run(
-        [sys.executable, "-m", "resources.cli", "--home", str(home), "demo", "--headless", "--small",
+        [sys.executable, "-m", "mlops.cli", "--home", str(home), "demo", "--headless", "--small",
          "--service-port", str(_free_port())],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=840,
     )
@@ -110,9 +110,9 @@ def test_a_challenger_failing_the_promotion_gate_is_retired(demo):
     import pandas as pd
 
     from definitions import build_definitions
+    from mlops.core.serving import read_manifest, serving_dir
     from resources.gates import GatePolicy
     from resources.monitoring import MonitoringPolicy
-    from resources.serving import read_manifest, serving_dir
 
     home = demo["home"]
     policy = MonitoringPolicy(shadow_min_predictions=100, promotion_max_p99_ms=5.0)

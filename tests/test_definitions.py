@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from resources.settings import PROJECT_ROOT
+from mlops.core.environment import PROJECT_ROOT
 
 
 def test_definitions_load_without_deprecation_warnings(tmp_path):
@@ -41,7 +41,7 @@ def test_every_stage_is_in_the_asset_graph():
 
 
 def test_telemetry_is_switched_off_by_the_project(monkeypatch):
-    from resources.settings import TELEMETRY_OFF, configure_environment
+    from mlops.core.environment import TELEMETRY_OFF, configure_environment
 
     for key in TELEMETRY_OFF:
         monkeypatch.delenv(key, raising=False)

@@ -24,8 +24,8 @@ from bentos.gpu_scoring import (
     probe_matrix,
     torch_available,
 )
+from mlops.core.modeling import time_split, train_booster
 from resources import feature_store as fs
-from resources.modeling import time_split, train_booster
 from resources.simulator import simulate_tenant
 from resources.tenants import TenantSpec
 

@@ -15,8 +15,8 @@ import pytest
 from nannyml.thresholds import ConstantThreshold
 
 from assets.automation import decay_retrain_sensor, retrain_job
-from resources.model_inputs import CATEGORICAL_FEATURES, FEATURE_COLUMNS
-from resources.monitoring import (
+from mlops.core.model_inputs import CATEGORICAL_FEATURES, FEATURE_COLUMNS
+from mlops.core.monitoring import (
     PREDICTED,
     SCORE,
     TARGET,
@@ -108,7 +108,7 @@ def test_monitoring_equals_nannyml_called_directly(drifted):
 def test_incremental_monitoring_equals_a_full_run(drifted):
     """Day by day, only new chunks and newly matured labels are computed; the stored results equal
     one full run over the same data."""
-    from resources.monitoring import run_incremental
+    from mlops.core.monitoring import run_incremental
 
     policy = MonitoringPolicy()
     monitor = TenantMonitor(policy, drifted.reference)
@@ -190,7 +190,7 @@ def test_decay_sensor_retrains_only_the_alerting_tenant_once_per_cooldown():
 
 # --- promotion and KPIs ------------------------------------------------------------------------
 def test_promotion_decision():
-    from assets.monitoring import promotion_decision
+    from mlops.core.shadow import promotion_decision
 
     policy = MonitoringPolicy(promotion_auc_tolerance=0.02, promotion_max_p99_ms=10, promotion_min_labelled_rows=200)
     good = {"champion_estimated_roc_auc": 0.94, "challenger_estimated_roc_auc": 0.91, "labelled_rows": 4000,
@@ -250,8 +250,9 @@ def resolve_guard(host, *args, **kwargs):
     return real_getaddrinfo(host, *args, **kwargs)
 socket.getaddrinfo = resolve_guard
 import numpy as np, pandas as pd
-from resources.model_inputs import CATEGORICAL_FEATURES, NUMERIC_FEATURES
-from resources.monitoring import MonitoringPolicy, TenantMonitor
+from mlops.core.model_inputs import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+from mlops.core.monitoring import TenantMonitor
+from resources.monitoring import MonitoringPolicy
 rng = np.random.default_rng(0)
 def frame(n, start):
     data = {c: rng.gamma(2.0, 3.0, n) for c in NUMERIC_FEATURES}
@@ -272,7 +273,7 @@ def test_monitoring_never_calls_home():
     import subprocess
     import sys
 
-    from resources.environment import PROJECT_ROOT
+    from mlops.core.environment import PROJECT_ROOT
 
     proc = subprocess.run([sys.executable, "-c", NO_NETWORK_SCRIPT], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=300)
@@ -282,8 +283,8 @@ def test_monitoring_never_calls_home():
 def test_operational_summary_is_computed_in_duckdb_with_pandas_percentiles():
     import duckdb
 
-    from assets.monitoring import PREDICTION_LOG_DDL
-    from resources.monitoring import operational_summary
+    from mlops.core.monitoring import operational_summary
+    from mlops.core.prediction_log import PREDICTION_LOG_DDL
 
     rng = np.random.default_rng(7)
     rows = []

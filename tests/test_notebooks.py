@@ -17,22 +17,22 @@ import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from assets.monitoring import reference_frame
 from assets.reports import drift_report, eda_report, model_report
-from resources import modeling
-from resources.feature_store import FEATURE_COLUMNS
-from resources.monitoring import (
+from mlops.core import modeling
+from mlops.core.environment import PROJECT_ROOT
+from mlops.core.monitoring import (
     TIMESTAMP,
     TenantMonitor,
     read_monitoring_alerts,
     read_monitoring_results,
+    reference_frame,
     store_report,
 )
+from mlops.core.names import CHALLENGER, CHAMPION
+from resources.feature_store import FEATURE_COLUMNS
 from resources.notebooks import NOTEBOOKS_DIR, NotebookExecutionError, NotebookRunner, kernel_interpreter
-from resources.registry import CHALLENGER, CHAMPION
 from resources.replay import replay_tenant
 from resources.schemas import SEGMENTS
-from resources.settings import PROJECT_ROOT
 from resources.tenants import TenantSpec
 from tests.conftest import TEST_TENANT
 

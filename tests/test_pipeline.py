@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from dagster import AssetKey
 
-from resources import audit
-from resources.registry import LINEAGE_TAGS, registered_model_name
+from mlops.core import audit
+from mlops.core.names import registered_model_name
+from resources.registry import LINEAGE_TAGS
 from tests.conftest import TEST_TENANT
 
 pytestmark = pytest.mark.slow

@@ -17,10 +17,10 @@ import psutil
 import pytest
 import requests
 
-from assets.deployment import promote_challenger, rollback_champion
+from mlops.core.deployment import promote_challenger, rollback_champion
+from mlops.core.environment import PROJECT_ROOT, TELEMETRY_OFF
+from mlops.core.serving import ApiKeyStore, read_manifest, serving_dir
 from resources.feature_store import to_model_matrix
-from resources.serving import ApiKeyStore, read_manifest, serving_dir
-from resources.settings import PROJECT_ROOT, TELEMETRY_OFF
 from tests.conftest import TEST_TENANT
 
 pytestmark = pytest.mark.slow
@@ -142,7 +142,7 @@ def _tiny_model(folder, seed=0, rounds=30):
 
 def test_compiled_model_scores_as_lightgbm_and_falls_back_when_it_cannot_be_used(tmp_path, capsys):
     from bentos.service import CompiledBooster, NativeBooster, load_scorer
-    from resources.serving import _model_entry
+    from mlops.core.serving import _model_entry
 
     model_file, x = _tiny_model(tmp_path / "models" / "t")
     entry = _model_entry(tmp_path, "t", "1")
@@ -339,7 +339,7 @@ def test_graceful_shutdown_loses_no_prediction(service, with_challenger, platfor
 
 
 def test_prediction_log_writer_keeps_every_row_in_order_and_loses_none_when_a_write_fails(tmp_path, capsys):
-    from resources.serving import LogChunk, PredictionLogWriter, prediction_log_dir
+    from mlops.core.serving import LogChunk, PredictionLogWriter, prediction_log_dir
 
     writer = PredictionLogWriter(tmp_path, max_rows=10**6, max_age_s=3600)
     writer.append_one("t1", ("champion", "3", 7, "predict"), 1_700_000_000_000_001, 0.5, "id-1", "a-1", 0.25, 0.0)
@@ -397,7 +397,7 @@ def test_prediction_log_writer_keeps_every_row_in_order_and_loses_none_when_a_wr
 
     # Rows appended while a failed segment was being written (a newer buffer) follow the failed
     # segment's rows, their role/version codes mapped onto the older buffer's.
-    from resources.serving import _segment_table, _SegmentBuffer
+    from mlops.core.serving import _segment_table, _SegmentBuffer
 
     older, newer = _SegmentBuffer(0.0), _SegmentBuffer(1.0)
     older.append_one(("champion", "1", 1, "predict"), 1, 0.1, "o-1", "a", 0.1)

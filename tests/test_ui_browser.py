@@ -21,7 +21,8 @@ from urllib.parse import quote
 
 import pytest
 
-from resources.settings import TELEMETRY_OFF, PlatformSettings
+from mlops.core.environment import TELEMETRY_OFF
+from resources.settings import PlatformSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
-from resources.model_inputs import to_model_matrix
+from mlops.core.model_inputs import to_model_matrix
 
 _frame = pd.read_parquet(os.environ["BARE_SNAPSHOT"])
 INDEX = {account: i for i, account in enumerate(_frame["account_id"])}

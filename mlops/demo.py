@@ -30,7 +30,7 @@ from pathlib import Path
 
 import requests
 
-from resources.environment import PROJECT_ROOT, configure_environment
+from mlops.core.environment import PROJECT_ROOT, configure_environment
 from resources.tenants import TenantSpec
 
 DEMO_START_DAY = 150  # the clock when the platform is first built: 150 days of history
@@ -193,7 +193,7 @@ class ClosedLoopDemo:
         from dagster import DagsterInstance
 
         from definitions import build_definitions
-        from resources.serving import ApiKeyStore, serving_dir
+        from mlops.core.serving import ApiKeyStore, serving_dir
 
         self.defs = build_definitions(str(self.root))
         settings, catalog, registry = (self.defs.resources[k] for k in ("settings", "catalog", "registry"))
@@ -280,7 +280,7 @@ class ClosedLoopDemo:
         """Accounts active in the last week of the snapshot the service is serving."""
         import pandas as pd
 
-        from resources.serving import read_manifest, serving_dir
+        from mlops.core.serving import read_manifest, serving_dir
 
         entry = read_manifest(serving_dir(self.root))["tenants"][tenant]
         snapshot = pd.read_parquet(serving_dir(self.root) / entry["snapshot"]["file"],

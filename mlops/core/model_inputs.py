@@ -1,6 +1,6 @@
 """The model's input: feature columns, fixed category levels and their encodings.
 
-Training (``resources.modeling``) and serving (``bentos.service``) both encode through these
+Training (``mlops.core.modeling``) and serving (``bentos.service``) both encode through these
 functions, so the two can never disagree. Free of Dagster and pandera, so the serving process
 imports it cheaply.
 """
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from resources.vocabulary import PLANS, SEGMENTS
+from mlops.core.vocabulary import PLANS, SEGMENTS
 
 if TYPE_CHECKING:  # pandas is imported where a frame is built: the service's hot path never needs it
     import pandas as pd

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 
-from resources.environment import write_atomic
+from mlops.core.environment import HomeLayout, write_atomic
 
 MANIFEST = "manifest.json"
-SERVING_DIR_ENV = "MLOPS_SERVING_DIR"
 PREDICTION_LOG_COLUMNS = {
     "prediction_id": "string",
     "tenant": "string",
@@ -50,13 +49,7 @@ PREDICTION_LOG_COLUMNS = {
 
 def serving_dir(home: Path) -> Path:
     """The bundle the service reads: ``$MLOPS_SERVING_DIR`` (inside a bento) or ``<home>/serving``."""
-    configured = os.environ.get(SERVING_DIR_ENV)
-    if configured:
-        # Relative to the project root (inside a bento: its src/ folder), not the working directory.
-        from resources.environment import PROJECT_ROOT
-
-        return (PROJECT_ROOT / configured).resolve()
-    return Path(home) / "serving"
+    return HomeLayout(Path(home)).serving_dir
 
 
 def read_manifest(folder: Path) -> dict:
@@ -252,7 +245,7 @@ def _hash(salt: str, secret: str) -> str:
 
 # --- prediction log ------------------------------------------------------------------------
 def prediction_log_dir(home: Path, tenant: str) -> Path:
-    return Path(home) / "prediction_logs" / tenant
+    return HomeLayout(Path(home)).prediction_log_dir(tenant)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from fairlearn.metrics import MetricFrame
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
-from resources.model_inputs import FEATURE_COLUMNS, encode_records, to_model_frame, to_model_matrix
+from mlops.core.model_inputs import FEATURE_COLUMNS, encode_records, to_model_frame, to_model_matrix
 
 LGBM_PARAMS: dict = {
     "objective": "binary",

@@ -1,0 +1,290 @@
+"""The ``mlops`` command (installed by ``uv sync``; also ``python -m mlops.cli``).
+
+Every command works on one ``MLOPS_HOME`` (``--home``, else ``$MLOPS_HOME``, else ``./.mlops``) and
+calls the same core functions and Dagster definitions as the assets, so the CLI can never do a
+thing differently from the platform acting on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+
+import click
+
+from mlops.core.names import CHALLENGER, CHAMPION, registered_model_name
+
+
+def _quiet_libraries() -> None:
+    # Beta/preview notices of the pinned libraries are for their developers, not for operators.
+    from dagster import BetaWarning, PreviewWarning
+
+    warnings.filterwarnings("ignore", category=BetaWarning)
+    warnings.filterwarnings("ignore", category=PreviewWarning)
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+
+
+def _resources(home: str | None) -> dict:
+    from definitions import build_definitions
+
+    _quiet_libraries()
+    return build_definitions(home).resources
+
+
+def _known_tenant(resources: dict, tenant: str) -> None:
+    from resources.tenants import UnknownTenantError
+
+    try:
+        resources["catalog"].get(tenant)
+    except UnknownTenantError as exc:
+        raise click.BadParameter(str(exc), param_hint="TENANT") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--home", envvar="MLOPS_HOME", type=click.Path(file_okay=False),
+              help="The platform's state directory (default: $MLOPS_HOME, else ./.mlops).")
+@click.pass_context
+def main(ctx: click.Context, home: str | None) -> None:
+    """The SaaS MLOps platform: build, serve, monitor, retrain and promote per tenant."""
+    ctx.obj = home
+
+
+@main.command()
+@click.option("--tenant", "tenants", multiple=True, help="Only this tenant (repeatable). Default: every tenant.")
+@click.pass_obj
+def build(home: str | None, tenants: tuple[str, ...]) -> None:
+    """Data, features and a validated champion for every tenant (the churn_pipeline job)."""
+    from dagster import DagsterInstance
+
+    from definitions import build_definitions
+
+    _quiet_libraries()
+    defs = build_definitions(home)
+    settings, catalog, registry = (defs.resources[k] for k in ("settings", "catalog", "registry"))
+    settings.ensure_home()
+    registry.ensure_experiment()
+    names = list(tenants) or sorted(catalog.all())
+    for name in names:
+        _known_tenant(defs.resources, name)
+    job = defs.resolve_job_def("churn_pipeline")
+    failures = []
+    with DagsterInstance.from_config(str(settings.dagster_home)) as instance:
+        existing = set(instance.get_dynamic_partitions("tenant"))
+        instance.add_dynamic_partitions("tenant", [n for n in names if n not in existing])
+        for name in names:
+            start = time.perf_counter()
+            result = job.execute_in_process(
+                instance=instance, partition_key=name, raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            )
+            status = "ok" if result.success else "FAILED"
+            click.echo(f"[{name}] churn_pipeline {status} in {time.perf_counter() - start:.1f}s (run {result.run_id})")
+            if not result.success:
+                failures.append(name)
+                for event in result.all_events:
+                    if event.is_failure:
+                        click.echo(f"  {event.step_key}: {event.message}")
+    click.echo("\nModels in the MLflow registry (aliases):")
+    for name in names:
+        champion = registry.alias_version(name, CHAMPION)
+        challenger = registry.alias_version(name, CHALLENGER)
+        click.echo(f"  {registered_model_name(name)}: champion={champion.version if champion else '-'} "
+                   f"challenger={challenger.version if challenger else '-'}")
+    click.echo(f"\nState:   {settings.root}")
+    click.echo("UI:      mlops ui   -> http://127.0.0.1:3000 (asset graph, checks, runs)")
+    click.echo(f"MLflow:  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} --port 5000")
+    if failures:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--headless", is_flag=True, help="No web UI; exit with the timeline (non-zero if the loop did not close).")
+@click.option("--small", is_flag=True, help="Two small tenants (tests, CI).")
+@click.option("--reset", is_flag=True, help="Delete MLOPS_HOME first (the demo starts from an empty home).")
+@click.option("--max-days", type=click.IntRange(1, 400), default=60, show_default=True,
+              help="Give up after this many simulated days.")
+@click.option("--service-port", type=click.IntRange(1, 65535), default=3001, show_default=True)
+@click.option("--ui-port", type=click.IntRange(1, 65535), default=3000, show_default=True)
+@click.pass_obj
+def demo(home: str | None, headless: bool, small: bool, reset: bool, max_days: int, service_port: int,
+         ui_port: int) -> None:
+    """The closed loop: build, start Dagster and the service, replay days with concept drift for one
+    tenant until the platform has retrained and promoted on its own."""
+    from mlops.demo import ClosedLoopDemo, prepare_home
+
+    _quiet_libraries()
+    prepare_home(home, reset=reset)
+    raise SystemExit(ClosedLoopDemo(home, headless=headless, small=small, max_days=max_days,
+                                    service_port=service_port, ui_port=ui_port).run())
+
+
+@main.command("add-tenant")
+@click.argument("name")
+@click.option("--region", default="eu", show_default=True)
+@click.option("--accounts", type=int, default=1000, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--days", type=int, default=180, show_default=True)
+@click.option("--scenario", default="none", show_default=True)
+@click.option("--drift-day", type=int, default=None)
+@click.pass_obj
+def add_tenant(home: str | None, name: str, region: str, accounts: int, seed: int, days: int, scenario: str,
+               drift_day: int | None) -> None:
+    """Register a new tenant (its partition appears when the tenant sensor next runs)."""
+    from resources.tenants import TenantSpec
+
+    try:
+        spec = TenantSpec(name=name, region=region, n_accounts=accounts, seed=seed, days=days, scenario=scenario,
+                          drift_day=drift_day)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    r = _resources(home)
+    r["settings"].ensure_home()
+    r["catalog"].add(spec)
+    click.echo(f"added tenant {spec.name} ({spec.region}); build it with: mlops build --tenant {spec.name}")
+
+
+@main.command()
+@click.pass_obj
+def init(home: str | None) -> None:
+    """Create MLOPS_HOME and the Dagster instance config."""
+    root = _resources(home)["settings"].ensure_home()
+    click.echo(f"MLOPS_HOME ready at {root}")
+
+
+@main.command("verify-audit")
+@click.argument("tenant")
+@click.pass_obj
+def verify_audit(home: str | None, tenant: str) -> None:
+    """Check the tenant's audit log hash chain."""
+    from mlops.core import audit
+
+    r = _resources(home)
+    _known_tenant(r, tenant)
+    with r["warehouse"].connect(tenant, read_only=True) as con:
+        report = audit.verify_chain(con)
+    if not report.ok:
+        click.echo(f"audit log of {tenant}: chain broken at entry {report.first_bad_seq}", err=True)
+        raise SystemExit(1)
+    click.echo(f"audit log of {tenant}: {report.entries} entries, chain intact")
+
+
+@main.group("api-key")
+def api_key() -> None:
+    """Service API keys (stored salted and hashed)."""
+
+
+@api_key.command("create")
+@click.argument("tenant")
+@click.pass_obj
+def api_key_create(home: str | None, tenant: str) -> None:
+    """Create a key for TENANT and print it (shown once)."""
+    from mlops.core.serving import ApiKeyStore, serving_dir
+
+    r = _resources(home)
+    _known_tenant(r, tenant)
+    store = ApiKeyStore(serving_dir(r["settings"].root))
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    click.echo(store.create(tenant))
+
+
+@api_key.command("revoke")
+@click.argument("key_id")
+@click.pass_obj
+def api_key_revoke(home: str | None, key_id: str) -> None:
+    """Revoke a key by its id (mlk_<id>_...); the service refuses it within a second."""
+    from mlops.core.serving import ApiKeyStore, serving_dir
+
+    store = ApiKeyStore(serving_dir(_resources(home)["settings"].root))
+    try:
+        store.revoke(key_id)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc), param_hint="KEY_ID") from None
+    click.echo(f"revoked key {key_id}")
+
+
+@main.command()
+@click.argument("tenant")
+@click.option("--reason", default="manual promotion", show_default=True, help="Recorded in the audit log.")
+@click.option("--actor", default=lambda: os.environ.get("USER", "operator"), show_default="$USER",
+              help="Who promotes (recorded in the audit log).")
+@click.pass_obj
+def promote(home: str | None, tenant: str, reason: str, actor: str) -> None:
+    """Move TENANT's champion alias to its challenger and republish; the service swaps within a second."""
+    from mlops.core.deployment import NothingToDeployError, promote_challenger
+
+    r = _resources(home)
+    _known_tenant(r, tenant)
+    try:
+        entry = promote_challenger(tenant, r["registry"], r["feature_store"], r["settings"], r["warehouse"],
+                                   reason=reason, actor=actor)
+    except NothingToDeployError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{tenant}: champion is now v{entry['champion']['version']}")
+
+
+@main.command()
+@click.argument("tenant")
+@click.option("--reason", default="manual rollback", show_default=True, help="Recorded in the audit log.")
+@click.option("--actor", default=lambda: os.environ.get("USER", "operator"), show_default="$USER",
+              help="Who rolls back (recorded in the audit log).")
+@click.pass_obj
+def rollback(home: str | None, tenant: str, reason: str, actor: str) -> None:
+    """Serve TENANT's previous champion again (manifest and registry alias)."""
+    from mlops.core.deployment import rollback_champion
+
+    r = _resources(home)
+    _known_tenant(r, tenant)
+    try:
+        current, previous = rollback_champion(tenant, r["registry"], r["settings"], r["warehouse"], reason=reason,
+                                              actor=actor)
+    except (KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from None
+    click.echo(f"{tenant}: champion rolled back from v{current} to v{previous}")
+
+
+@main.command("env")
+@click.pass_obj
+def env(home: str | None) -> None:
+    """Print the variables that point a library's own CLI at this home with telemetry off:
+    ``env $(mlops env) bentoml build ...``."""
+    from mlops.core.environment import platform_variables
+
+    click.echo(" ".join(f"{k}={v}" for k, v in platform_variables(home).items()))
+
+
+def _exec(argv: list[str], home: str | None) -> None:
+    """Replace this process by a server of the platform, with the home and telemetry settings set."""
+    from mlops.core.environment import PROJECT_ROOT, configure_environment
+
+    configure_environment(home)  # MLOPS_HOME, DAGSTER_HOME, BENTOML_HOME, telemetry off
+    os.chdir(PROJECT_ROOT)
+    os.execv(argv[0], argv)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=3000, show_default=True)
+@click.pass_obj
+def ui(home: str | None, host: str, port: int) -> None:
+    """The Dagster web UI and daemon (asset graph, checks, runs, sensors)."""
+    root = _resources(home)["settings"].ensure_home()
+    click.echo(f"MLOPS_HOME {root}: Dagster UI on http://{host}:{port}")
+    _exec([os.path.join(os.path.dirname(sys.executable), "dagster"), "dev", "-w", "workspace.yaml", "-h", host,
+           "-p", str(port)], home)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=3001, show_default=True)
+@click.pass_obj
+def serve(home: str | None, host: str, port: int) -> None:
+    """The BentoML prediction service for every deployed tenant (OpenAPI docs at its root)."""
+    _exec([sys.executable, "-m", "bentoml", "serve", "bentos.service:ChurnService", "--host", host,
+           "--port", str(port)], home)
+
+
+if __name__ == "__main__":
+    main()

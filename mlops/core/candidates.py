@@ -1,0 +1,119 @@
+"""Model candidates: every trained version of a tenant's model, its holdout scores (the reference of
+its gates and of its monitoring) and the results of its validation gates, in the tenant's warehouse.
+
+The functions take an open DuckDB connection and leave the transaction to the caller.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+
+import pandas as pd
+
+CANDIDATES_DDL = """
+CREATE TABLE IF NOT EXISTS model_candidates (
+    model_version VARCHAR PRIMARY KEY,
+    trained_at TIMESTAMP NOT NULL,
+    mlflow_run_id VARCHAR NOT NULL,
+    dagster_run_id VARCHAR NOT NULL,
+    dataset_version VARCHAR NOT NULL,
+    feature_view_version VARCHAR NOT NULL,
+    holdout_cutoff TIMESTAMP NOT NULL,
+    model_bytes BIGINT NOT NULL,
+    metrics VARCHAR NOT NULL
+)
+"""
+HOLDOUT_TABLE = "model_holdout_scores"
+GATE_RESULTS_DDL = """
+CREATE TABLE IF NOT EXISTS gate_results (
+    model_version VARCHAR NOT NULL,
+    gate VARCHAR NOT NULL,
+    passed BOOLEAN NOT NULL,
+    value DOUBLE,
+    threshold DOUBLE,
+    reason VARCHAR NOT NULL,
+    dagster_run_id VARCHAR NOT NULL,
+    evaluated_at TIMESTAMP NOT NULL
+)
+"""
+# Every gate a version must pass before it may carry the challenger alias.
+GATES = ("roc_auc_gate", "calibration_gate", "fairness_gate", "latency_gate", "model_size_gate")
+
+
+class NoCandidateError(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    gate: str
+    passed: bool
+    value: float
+    threshold: float
+    reason: str
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def record_candidate(con, *, version: str, mlflow_run_id: str, dagster_run_id: str, dataset_version: str,
+                     feature_view_version: str, holdout_cutoff: pd.Timestamp, model_bytes: int, metrics: dict,
+                     holdout: pd.DataFrame) -> None:
+    """Store a trained version and its holdout rows (features, label, ``score``)."""
+    con.execute(CANDIDATES_DDL)
+    con.execute(
+        "INSERT OR REPLACE INTO model_candidates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [version, _now(), mlflow_run_id, dagster_run_id, dataset_version, feature_view_version,
+         holdout_cutoff.to_pydatetime(), model_bytes, json.dumps(metrics)],
+    )
+    con.register("holdout_frame", holdout.assign(model_version=version))
+    con.execute(f"CREATE TABLE IF NOT EXISTS {HOLDOUT_TABLE} AS SELECT * FROM holdout_frame LIMIT 0")  # noqa: S608 - constant table name
+    con.execute(f"DELETE FROM {HOLDOUT_TABLE} WHERE model_version = ?", [version])  # noqa: S608
+    con.execute(f"INSERT INTO {HOLDOUT_TABLE} BY NAME SELECT * FROM holdout_frame")  # noqa: S608
+    con.unregister("holdout_frame")
+
+
+def latest_candidate(con) -> pd.Series:
+    """The most recently trained model version of this tenant, with its metrics."""
+    con.execute(CANDIDATES_DDL)
+    frame = con.execute("SELECT * FROM model_candidates ORDER BY trained_at DESC LIMIT 1").df()
+    if frame.empty:
+        raise NoCandidateError("no trained model candidate yet: train a model (churn_model) first")
+    return frame.iloc[0]
+
+
+def holdout_scores(con, version: str) -> pd.DataFrame:
+    """The holdout of a model version: features, label and the version's own score per row."""
+    exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+                         [HOLDOUT_TABLE]).fetchone()[0]
+    frame = con.execute(
+        f"SELECT * FROM {HOLDOUT_TABLE} WHERE model_version = ?", [str(version)]  # noqa: S608 - constant table
+    ).df() if exists else pd.DataFrame()
+    if frame.empty:
+        raise NoCandidateError(f"model version {version} has no holdout scores")
+    return frame
+
+
+def record_gate_result(con, version: str, outcome: GateOutcome, run_id: str) -> None:
+    con.execute(GATE_RESULTS_DDL)
+    con.execute(
+        "INSERT INTO gate_results VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [version, outcome.gate, outcome.passed, outcome.value, outcome.threshold, outcome.reason, run_id, _now()],
+    )
+
+
+def failed_or_missing_gates(con, version: str) -> dict[str, str]:
+    """Gates that the version has not passed in its latest evaluation, with the reason."""
+    con.execute(GATE_RESULTS_DDL)
+    rows = con.execute(
+        "SELECT gate, passed, reason FROM gate_results WHERE model_version = ? "
+        "QUALIFY row_number() OVER (PARTITION BY gate ORDER BY evaluated_at DESC) = 1",
+        [version],
+    ).fetchall()
+    latest = {gate: (passed, reason) for gate, passed, reason in rows}
+    problems = {g: "not evaluated" for g in GATES if g not in latest}
+    problems.update({g: reason for g, (passed, reason) in latest.items() if not passed})
+    return problems

@@ -1,0 +1,11 @@
+"""Names shared by the registry, the serving manifest, the service and the prediction log."""
+
+CHAMPION = "champion"  # what serves: the response of every request
+CHALLENGER = "challenger"  # a candidate that passed every gate: scored in shadow, never returned
+ROLES = (CHAMPION, CHALLENGER)
+EXPERIMENT_NAME = "saas-churn"
+
+
+def registered_model_name(tenant: str) -> str:
+    """The tenant's model in the MLflow registry: ``churn-<tenant>``."""
+    return f"churn-{tenant}"

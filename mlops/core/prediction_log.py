@@ -1,0 +1,82 @@
+"""The prediction log in the warehouse: the table the service's segments are ingested into, and the
+ingestion itself (each closed segment exactly once).
+
+The columns are declared once, in ``mlops.core.serving.PREDICTION_LOG_COLUMNS``: the service writes
+segments with them and this table is derived from them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from mlops.core.serving import PREDICTION_LOG_COLUMNS, prediction_log_dir
+
+_SQL_TYPES = {"string": "VARCHAR", "float64": "DOUBLE", "int64": "BIGINT", "datetime64[us]": "TIMESTAMP"}
+PREDICTION_LOG_DDL = (
+    "CREATE TABLE IF NOT EXISTS prediction_log ("
+    + ", ".join(f"{name} {_SQL_TYPES[dtype]} NOT NULL" for name, dtype in PREDICTION_LOG_COLUMNS.items())
+    # the segment a row came from; a prediction has one row per role (champion, shadow challenger)
+    + ", segment VARCHAR NOT NULL, PRIMARY KEY (prediction_id, role))"
+)
+SEGMENTS_DDL = """
+CREATE TABLE IF NOT EXISTS ingested_log_segments (
+    segment VARCHAR PRIMARY KEY, rows BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL
+)
+"""
+
+
+class ForeignSegmentError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Ingestion:
+    closed: list[Path]  # every closed segment seen (to be archived once the transaction commits)
+    loaded: int
+    skipped: int
+    rows: int
+    total_rows: int
+
+
+def ingest_closed_segments(con, home: Path, tenant: str) -> Ingestion:
+    """Load the tenant's closed segments not loaded before (caller's transaction).
+
+    A segment's name is recorded in the same transaction as its rows, so a segment is never loaded
+    twice, even if moving it aside afterwards fails; the service only ever renames complete
+    segments into ``closed/``, so a segment being written is never read.
+    """
+    folder = prediction_log_dir(home, tenant)
+    closed = sorted((folder / "closed").glob("segment-*.parquet"))
+    loaded = skipped = rows = 0
+    con.execute(PREDICTION_LOG_DDL)
+    con.execute(SEGMENTS_DDL)
+    done = {r[0] for r in con.execute("SELECT segment FROM ingested_log_segments").fetchall()}
+    for path in closed:
+        if path.name in done:
+            skipped += 1
+            continue
+        frame = pd.read_parquet(path)
+        if (frame["tenant"] != tenant).any():
+            raise ForeignSegmentError(f"segment {path.name} holds rows of another tenant; refusing to ingest it")
+        frame = frame[list(PREDICTION_LOG_COLUMNS)].assign(segment=path.name)
+        con.register("segment_rows", frame)
+        con.execute("INSERT INTO prediction_log BY NAME SELECT * FROM segment_rows")
+        con.unregister("segment_rows")
+        con.execute("INSERT INTO ingested_log_segments VALUES (?, ?, ?)",
+                    [path.name, len(frame), dt.datetime.now(dt.UTC).replace(tzinfo=None)])
+        loaded += 1
+        rows += len(frame)
+    total = con.execute("SELECT count(*) FROM prediction_log").fetchone()[0]
+    return Ingestion(closed, loaded, skipped, rows, total)
+
+
+def archive_segments(home: Path, tenant: str, segments: list[Path]) -> None:
+    """Move ingested segments out of ``closed/`` (after the ingesting transaction committed)."""
+    archive = prediction_log_dir(home, tenant) / "ingested"
+    archive.mkdir(parents=True, exist_ok=True)
+    for path in segments:
+        path.replace(archive / path.name)
