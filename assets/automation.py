@@ -78,18 +78,31 @@ def weekly_retrain_schedule(context: dg.ScheduleEvaluationContext):
     return _every_tenant(context, "churn_retrain", "weekly_schedule")
 
 
-@dg.sensor(job=retrain_job, minimum_interval_seconds=2, default_status=dg.DefaultSensorStatus.RUNNING)
-def decay_retrain_sensor(context: dg.SensorEvaluationContext, monitoring_policy: MonitoringPolicy):
+MONITORING_ASSET = dg.AssetKey("model_monitoring")
+
+
+@dg.asset_sensor(asset_key=MONITORING_ASSET, job=retrain_job, minimum_interval_seconds=2,
+                 default_status=dg.DefaultSensorStatus.RUNNING)
+def decay_retrain_sensor(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry,
+                         monitoring_policy: MonitoringPolicy):
     """Asset sensor on ``model_monitoring`` (every tenant partition): a materialization that carries
     a decay alert launches ``churn_retrain`` for that tenant only. One retrain per decaying champion
-    version (run key), and none while the tenant is within its cooldown."""
-    after = int(context.cursor) if context.cursor else None
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("model_monitoring"), after_storage_id=after),
-        limit=200, ascending=True,
-    ).records
-    if not records:
-        return dg.SkipReason("no new monitoring results")
+    version (run key), and none while the tenant is within its cooldown.
+
+    Why ``@dg.asset_sensor`` and not ``@dg.multi_asset_sensor``: only an ``AssetSensorDefinition``
+    names the asset it watches in the definitions the UI reads (``SensorMetadataSnap.asset_keys``
+    is set for asset sensors alone; a multi-asset sensor's monitored assets are not in the
+    snapshot, and ``MultiAssetSensorDefinition`` is ``@superseded``, warning at import). The
+    asset sensor's cursor is the storage id of the last materialization it handled, the format
+    this sensor always used, so a running deployment neither replays nor skips events.
+
+    An asset sensor calls this function once per tick with the *latest* new materialization only
+    and then moves its cursor there. So that no alert is dropped when several monitoring runs
+    (other tenants, or the same tenant twice) land between two ticks, this reads every
+    materialization after the cursor up to and including ``asset_event``: the cursor is still
+    the previous one while this runs (Dagster updates it after the function returns).
+    """
+    records = _materializations_through(context.instance, context.cursor, asset_event)
     requests, notes = [], []
     for record in records:
         materialization = record.asset_materialization
@@ -112,7 +125,28 @@ def decay_retrain_sensor(context: dg.SensorEvaluationContext, monitoring_policy:
         ))
     for note in notes:
         context.log.info(note)
-    return dg.SensorResult(run_requests=requests, cursor=str(records[-1].storage_id))
+    return requests or dg.SkipReason(f"no decay alert to act on in {len(records)} new monitoring result(s)")
+
+
+def _materializations_through(instance: dg.DagsterInstance, cursor: str | None,
+                              last: dg.EventLogEntry) -> list[dg.EventLogRecord]:
+    """Every ``model_monitoring`` materialization after the asset sensor's cursor (a storage id),
+    oldest first, up to and including ``last`` (the one the asset sensor moves its cursor to)."""
+    after = int(cursor) if cursor and cursor.isdigit() else None  # as the asset sensor reads it
+    records: list[dg.EventLogRecord] = []
+    page = None
+    while True:
+        result = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=MONITORING_ASSET, after_storage_id=after),
+            limit=200, cursor=page, ascending=True,
+        )
+        for record in result.records:
+            records.append(record)
+            if record.event_log_entry == last:
+                return records
+        if not result.has_more:
+            return records
+        page = result.cursor
 
 
 def _recent_retrains(instance: dg.DagsterInstance, tenant: str, cooldown_s: float) -> str | None:

@@ -70,6 +70,11 @@ def test_the_closed_loop_is_wired_and_on_by_default():
     sensors = {s.name: s for s in defs.sensors}
     assert {"decay_retrain_sensor", "service_health_sensor", "tenant_catalog_sensor"} <= set(sensors)
     assert all(s.default_status == dg.DefaultSensorStatus.RUNNING for s in sensors.values())
+    # The decay trigger is an asset sensor on the monitoring asset (the UI shows it there).
+    decay = defs.resolve_sensor_def("decay_retrain_sensor")
+    assert isinstance(decay, dg.AssetSensorDefinition)
+    assert decay.asset_key == dg.AssetKey("model_monitoring") and decay.job_name == "churn_retrain"
+    assert graph.get(decay.asset_key).partitions_def.name == "tenant"
     schedules = {s.name: s for s in defs.schedules}
     assert schedules["weekly_retrain_schedule"].job_name == "churn_retrain"
     assert schedules["weekly_retrain_schedule"].default_status == dg.DefaultScheduleStatus.RUNNING

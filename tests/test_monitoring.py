@@ -5,6 +5,7 @@ promotion decision and the delivery KPIs."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import dagster as dg
@@ -152,27 +153,62 @@ def test_decay_alert_needs_consecutive_chunks():
 
 
 # --- the retraining sensor ---------------------------------------------------------------------
-def _report(instance, tenant: str, version: str, decay: bool) -> None:
+def _report(instance, tenant: str, version: str, decay: bool) -> int:
+    """A monitoring result for one tenant; returns its storage id."""
     instance.report_runless_asset_event(dg.AssetMaterialization(
         asset_key="model_monitoring", partition=tenant,
         metadata={"decay_alert": decay, "model_version": version,
                   "decay_alerts": dg.MetadataValue.json([{"metric": "realized_roc_auc"}] if decay else [])}))
+    return instance.fetch_materializations(dg.AssetKey("model_monitoring"), limit=1).records[0].storage_id
 
 
-def _evaluate(instance, cursor, policy):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"monitoring_policy": policy})
-    return decay_retrain_sensor(context)
+@pytest.fixture()
+def evaluate(tmp_path, monkeypatch):
+    """One tick through the asset sensor's own wrapper (which reads and moves the cursor), in the
+    platform's definitions (they resolve the partitioned run requests) with the given policy."""
+    from definitions import build_definitions
+
+    for key in ("MLOPS_HOME", "DAGSTER_HOME", "BENTOML_HOME", "MLFLOW_TRACKING_URI"):
+        # build_definitions points these at its home; put back what the session had afterwards.
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    defs = build_definitions(str(tmp_path / "home"))
+
+    def tick(instance, cursor, policy):
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                          resources={"monitoring_policy": policy})
+        with dg.partition_loading_context(dynamic_partitions_store=instance):  # as the daemon does
+            return decay_retrain_sensor.evaluate_tick(context)
+
+    return tick
 
 
-def test_decay_sensor_retrains_only_the_alerting_tenant_once_per_cooldown():
+def test_decay_sensor_is_an_asset_sensor_on_model_monitoring():
+    assert isinstance(decay_retrain_sensor, dg.AssetSensorDefinition)
+    assert decay_retrain_sensor.asset_key == dg.AssetKey("model_monitoring")
+    assert decay_retrain_sensor.job_name == retrain_job.name
+    assert decay_retrain_sensor.minimum_interval_seconds == 2
+    assert decay_retrain_sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert decay_retrain_sensor.required_resource_keys == {"monitoring_policy"}
+
+
+def test_decay_sensor_retrains_only_the_alerting_tenant_once_per_cooldown(evaluate):
     policy = MonitoringPolicy(retrain_cooldown_s=3600)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("tenant", ["a", "b"])
-        _report(instance, "a", "3", decay=True)
-        _report(instance, "b", "1", decay=False)
-        result = _evaluate(instance, None, policy)
+        alert_id = _report(instance, "a", "3", decay=True)
+        last_id = _report(instance, "b", "1", decay=False)
+        result = evaluate(instance, None, policy)
         assert [(r.partition_key, r.run_key) for r in result.run_requests] == [("a", "decay:a:v3")]
-        assert result.run_requests[0].tags["trigger"] == "decay_alert"
+        # The cooldown finds earlier retrains by the partition tag resolved here.
+        assert result.run_requests[0].tags == {
+            "trigger": "decay_alert", "decaying_version": "3",
+            "alert": json.dumps([{"metric": "realized_roc_auc"}]), "alert_storage_id": str(alert_id),
+            "dagster/partition": "a", "dagster/partition_set": "churn_retrain_partition_set",
+            "dagster/sensor_name": "decay_retrain_sensor"}
+        assert result.cursor == str(last_id)
 
         # The retrain the request launched exists; the next day's alert for the same incident
         # (and even for a newer version) falls in the cooldown.
@@ -180,12 +216,64 @@ def test_decay_sensor_retrains_only_the_alerting_tenant_once_per_cooldown():
                                        tags={"dagster/partition": "a", "trigger": "decay_alert"}))
         _report(instance, "a", "3", decay=True)
         _report(instance, "a", "4", decay=True)
-        second = _evaluate(instance, result.cursor, policy)
-        assert second.run_requests == []
+        second = evaluate(instance, result.cursor, policy)
+        assert second.run_requests == [] and "no decay alert to act on in 2" in second.skip_message
+
+        # The cooldown is per tenant: b's alert in the same window still retrains b.
+        _report(instance, "b", "1", decay=True)
+        third = evaluate(instance, second.cursor, policy)
+        assert [r.run_key for r in third.run_requests] == ["decay:b:v1"]
 
         # Without a cooldown, the run key still makes one incident (one decaying version) one retrain.
-        third = _evaluate(instance, result.cursor, MonitoringPolicy(retrain_cooldown_s=0))
-        assert sorted(r.run_key for r in third.run_requests) == ["decay:a:v3", "decay:a:v4"]
+        again = evaluate(instance, result.cursor, MonitoringPolicy(retrain_cooldown_s=0))
+        assert sorted({r.run_key for r in again.run_requests}) == ["decay:a:v3", "decay:a:v4", "decay:b:v1"]
+
+
+def test_decay_sensor_sees_every_alert_between_two_ticks(evaluate):
+    """An asset sensor is called with the latest materialization only; the alerts before it must
+    not be lost, even when the latest one alerts nothing."""
+    policy = MonitoringPolicy(retrain_cooldown_s=3600)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("tenant", ["a", "b", "c"])
+        start = _report(instance, "c", "1", decay=False)
+        first = evaluate(instance, None, policy)
+        assert first.run_requests == [] and first.cursor == str(start)
+
+        a_id = _report(instance, "a", "2", decay=True)
+        b_id = _report(instance, "b", "5", decay=True)
+        last_id = _report(instance, "c", "1", decay=False)
+        second = evaluate(instance, first.cursor, policy)
+        assert [(r.partition_key, r.run_key, r.tags["alert_storage_id"]) for r in second.run_requests] == [
+            ("a", "decay:a:v2", str(a_id)), ("b", "decay:b:v5", str(b_id))]
+        assert second.cursor == str(last_id)
+
+        # The cursor moved past them: a tick with nothing new launches nothing.
+        third = evaluate(instance, second.cursor, policy)
+        assert third.run_requests == [] and third.cursor == second.cursor
+
+
+def test_decay_sensor_ignores_results_without_a_decay_alert(evaluate):
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("tenant", ["a"])
+        _report(instance, "a", "1", decay=False)
+        # A materialization with no decay_alert entry at all (reported by hand, say) is no alert either.
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            asset_key="model_monitoring", partition="a", metadata={"model_version": "1"}))
+        result = evaluate(instance, None, MonitoringPolicy(retrain_cooldown_s=0))
+        assert result.run_requests == [] and "no decay alert to act on in 2" in result.skip_message
+
+
+def test_decay_sensor_reads_up_to_the_event_the_asset_sensor_hands_it():
+    from assets.automation import _materializations_through
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("tenant", ["a"])
+        ids = [_report(instance, "a", str(v), decay=True) for v in range(4)]
+        records = instance.fetch_materializations(dg.AssetKey("model_monitoring"), limit=10, ascending=True).records
+        # A materialization stored after the asset sensor picked its latest event waits for the next tick.
+        through = _materializations_through(instance, str(ids[0]), records[2].event_log_entry)
+        assert [r.storage_id for r in through] == ids[1:3]
+        assert [r.storage_id for r in _materializations_through(instance, None, records[3].event_log_entry)] == ids
 
 
 # --- promotion and KPIs ------------------------------------------------------------------------
