@@ -22,12 +22,12 @@ from mlops.core.monitoring import (
     SCORE,
     TARGET,
     TIMESTAMP,
-    MonitoringPolicy,
     TenantMonitor,
     compute_kpis,
     decay_alerts,
     prepare,
 )
+from resources.monitoring import MonitoringPolicy
 from resources.replay import first_decay_day, replay_tenant
 from resources.tenants import TenantSpec
 
