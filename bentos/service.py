@@ -61,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from mlops.core.environment import configure_environment, write_atomic
+from mlops.core.environment import HomeLayout, configure_environment, write_atomic
 from mlops.core.serving import (
     MANIFEST,
     ApiKeyStore,
@@ -452,7 +452,7 @@ class ChurnService:
         status = {"pid": os.getpid(), "started_at": self._started_at, "updated_at": time.time(),
                   "cpu_seconds": time.process_time(), "predictions": self._predictions_served}
         try:
-            folder = self.home / "serving" / "status"
+            folder = HomeLayout(self.home).service_status_dir
             folder.mkdir(parents=True, exist_ok=True)
             write_atomic(folder / f"worker-{os.getpid()}.json", json.dumps(status).encode())
         except OSError as exc:  # monitoring must never take serving down

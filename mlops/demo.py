@@ -30,7 +30,7 @@ from pathlib import Path
 
 import requests
 
-from mlops.core.environment import PROJECT_ROOT, configure_environment
+from mlops.core.environment import PROJECT_ROOT, HomeLayout, configure_environment
 from resources.tenants import TenantSpec
 
 DEMO_START_DAY = 150  # the clock when the platform is first built: 150 days of history
@@ -232,7 +232,7 @@ class ClosedLoopDemo:
         env = {**os.environ, "MLOPS_HOME": str(self.root), "DAGSTER_HOME": str(self.settings.dagster_home),
                # The demo's traffic is one batch per tenant and day: shadow every batch, not a sample.
                "CHURN_SHADOW_BATCH_SAMPLE": "1"}
-        logs = self.root / "logs"
+        logs = HomeLayout(self.root).logs_dir
         logs.mkdir(exist_ok=True)
         bin_dir = Path(sys.executable).parent
 

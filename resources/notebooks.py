@@ -149,7 +149,7 @@ class NotebookRunner(dg.ConfigurableResource):
     def reports_dir(self, tenant: str) -> Path:
         if not tenant or Path(tenant).name != tenant or tenant in {".", ".."}:
             raise ValueError(f"invalid tenant name {tenant!r}")
-        return self.settings.root / "reports" / tenant
+        return self.settings.layout.reports_dir(tenant)
 
     def notebook_path(self, name: str) -> Path:
         path = self.source_dir / f"{name}.ipynb"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 
-from mlops.core.environment import HomeLayout, write_atomic
+from mlops.core.environment import HomeLayout, atomic_path, write_atomic
 
 MANIFEST = "manifest.json"
 PREDICTION_LOG_COLUMNS = {
@@ -99,10 +99,8 @@ def compile_model(model_file: Path) -> dict:
 
     target = model_file.with_name(compiled_model_name(model_file))
     if not target.exists():
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        tmp.unlink(missing_ok=True)
-        lleaves.Model(model_file=str(model_file)).compile(cache=str(tmp), **COMPILE_OPTIONS)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            lleaves.Model(model_file=str(model_file)).compile(cache=str(tmp), **COMPILE_OPTIONS)
     return {"file": target.name, "triple": llvm.get_process_triple()}
 
 
@@ -179,9 +177,8 @@ def rollback_tenant(folder: Path, tenant: str) -> tuple[str, str]:
 def _copy_atomic(source: Path, target: Path) -> None:
     if target.exists():
         return  # model files and snapshots are immutable once published
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 # --- API keys ------------------------------------------------------------------------------
@@ -482,10 +479,9 @@ class PredictionLogWriter:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
         target = folder / f"segment-{stamp}-{self._token}-{self._seq:06d}.parquet"
         table = _segment_table(tenant, buffer)
-        tmp = folder / f".{target.name}.tmp"
-        # Dictionary pages only where values repeat (not for the unique prediction ids).
-        pq.write_table(table, tmp, use_dictionary=_DICTIONARY_COLUMNS)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            # Dictionary pages only where values repeat (not for the unique prediction ids).
+            pq.write_table(table, tmp, use_dictionary=_DICTIONARY_COLUMNS)
         return target
 
 
