@@ -47,6 +47,7 @@ test: install chromium gpu-extras
 
 lint: install
 	$(RUN) ruff check .
+	$(RUN) lint-imports
 
 ## make ui: the Dagster web UI (asset graph, checks, runs, sensors) on http://127.0.0.1:3000
 ui: install
