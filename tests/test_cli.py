@@ -1,0 +1,82 @@
+"""The ``mlops`` command as `uv sync` installs it: a real process per call, on a real home."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlops.core.environment import TELEMETRY_OFF
+from tests.conftest import TEST_TENANT
+
+MLOPS = Path(sys.executable).with_name("mlops")
+
+
+def mlops(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLOPS_HOME", "DAGSTER_HOME")}
+    return subprocess.run([str(MLOPS), "--home", str(home), *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+
+
+def test_the_command_is_installed_and_lists_every_command(tmp_path):
+    assert MLOPS.exists(), "uv sync installs the project's `mlops` command into the environment"
+    result = mlops("--help", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for command in ("build", "demo", "promote", "rollback", "api-key", "add-tenant", "verify-audit", "ui", "serve"):
+        assert command in result.stdout
+
+
+def test_env_points_library_clis_at_the_home_with_telemetry_off(tmp_path):
+    result = mlops("env", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    variables = dict(item.split("=", 1) for item in result.stdout.split())
+    assert variables["MLOPS_HOME"] == str(tmp_path.resolve())
+    assert variables["DAGSTER_HOME"] == str(tmp_path.resolve() / "dagster")
+    assert {k: variables[k] for k in TELEMETRY_OFF} == TELEMETRY_OFF
+
+
+def test_add_tenant_then_init_write_the_catalog(tmp_path):
+    result = mlops("add-tenant", "umbrella", "--region", "us", "--accounts", "200", "--seed", "9", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    catalog = json.loads((tmp_path / "tenants.json").read_text())
+    assert catalog["umbrella"]["region"] == "us" and catalog["umbrella"]["n_accounts"] == 200
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("add-tenant", "Bad Name"), "tenant name 'Bad Name' is invalid"),
+    (("add-tenant", "ok-name", "--region", "mars"), "region 'mars' is not one of"),
+    (("verify-audit", "nobody"), "unknown tenant 'nobody'"),
+    (("promote", "nobody"), "unknown tenant 'nobody'"),
+    (("api-key", "create", "nobody"), "unknown tenant 'nobody'"),
+])
+def test_bad_input_is_refused_with_a_message_naming_it(tmp_path, args, message):
+    result = mlops(*args, home=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_promote_without_a_challenger_fails_clearly_and_changes_nothing(platform_home):
+    home = platform_home["home"]
+    manifest = (home / "serving" / "manifest.json").read_text()
+    registry = platform_home["defs"].resources["registry"]
+    champion = registry.alias_version(TEST_TENANT.name, "champion").version
+    if registry.alias_version(TEST_TENANT.name, "challenger") is not None:
+        pytest.skip("another test left a challenger in the shared home")
+    result = mlops("promote", TEST_TENANT.name, home=home)
+    assert result.returncode == 1
+    assert f"tenant '{TEST_TENANT.name}' has no challenger to promote" in result.stderr
+    assert registry.alias_version(TEST_TENANT.name, "champion").version == champion
+    assert (home / "serving" / "manifest.json").read_text() == manifest
+
+
+@pytest.mark.slow
+def test_verify_audit_reads_the_chain(platform_home):
+    result = mlops("verify-audit", TEST_TENANT.name, home=platform_home["home"])
+    assert result.returncode == 0, result.stderr
+    assert "chain intact" in result.stdout
