@@ -79,8 +79,8 @@ def serving_manifest(
                     outcome="published", details=entry)
     return dg.MaterializeResult(
         metadata={
-            "champion_version": entry["champion"]["version"],
-            "challenger_version": (entry["challenger"] or {}).get("version", "none"),
+            "champion_version": entry[CHAMPION]["version"],
+            "challenger_version": (entry[CHALLENGER] or {}).get("version", "none"),
             "snapshot_version": dg.MetadataValue.int(entry["snapshot"]["version"]),
             "manifest": dg.MetadataValue.path(str(serving_dir(settings.root) / "manifest.json")),
         }

@@ -184,11 +184,11 @@ def operational_metrics(
         con.execute(PREDICTION_LOG_DDL)
         summary = operational_summary(con)
     usage = service_cpu_usage(settings.root)
-    champion = summary[summary["role"] == "champion"]
+    champion = summary[summary["role"] == CHAMPION]
     metadata = {
         "requests": dg.MetadataValue.int(int(champion["predictions"].sum()) if len(champion) else 0),
         "requests_last_24h": dg.MetadataValue.int(int(summary["last_24h"].sum())),
-        "shadow_predictions": dg.MetadataValue.int(int(summary.loc[summary["role"] == "challenger", "predictions"].sum())),
+        "shadow_predictions": dg.MetadataValue.int(int(summary.loc[summary["role"] == CHALLENGER, "predictions"].sum())),
         "errors": dg.MetadataValue.int(int(summary["errors"].sum()) if len(summary) else 0),
         "by_model_version": dg.MetadataValue.md(
             summary.to_markdown(index=False, floatfmt=".3f") if len(summary) else "no predictions yet"),
@@ -313,7 +313,7 @@ def champion_promotion(
                                reason=f"promotion gate passed: {latest[3]}")
     return dg.MaterializeResult(metadata={
         "promoted": True, "from_version": latest[0], "to_version": latest[1], "reason": latest[3],
-        "serving_champion": entry["champion"]["version"],
+        "serving_champion": entry[CHAMPION]["version"],
     })
 
 

@@ -62,6 +62,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from mlops.core.environment import HomeLayout, configure_environment, write_atomic
+from mlops.core.names import CHALLENGER, CHAMPION
 from mlops.core.serving import (
     MANIFEST,
     ApiKeyStore,
@@ -324,8 +325,8 @@ def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDepl
     old_models = {}
     if previous is not None:
         old_models = {m.version: m for m in (previous.champion, previous.challenger) if m is not None}
-    champion = model(entry["champion"], old_models.get(str(entry["champion"]["version"])))
-    challenger_spec = entry.get("challenger")
+    champion = model(entry[CHAMPION], old_models.get(str(entry[CHAMPION]["version"])))
+    challenger_spec = entry.get(CHALLENGER)
     if challenger_spec and str(challenger_spec["version"]) == champion.version:
         challenger_spec = None  # a model does not shadow itself
     challenger = model(challenger_spec, old_models.get(str(challenger_spec["version"])) if challenger_spec else None)
@@ -531,7 +532,7 @@ class ChurnService:
     def _log(self, deployment: TenantDeployment, model: Model, role: str, ids: list[str], accounts: list[str],
              scores: np.ndarray, latency_per_row_ms: float, endpoint: str, requested_at_us) -> None:
         rows = len(ids)
-        if role == "champion":
+        if role == CHAMPION:
             self._predictions_served += rows
         if rows == 1:  # a single prediction: a few list appends
             self.log_writer.append_one(deployment.tenant, (role, model.version, deployment.snapshot_version, endpoint),
@@ -622,7 +623,7 @@ class ChurnService:
         deployment, endpoint = group[0].deployment, group[0].endpoint
         challenger = deployment.challenger
         rows = group[0].rows if len(group) == 1 else np.concatenate([i.rows for i in group])
-        scores, latency = self._score(deployment, challenger, rows, "challenger")
+        scores, latency = self._score(deployment, challenger, rows, CHALLENGER)
         per_row = latency / len(rows)
         if len(group) == 1:
             requested_at = group[0].requested_at_us
@@ -631,14 +632,14 @@ class ChurnService:
             requested_at = np.repeat([i.requested_at_us for i in group], [len(i.ids) for i in group])
             ids = list(itertools.chain.from_iterable(i.ids for i in group))
             accounts = list(itertools.chain.from_iterable(i.accounts for i in group))
-        self._log(deployment, challenger, "challenger", ids, accounts, scores, per_row, endpoint, requested_at)
+        self._log(deployment, challenger, CHALLENGER, ids, accounts, scores, per_row, endpoint, requested_at)
 
     # --- predictions ---------------------------------------------------------------------
     def _predict_rows(self, deployment: TenantDeployment, account_ids: list[str], rows: np.ndarray, endpoint: str,
                       requested_at_us: int) -> tuple[list[str], np.ndarray]:
-        scores, latency = self._score(deployment, deployment.champion, rows, "champion")
+        scores, latency = self._score(deployment, deployment.champion, rows, CHAMPION)
         ids = new_prediction_ids(len(account_ids))
-        self._log(deployment, deployment.champion, "champion", ids, account_ids, scores, latency / len(ids),
+        self._log(deployment, deployment.champion, CHAMPION, ids, account_ids, scores, latency / len(ids),
                   endpoint, requested_at_us)
         if deployment.challenger is not None:
             # Off the hot path: the response carries the champion's score alone.

@@ -31,6 +31,7 @@ from pathlib import Path
 import requests
 
 from mlops.core.environment import PROJECT_ROOT, HomeLayout, configure_environment
+from mlops.core.names import CHALLENGER, CHAMPION
 from resources.tenants import TenantSpec
 
 DEMO_START_DAY = 150  # the clock when the platform is first built: 150 days of history
@@ -114,7 +115,7 @@ def _worker_build(tenant: str) -> dict:
         instance=instance, partition_key=tenant, raise_on_error=False, run_config=_quiet())
     if not result.success:
         raise RuntimeError(f"the initial build of {tenant} failed (run {result.run_id})")
-    version = defs.resources["registry"].alias_version(tenant, "champion").version
+    version = defs.resources["registry"].alias_version(tenant, CHAMPION).version
     return {"events": [("built", f"champion v{version} trained, gated and published")]}
 
 
@@ -307,7 +308,7 @@ class ClosedLoopDemo:
         """After a promotion, wait until the service answers with the new champion."""
         while self.promoted_tenants:
             tenant = self.promoted_tenants.pop()
-            expected = str(self.registry.alias_version(tenant, "champion").version)
+            expected = str(self.registry.alias_version(tenant, CHAMPION).version)
             account = self.active_accounts(tenant)[0]
             deadline = time.monotonic() + 30
             while (version := self.serving_version(tenant, account)) != expected and time.monotonic() < deadline:
@@ -339,7 +340,7 @@ class ClosedLoopDemo:
                 continue
             self.seen_runs.add(f"{run.run_id}:done")
             if run.status.value == "SUCCESS":
-                challenger = self.registry.alias_version(tenant, "challenger")
+                challenger = self.registry.alias_version(tenant, CHALLENGER)
                 self.emit(tenant, "retrain succeeded", f"gates passed; challenger v{challenger.version} "
                                                        "published to shadow" if challenger else "no challenger")
                 self.retrained[tenant] = self.retrained.get(tenant, 0) + 1

@@ -478,7 +478,7 @@ def compute_kpis(audit_log: pd.DataFrame, run_statuses: list[str], health: pd.Da
     alerts = audit_log[audit_log["action"] == "decay_alert"]
     promotions = audit_log[audit_log["action"] == "promotion"]
     first_champions = audit_log[(audit_log["action"] == "alias_assigned")
-                                & audit_log["details"].str.contains('"champion"', regex=False)]
+                                & audit_log["details"].str.contains(f'"{CHAMPION}"', regex=False)]
     deployments = pd.concat([promotions, first_champions])
     lead_times = []
     for _, promotion in promotions.iterrows():

@@ -31,6 +31,7 @@ from itertools import repeat
 from pathlib import Path
 
 from mlops.core.environment import HomeLayout, atomic_path, write_atomic
+from mlops.core.names import CHALLENGER, CHAMPION
 
 MANIFEST = "manifest.json"
 PREDICTION_LOG_COLUMNS = {
@@ -147,8 +148,8 @@ def publish_tenant(
         if not history or history[-1] != champion[0]:
             history.append(champion[0])
         manifest["tenants"][tenant] = {
-            "champion": entries[champion[0]],
-            "challenger": entries[challenger[0]] if challenger else None,
+            CHAMPION: entries[champion[0]],
+            CHALLENGER: entries[challenger[0]] if challenger else None,
             "snapshot": {"version": snap_version, "file": f"online/{tenant}/{snap_source.name}"},
             "champion_history": history,
         }
@@ -167,9 +168,9 @@ def rollback_tenant(folder: Path, tenant: str) -> tuple[str, str]:
         if len(history) < 2:
             raise ValueError(f"tenant {tenant!r} has no previous champion to roll back to")
         current, previous = history[-1], history[-2]
-        entry["champion"] = _model_entry(folder, tenant, previous)
+        entry[CHAMPION] = _model_entry(folder, tenant, previous)
         entry["champion_history"] = history[:-1]
-        entry["challenger"] = None  # the rolled-back model must not keep shadowing
+        entry[CHALLENGER] = None  # the rolled-back model must not keep shadowing
         _write_manifest(folder, manifest)
     return current, previous
 
