@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 
 from resources import modeling
+from resources.churn_pyfunc import log_churn_model
 from resources.feature_store import FEATURE_COLUMNS, FEATURE_VIEW_VERSION, content_hash
 from resources.registry import registered_model_name, runtime_tags
 from resources.tenants import TENANT_PARTITIONS
@@ -79,8 +80,10 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         model_file = Path(tmp) / "model.txt"
         booster.save_model(str(model_file))
         model_bytes = model_file.stat().st_size
-    info = mlflow.lightgbm.log_model(
-        booster, name="model", registered_model_name=registered_model_name(tenant),
+    # A pyfunc that scores stored feature rows on its own (signature, input example, the shared
+    # encoding), with the LightGBM model text inside for the rest of the platform.
+    info = log_churn_model(
+        booster, split.train, registered_model_name=registered_model_name(tenant),
         # Stated, not inferred: MLflow's inference exports the whole uv lock on every run (~3 s).
         pip_requirements=model_requirements(),
     )
