@@ -10,6 +10,7 @@ import mlflow
 from mlops.core import modeling
 from mlops.core.candidates import record_candidate
 from mlops.core.names import registered_model_name
+from mlops.core.pyfunc_model import log_churn_model
 from resources.feature_store import FEATURE_COLUMNS, FEATURE_VIEW_VERSION, content_hash
 from resources.registry import runtime_tags
 from resources.tenants import TENANT_PARTITIONS
@@ -63,8 +64,10 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         model_file = Path(tmp) / "model.txt"
         booster.save_model(str(model_file))
         model_bytes = model_file.stat().st_size
-    info = mlflow.lightgbm.log_model(
-        booster, name="model", registered_model_name=registered_model_name(tenant),
+    # A pyfunc that scores stored feature rows on its own (signature, input example, the shared
+    # encoding), with the LightGBM model text inside for the rest of the platform.
+    info = log_churn_model(
+        booster, split.train, registered_model_name=registered_model_name(tenant),
         # Stated, not inferred: MLflow's inference exports the whole uv lock on every run (~3 s).
         pip_requirements=model_requirements(),
     )

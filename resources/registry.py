@@ -10,6 +10,7 @@ import hashlib
 import platform
 import subprocess
 import sys
+import tempfile
 from functools import cached_property
 
 import dagster as dg
@@ -23,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from mlops.core.environment import PROJECT_ROOT
 from mlops.core.names import EXPERIMENT_NAME, registered_model_name
+from mlops.core.pyfunc_model import booster_from_model_dir
 from resources.settings import PlatformSettings
 
 LINEAGE_TAGS = (
@@ -104,9 +106,13 @@ class ModelRegistry(dg.ConfigurableResource):
         return self.client.get_model_version(registered_model_name(tenant), str(version))
 
     def load_booster(self, tenant: str, version: str | int) -> lgb.Booster:
+        """The LightGBM booster of a registered version (the model text logged inside its pyfunc)."""
         mlflow.set_tracking_uri(self.settings.mlflow_tracking_uri)
         mlflow.set_registry_uri(self.settings.mlflow_tracking_uri)
-        return mlflow.lightgbm.load_model(f"models:/{registered_model_name(tenant)}/{version}")
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{registered_model_name(tenant)}/{version}", dst_path=tmp)
+            return booster_from_model_dir(model_dir)
 
     def tag_version(self, tenant: str, version: str | int, tags: dict[str, str]) -> None:
         for key, value in tags.items():
