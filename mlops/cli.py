@@ -28,9 +28,9 @@ def _quiet_libraries() -> None:
 
 
 def _resources(home: str | None) -> dict:
+    _quiet_libraries()
     from definitions import build_definitions
 
-    _quiet_libraries()
     return build_definitions(home).resources
 
 
@@ -57,11 +57,11 @@ def main(ctx: click.Context, home: str | None) -> None:
 @click.pass_obj
 def build(home: str | None, tenants: tuple[str, ...]) -> None:
     """Data, features and a validated champion for every tenant (the churn_pipeline job)."""
+    _quiet_libraries()
     from dagster import DagsterInstance
 
     from definitions import build_definitions
 
-    _quiet_libraries()
     defs = build_definitions(home)
     settings, catalog, registry = (defs.resources[k] for k in ("settings", "catalog", "registry"))
     settings.ensure_home()

@@ -60,19 +60,16 @@ def test_bad_input_is_refused_with_a_message_naming_it(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
-def test_promote_without_a_challenger_fails_clearly_and_changes_nothing(platform_home):
-    home = platform_home["home"]
-    manifest = (home / "serving" / "manifest.json").read_text()
-    registry = platform_home["defs"].resources["registry"]
-    champion = registry.alias_version(TEST_TENANT.name, "champion").version
-    if registry.alias_version(TEST_TENANT.name, "challenger") is not None:
-        pytest.skip("another test left a challenger in the shared home")
-    result = mlops("promote", TEST_TENANT.name, home=home)
-    assert result.returncode == 1
-    assert f"tenant '{TEST_TENANT.name}' has no challenger to promote" in result.stderr
-    assert registry.alias_version(TEST_TENANT.name, "champion").version == champion
-    assert (home / "serving" / "manifest.json").read_text() == manifest
+def test_promote_and_rollback_without_models_fail_clearly(tmp_path):
+    assert mlops("add-tenant", "umbrella", home=tmp_path).returncode == 0
+    result = mlops("promote", "umbrella", home=tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "tenant 'umbrella' has no challenger to promote" in result.stderr
+    result = mlops("rollback", "umbrella", home=tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "tenant 'umbrella' is not deployed" in result.stderr
+    for result in (mlops("promote", "umbrella", home=tmp_path), mlops("rollback", "umbrella", home=tmp_path)):
+        assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

@@ -38,51 +38,73 @@ NUMERIC_FEATURES: tuple[str, ...] = (
 CATEGORICAL_FEATURES: dict[str, tuple[str, ...]] = {"plan": PLANS, "segment": SEGMENTS}
 FEATURE_COLUMNS: tuple[str, ...] = NUMERIC_FEATURES + tuple(CATEGORICAL_FEATURES)
 
-def to_model_frame(features: pd.DataFrame) -> pd.DataFrame:
-    """The model's input matrix: feature columns in a fixed order, categories with fixed levels.
+class ModelInputs:
+    """A model's input: numeric columns, then categorical columns with fixed levels, in a fixed order.
 
-    Training and serving both call this, so the two can never disagree on encoding.
+    One object per use case (``ModelInputs.of(usecase)``; churn's is ``CHURN_INPUTS``): training,
+    the MLflow pyfunc and the service all encode through it, so they can never disagree. An unseen
+    category is a missing value, as LightGBM treats it in training.
     """
-    import pandas as pd
 
-    missing = [c for c in FEATURE_COLUMNS if c not in features.columns]
-    if missing:
-        raise KeyError(f"feature frame lacks columns {missing}")
-    frame = features.loc[:, list(FEATURE_COLUMNS)].copy()
-    for col in NUMERIC_FEATURES:
-        frame[col] = pd.to_numeric(frame[col], errors="raise").astype("float64")
-    for col, levels in CATEGORICAL_FEATURES.items():
-        frame[col] = pd.Categorical(frame[col], categories=list(levels))
-    return frame
+    def __init__(self, numeric: tuple[str, ...], categorical: dict[str, tuple[str, ...]]):
+        self.numeric = tuple(numeric)
+        self.categorical = {col: tuple(levels) for col, levels in categorical.items()}
+        self.columns: tuple[str, ...] = self.numeric + tuple(self.categorical)
+        self._codes = {col: {level: float(i) for i, level in enumerate(levels)}
+                       for col, levels in self.categorical.items()}
+
+    @classmethod
+    def of(cls, usecase) -> ModelInputs:
+        """The inputs of a declared use case (``mlops.core.usecase.UseCase``): its numeric features and
+        numeric request fields, then its categorical features and categorical request fields."""
+        fields = usecase.serving.request_fields
+        numeric = (*usecase.features.numeric, *(f.name for f in fields if f.isin is None))
+        categorical = {**usecase.features.categorical, **{f.name: tuple(f.isin) for f in fields if f.isin is not None}}
+        return cls(numeric, categorical)
+
+    def to_model_frame(self, features: pd.DataFrame) -> pd.DataFrame:
+        """The model's input frame: the columns in order, numbers as float64, categories with fixed levels."""
+        import pandas as pd
+
+        missing = [c for c in self.columns if c not in features.columns]
+        if missing:
+            raise KeyError(f"feature frame lacks columns {missing}")
+        frame = features.loc[:, list(self.columns)].copy()
+        for col in self.numeric:
+            frame[col] = pd.to_numeric(frame[col], errors="raise").astype("float64")
+        for col, levels in self.categorical.items():
+            frame[col] = pd.Categorical(frame[col], categories=list(levels))
+        return frame
+
+    def to_model_matrix(self, features: pd.DataFrame) -> np.ndarray:
+        """The same input as ``to_model_frame`` as a float matrix (categories as their fixed codes).
+
+        LightGBM scores a numpy row an order of magnitude faster than a data frame, with the same
+        result: it encodes pandas categoricals by exactly these codes.
+        """
+        frame = self.to_model_frame(features)
+        matrix = np.empty((len(frame), len(self.columns)), dtype=np.float64)
+        for i, col in enumerate(self.columns):
+            if col in self.categorical:
+                codes = frame[col].cat.codes.to_numpy().astype(np.float64)
+                codes[codes < 0] = np.nan  # an unseen category is a missing value, as in training
+                matrix[:, i] = codes
+            else:
+                matrix[:, i] = frame[col].to_numpy()
+        return matrix
+
+    def encode_records(self, records: list[dict]) -> np.ndarray:
+        """``to_model_matrix`` for a few records, without pandas: the single-request hot path."""
+        matrix = np.empty((len(records), len(self.columns)), dtype=np.float64)
+        for r, record in enumerate(records):
+            for i, col in enumerate(self.columns):
+                value = record[col]
+                codes = self._codes.get(col)
+                matrix[r, i] = codes.get(value, np.nan) if codes is not None else float(value)
+        return matrix
 
 
-def to_model_matrix(features: pd.DataFrame) -> np.ndarray:
-    """The same input as ``to_model_frame`` as a float matrix (categories as their fixed codes).
-
-    LightGBM scores a numpy row an order of magnitude faster than a data frame, with the same
-    result: it encodes pandas categoricals by exactly these codes.
-    """
-    frame = to_model_frame(features)
-    matrix = np.empty((len(frame), len(FEATURE_COLUMNS)), dtype=np.float64)
-    for i, col in enumerate(FEATURE_COLUMNS):
-        if col in CATEGORICAL_FEATURES:
-            codes = frame[col].cat.codes.to_numpy().astype(np.float64)
-            codes[codes < 0] = np.nan  # an unseen category is a missing value, as in training
-            matrix[:, i] = codes
-        else:
-            matrix[:, i] = frame[col].to_numpy()
-    return matrix
-
-
-_CATEGORY_CODES = {col: {level: float(i) for i, level in enumerate(levels)} for col, levels in CATEGORICAL_FEATURES.items()}
-
-
-def encode_records(records: list[dict]) -> np.ndarray:
-    """``to_model_matrix`` for a few records, without pandas: the single-account hot path."""
-    matrix = np.empty((len(records), len(FEATURE_COLUMNS)), dtype=np.float64)
-    for r, record in enumerate(records):
-        for i, col in enumerate(FEATURE_COLUMNS):
-            value = record[col]
-            codes = _CATEGORY_CODES.get(col)
-            matrix[r, i] = codes.get(value, np.nan) if codes is not None else float(value)
-    return matrix
+CHURN_INPUTS = ModelInputs(NUMERIC_FEATURES, CATEGORICAL_FEATURES)
+to_model_frame = CHURN_INPUTS.to_model_frame
+to_model_matrix = CHURN_INPUTS.to_model_matrix
+encode_records = CHURN_INPUTS.encode_records

@@ -1,0 +1,319 @@
+"""Use cases: each AI feature of the product (churn prediction, fraud detection, ...) declared once, in
+a folder of its own, and run by the same lifecycle for every tenant.
+
+A use case is a folder holding ``usecase.yaml`` and the SQL files it names::
+
+    usecases/<name>/
+      usecase.yaml      entity, raw tables, features, label, problem type, model, gates,
+                        monitoring, serving request, simulator
+      features.sql      the feature view (see FEATURE_VIEW_CONTRACT)
+      labels.sql        the labels (see LABELS_CONTRACT)
+      simulator.py      optional: ``simulate(spec) -> {table: DataFrame}`` for demos and tests
+
+``load_usecase`` reads and checks a folder and names the file and field of every problem it finds;
+``discover_usecases`` loads every folder under the use-case roots. Plain Python: the asset factory,
+the CLI, the service and the notebooks all read the same declaration.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+USECASE_FILE = "usecase.yaml"
+NAME_PATTERN = r"^[a-z][a-z0-9_]{1,30}$"
+SQL_TYPES = ("VARCHAR", "BIGINT", "INTEGER", "DOUBLE", "BOOLEAN", "DATE", "TIMESTAMP")
+
+FEATURE_VIEW_CONTRACT = """\
+The feature view is one SELECT over the use case's raw tables that returns, for each entity and each
+time a feature row becomes available, the entity key, ``available_at`` (TIMESTAMP: from then on the
+row may be used) and every declared feature. It must only read events before ``available_at``.
+Bound parameters: ``$as_of`` (TIMESTAMP, the clock: the day after the newest event) and ``$since``
+(TIMESTAMP: rows with ``available_at`` before it may be left out; the online snapshot passes
+``$as_of`` minus ``features.lookback_days``, the offline table the start of time)."""
+LABELS_CONTRACT = """\
+The labels are one SELECT that returns the entity key, ``prediction_time`` (TIMESTAMP) and the label
+column. Bound parameters: ``$as_of`` and ``$horizon_days``. The platform keeps only labels whose
+window has closed (``prediction_time + horizon_days <= as_of``) and joins each to the newest feature
+row available at ``prediction_time`` (point in time)."""
+
+
+class UseCaseError(ValueError):
+    """A use-case declaration that cannot be used; the message names the file and the field."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColumnSpec(_Spec):
+    name: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_]*$")]
+    type: Literal[SQL_TYPES]  # type: ignore[valid-type]
+    nullable: bool = False
+    isin: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+
+    @property
+    def sql_type(self) -> str:
+        return self.type
+
+    @property
+    def pandas_dtype(self) -> str:
+        return {"VARCHAR": "str", "BIGINT": "int64", "INTEGER": "int64", "DOUBLE": "float64", "BOOLEAN": "bool",
+                "DATE": "datetime64[ns]", "TIMESTAMP": "datetime64[ns]"}[self.type]
+
+    def checks(self) -> list:
+        import pandera.pandas as pa
+
+        checks = []
+        if self.isin is not None:
+            checks.append(pa.Check.isin(list(self.isin)))
+        if self.min is not None or self.max is not None:
+            checks.append(pa.Check.in_range(self.min if self.min is not None else float("-inf"),
+                                            self.max if self.max is not None else float("inf")))
+        if self.min_length is not None or self.max_length is not None:
+            checks.append(pa.Check.str_length(self.min_length, self.max_length))
+        return checks
+
+
+class TableSpec(_Spec):
+    """A raw table: one declaration gives its DuckDB DDL and its pandera schema."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    columns: tuple[ColumnSpec, ...]
+    key: tuple[str, ...]
+    time_column: str | None = None
+    # Inbox files whose name starts with this feed the table (default: the name without "raw_").
+    file_prefix: str | None = None
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> TableSpec:
+        names = [c.name for c in self.columns]
+        if len(set(names)) != len(names):
+            raise ValueError(f"table {self.name}: duplicate column names")
+        for col in (*self.key, *([self.time_column] if self.time_column else [])):
+            if col not in names:
+                raise ValueError(f"table {self.name}: key or time column {col!r} is not one of its columns")
+        return self
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def inbox_prefix(self) -> str:
+        return self.file_prefix or self.name.removeprefix("raw_")
+
+    def ddl(self) -> str:
+        cols = ", ".join(f"{c.name} {c.type}{'' if c.nullable else ' NOT NULL'}" for c in self.columns)
+        # `source` records where each row came from: the simulator or an inbox file.
+        return f"CREATE TABLE IF NOT EXISTS {self.name} ({cols}, source VARCHAR NOT NULL)"
+
+    def pandera_schema(self):
+        import pandera.pandas as pa
+
+        return pa.DataFrameSchema(
+            {c.name: pa.Column(c.pandas_dtype, checks=c.checks(), nullable=c.nullable, coerce=True)
+             for c in self.columns},
+            unique=list(self.key), strict="filter", report_duplicates="all", name=self.name,
+        )
+
+
+class EntitySpec(_Spec):
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    key: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+
+
+class FeatureSpec(_Spec):
+    sql: str  # file name in the use case's folder
+    numeric: tuple[str, ...] = ()
+    categorical: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    # The clock: the day after the newest value of this column of this table is "now" ($as_of).
+    clock_table: str
+    clock_column: str
+    # How far back the online snapshot reads: the newest row per entity must be this recent.
+    lookback_days: Annotated[int, Field(ge=1, le=3660)] = 120
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.numeric, *self.categorical)
+
+    @model_validator(mode="after")
+    def _features(self) -> FeatureSpec:
+        if not self.columns:
+            raise ValueError("features: declare at least one numeric or categorical feature")
+        duplicated = sorted({c for c in self.columns if self.columns.count(c) > 1})
+        if duplicated:
+            raise ValueError(f"features: {duplicated} declared more than once")
+        empty = [c for c, levels in self.categorical.items() if not levels]
+        if empty:
+            raise ValueError(f"features: categorical {empty} need at least one level")
+        return self
+
+
+class LabelSpec(_Spec):
+    sql: str
+    column: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+    horizon_days: Annotated[int, Field(ge=0, le=3660)]
+    # multiclass only: the classes, in the order of the model's outputs
+    classes: tuple[str, ...] | None = None
+
+
+_OBJECTIVES = {
+    "binary": ("binary", "cross_entropy"),
+    "multiclass": ("multiclass", "multiclassova"),
+    "regression": ("regression", "regression_l1", "huber", "fair", "poisson", "quantile", "mape", "gamma",
+                   "tweedie"),
+}
+
+
+class ModelSpec(_Spec):
+    objective: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    num_boost_round: Annotated[int, Field(ge=1, le=100_000)] = 200
+    # Rows of the latest prediction dates held out for the gates and as the monitoring reference.
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
+
+
+class ServingSpec(_Spec):
+    # The request names an entity whose features come from the online snapshot...
+    lookup: bool = True
+    # ...and/or carries fields of its own (scored at request time: a payment's amount, say).
+    request_fields: tuple[ColumnSpec, ...] = ()
+
+
+class SimulatorSpec(_Spec):
+    module: str = "simulator.py"  # file in the use case's folder
+    function: str = "simulate"
+
+
+class UseCase(_Spec):
+    """One AI feature of the product, as declared in its folder."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    title: str
+    description: str = ""
+    entity: EntitySpec
+    problem_type: Literal["binary", "multiclass", "regression"]
+    tables: tuple[TableSpec, ...]
+    features: FeatureSpec
+    label: LabelSpec
+    model: ModelSpec
+    gates: dict[str, Any] = Field(default_factory=dict)  # overrides of the gate policy's thresholds
+    monitoring: dict[str, Any] = Field(default_factory=dict)  # overrides of the monitoring policy
+    serving: ServingSpec = ServingSpec()
+    simulator: SimulatorSpec | None = None
+    # Where the declaration was read from (set by load_usecase).
+    folder: Path | None = None
+
+    @field_validator("tables")
+    @classmethod
+    def _unique_tables(cls, tables: tuple[TableSpec, ...]) -> tuple[TableSpec, ...]:
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tables: {sorted({n for n in names if names.count(n) > 1})} declared more than once")
+        return tables
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UseCase:
+        if self.model.objective not in _OBJECTIVES[self.problem_type]:
+            raise ValueError(f"model.objective {self.model.objective!r} does not fit problem_type "
+                             f"{self.problem_type!r}; use one of {_OBJECTIVES[self.problem_type]}")
+        if self.problem_type == "multiclass" and not self.label.classes:
+            raise ValueError("label.classes: a multiclass use case lists its classes")
+        if self.label.column in self.features.columns:
+            raise ValueError(f"label.column {self.label.column!r} is also a feature")
+        table = next((t for t in self.tables if t.name == self.features.clock_table), None)
+        if table is None:
+            raise ValueError(f"features.clock_table {self.features.clock_table!r} is not one of the declared tables")
+        if self.features.clock_column not in table.column_names:
+            raise ValueError(f"features.clock_column {self.features.clock_column!r} is not a column of "
+                             f"{table.name}")
+        clash = set(self.features.columns) & {f.name for f in self.serving.request_fields}
+        if clash:
+            raise ValueError(f"serving.request_fields {sorted(clash)} are also looked-up features")
+        return self
+
+    # --- what the lifecycle derives from the declaration -----------------------------------------
+    def registered_model_name(self, tenant: str) -> str:
+        return f"{self.name}-{tenant}"
+
+    def table(self, name: str) -> TableSpec:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(f"use case {self.name!r} declares no table {name!r}")
+
+    @cached_property
+    def feature_sql(self) -> str:
+        return self._read(self.features.sql)
+
+    @cached_property
+    def labels_sql(self) -> str:
+        return self._read(self.label.sql)
+
+    def _read(self, name: str) -> str:
+        if self.folder is None:
+            raise UseCaseError(f"use case {self.name!r} was not loaded from a folder")
+        return (self.folder / name).read_text()
+
+
+def load_usecase(folder: Path | str) -> UseCase:
+    """Read and check the use case declared in ``folder``; every problem names file and field."""
+    folder = Path(folder).resolve()
+    path = folder / USECASE_FILE
+    if not path.is_file():
+        raise UseCaseError(f"{folder}: no {USECASE_FILE}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UseCaseError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UseCaseError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+    if raw.get("name") != folder.name:
+        raise UseCaseError(f"{path}: name {raw.get('name')!r} must be the folder's name {folder.name!r}")
+    try:
+        usecase = UseCase(**raw, folder=folder)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise UseCaseError(f"{path}: {problems}") from None
+    for field, name in (("features.sql", usecase.features.sql), ("label.sql", usecase.label.sql),
+                        *((("simulator.module", usecase.simulator.module),) if usecase.simulator else ())):
+        if Path(name).name != name or not (folder / name).is_file():
+            raise UseCaseError(f"{path}: {field}: no file {name!r} in {folder}")
+    for field, name, sql in (("features.sql", usecase.features.sql, usecase.feature_sql),
+                             ("label.sql", usecase.label.sql, usecase.labels_sql)):
+        if not re.match(r"^\s*(--[^\n]*\n\s*)*(WITH|SELECT)\b", sql, flags=re.IGNORECASE):
+            raise UseCaseError(f"{path}: {field}: {name} must be one SELECT (or WITH ... SELECT) statement")
+    return usecase
+
+
+def discover_usecases(roots: list[Path]) -> dict[str, UseCase]:
+    """Every use case under ``roots`` (each a folder of use-case folders), by name. Two use cases of
+    one name, or two declarations of one table that differ, are refused."""
+    found: dict[str, UseCase] = {}
+    tables: dict[str, tuple[str, TableSpec]] = {}
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if (p / USECASE_FILE).is_file()):
+            usecase = load_usecase(folder)
+            if usecase.name in found:
+                raise UseCaseError(f"use case {usecase.name!r} is declared twice: {found[usecase.name].folder} "
+                                   f"and {folder}")
+            for table in usecase.tables:
+                owner = tables.setdefault(table.name, (usecase.name, table))
+                if owner[1] != table:
+                    raise UseCaseError(f"table {table.name!r} is declared differently by use cases {owner[0]!r} "
+                                       f"and {usecase.name!r}; a tenant's warehouse holds one table of a name")
+            found[usecase.name] = usecase
+    return found
