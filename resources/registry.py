@@ -70,7 +70,8 @@ def runtime_tags() -> dict[str, str]:
 
 
 class ModelRegistry(dg.ConfigurableResource):
-    """Registered churn models and their aliases, in the MLflow registry under MLOPS_HOME."""
+    """Registered models (``<use_case>-<tenant>``) and their aliases, in the MLflow registry under
+    MLOPS_HOME. Every method takes the tenant and the use case (churn unless named)."""
 
     settings: PlatformSettings
 
@@ -90,33 +91,33 @@ class ModelRegistry(dg.ConfigurableResource):
         except MlflowException:  # created concurrently by another run
             return self.client.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
 
-    def alias_version(self, tenant: str, alias: str) -> ModelVersion | None:
+    def alias_version(self, tenant: str, alias: str, use_case: str = "churn") -> ModelVersion | None:
         try:
-            return self.client.get_model_version_by_alias(registered_model_name(tenant), alias)
+            return self.client.get_model_version_by_alias(registered_model_name(tenant, use_case), alias)
         except MlflowException:
             return None
 
-    def set_alias(self, tenant: str, alias: str, version: str | int) -> None:
-        self.client.set_registered_model_alias(registered_model_name(tenant), alias, str(version))
+    def set_alias(self, tenant: str, alias: str, version: str | int, use_case: str = "churn") -> None:
+        self.client.set_registered_model_alias(registered_model_name(tenant, use_case), alias, str(version))
 
-    def delete_alias(self, tenant: str, alias: str) -> None:
-        self.client.delete_registered_model_alias(registered_model_name(tenant), alias)
+    def delete_alias(self, tenant: str, alias: str, use_case: str = "churn") -> None:
+        self.client.delete_registered_model_alias(registered_model_name(tenant, use_case), alias)
 
-    def version(self, tenant: str, version: str | int) -> ModelVersion:
-        return self.client.get_model_version(registered_model_name(tenant), str(version))
+    def version(self, tenant: str, version: str | int, use_case: str = "churn") -> ModelVersion:
+        return self.client.get_model_version(registered_model_name(tenant, use_case), str(version))
 
-    def load_booster(self, tenant: str, version: str | int) -> lgb.Booster:
+    def load_booster(self, tenant: str, version: str | int, use_case: str = "churn") -> lgb.Booster:
         """The LightGBM booster of a registered version (the model text logged inside its pyfunc)."""
         mlflow.set_tracking_uri(self.settings.mlflow_tracking_uri)
         mlflow.set_registry_uri(self.settings.mlflow_tracking_uri)
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{registered_model_name(tenant)}/{version}", dst_path=tmp)
+                artifact_uri=f"models:/{registered_model_name(tenant, use_case)}/{version}", dst_path=tmp)
             return booster_from_model_dir(model_dir)
 
-    def tag_version(self, tenant: str, version: str | int, tags: dict[str, str]) -> None:
+    def tag_version(self, tenant: str, version: str | int, tags: dict[str, str], use_case: str = "churn") -> None:
         for key, value in tags.items():
-            self.client.set_model_version_tag(registered_model_name(tenant), str(version), key, str(value))
+            self.client.set_model_version_tag(registered_model_name(tenant, use_case), str(version), key, str(value))
 
 
 @dg.resource(

@@ -6,6 +6,6 @@ ROLES = (CHAMPION, CHALLENGER)
 EXPERIMENT_NAME = "saas-churn"
 
 
-def registered_model_name(tenant: str) -> str:
-    """The tenant's model in the MLflow registry: ``churn-<tenant>``."""
-    return f"churn-{tenant}"
+def registered_model_name(tenant: str, use_case: str = "churn") -> str:
+    """A tenant's model of a use case in the MLflow registry: ``<use_case>-<tenant>`` (``churn-acme``)."""
+    return f"{use_case}-{tenant}"

@@ -26,6 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 USECASE_FILE = "usecase.yaml"
+# Use-case roots beyond the project's own ``usecases/``: folders separated by os.pathsep.
+USECASE_PATHS_ENV = "MLOPS_USECASE_PATHS"
 NAME_PATTERN = r"^[a-z][a-z0-9_]{1,30}$"
 SQL_TYPES = ("VARCHAR", "BIGINT", "INTEGER", "DOUBLE", "BOOLEAN", "DATE", "TIMESTAMP")
 
@@ -244,7 +246,9 @@ class UseCase(_Spec):
 
     # --- what the lifecycle derives from the declaration -----------------------------------------
     def registered_model_name(self, tenant: str) -> str:
-        return f"{self.name}-{tenant}"
+        from mlops.core.names import registered_model_name
+
+        return registered_model_name(tenant, self.name)
 
     def table(self, name: str) -> TableSpec:
         for table in self.tables:
@@ -317,3 +321,14 @@ def discover_usecases(roots: list[Path]) -> dict[str, UseCase]:
                                        f"and {usecase.name!r}; a tenant's warehouse holds one table of a name")
             found[usecase.name] = usecase
     return found
+
+
+def usecase_roots(extra: list[Path | str] | None = None) -> list[Path]:
+    """Where use cases are declared: the project's ``usecases/``, the folders in
+    ``$MLOPS_USECASE_PATHS`` and ``extra``."""
+    import os
+
+    from mlops.core.environment import PROJECT_ROOT
+
+    configured = [p for p in os.environ.get(USECASE_PATHS_ENV, "").split(os.pathsep) if p]
+    return [PROJECT_ROOT / "usecases", *(Path(p) for p in configured), *(Path(p) for p in extra or [])]
