@@ -54,9 +54,11 @@ def main(ctx: click.Context, home: str | None) -> None:
 
 @main.command()
 @click.option("--tenant", "tenants", multiple=True, help="Only this tenant (repeatable). Default: every tenant.")
+@click.option("--use-case", "use_case", default="churn", show_default=True,
+              help="The use case to build (see `mlops usecase list`).")
 @click.pass_obj
-def build(home: str | None, tenants: tuple[str, ...]) -> None:
-    """Data, features and a validated champion for every tenant (the churn_pipeline job)."""
+def build(home: str | None, tenants: tuple[str, ...], use_case: str) -> None:
+    """Data, features and a validated champion for every tenant (the use case's pipeline job)."""
     _quiet_libraries()
     from dagster import DagsterInstance
 
@@ -69,7 +71,11 @@ def build(home: str | None, tenants: tuple[str, ...]) -> None:
     names = list(tenants) or sorted(catalog.all())
     for name in names:
         _known_tenant(defs.resources, name)
-    job = defs.resolve_job_def("churn_pipeline")
+    job_name = f"{use_case}_pipeline"
+    if job_name not in _job_names(defs):
+        raise click.BadParameter(f"no use case {use_case!r}: declared are {_usecase_names(defs)}",
+                                 param_hint="--use-case")
+    job = defs.resolve_job_def(job_name)
     failures = []
     with DagsterInstance.from_config(str(settings.dagster_home)) as instance:
         existing = set(instance.get_dynamic_partitions("tenant"))
@@ -81,7 +87,7 @@ def build(home: str | None, tenants: tuple[str, ...]) -> None:
                 run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
             )
             status = "ok" if result.success else "FAILED"
-            click.echo(f"[{name}] churn_pipeline {status} in {time.perf_counter() - start:.1f}s (run {result.run_id})")
+            click.echo(f"[{name}] {job_name} {status} in {time.perf_counter() - start:.1f}s (run {result.run_id})")
             if not result.success:
                 failures.append(name)
                 for event in result.all_events:
@@ -89,15 +95,57 @@ def build(home: str | None, tenants: tuple[str, ...]) -> None:
                         click.echo(f"  {event.step_key}: {event.message}")
     click.echo("\nModels in the MLflow registry (aliases):")
     for name in names:
-        champion = registry.alias_version(name, CHAMPION)
-        challenger = registry.alias_version(name, CHALLENGER)
-        click.echo(f"  {registered_model_name(name)}: champion={champion.version if champion else '-'} "
+        champion = registry.alias_version(name, CHAMPION, use_case=use_case)
+        challenger = registry.alias_version(name, CHALLENGER, use_case=use_case)
+        click.echo(f"  {registered_model_name(name, use_case)}: champion={champion.version if champion else '-'} "
                    f"challenger={challenger.version if challenger else '-'}")
     click.echo(f"\nState:   {settings.root}")
     click.echo("UI:      mlops ui   -> http://127.0.0.1:3000 (asset graph, checks, runs)")
     click.echo(f"MLflow:  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} --port 5000")
     if failures:
         raise SystemExit(1)
+
+
+def _job_names(defs) -> list[str]:
+    return [job.name for job in defs.resolve_all_job_defs()]
+
+
+def _usecase_names(defs) -> list[str]:
+    return sorted(name.removesuffix("_pipeline") for name in _job_names(defs) if name.endswith("_pipeline"))
+
+
+@main.group()
+def usecase() -> None:
+    """Declared use cases (``usecases/<name>/usecase.yaml``; more roots in $MLOPS_USECASE_PATHS)."""
+
+
+@usecase.command("list")
+def usecase_list() -> None:
+    """Every declared use case, with its problem type and entity (churn is built in)."""
+    from mlops.core.usecase import UseCaseError, discover_usecases, usecase_roots
+
+    click.echo("churn      binary      account  (built in)")
+    try:
+        found = discover_usecases(usecase_roots())
+    except UseCaseError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, uc in sorted(found.items()):
+        click.echo(f"{name:10s} {uc.problem_type:11s} {uc.entity.name:8s} {uc.folder}")
+
+
+@usecase.command("check")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def usecase_check(folder: str) -> None:
+    """Read and check the use case declared in FOLDER; every problem names its file and field."""
+    from mlops.core.usecase import UseCaseError, load_usecase
+
+    try:
+        uc = load_usecase(folder)
+    except UseCaseError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{uc.name}: {uc.title} ({uc.problem_type}, entity {uc.entity.name} by {uc.entity.key}); "
+               f"{len(uc.tables)} tables, {len(uc.features.columns)} features, label {uc.label.column} "
+               f"after {uc.label.horizon_days} days")
 
 
 @main.command()
