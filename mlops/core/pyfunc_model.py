@@ -98,6 +98,14 @@ def signature(inputs: ModelInputs = CHURN_INPUTS, n_outputs: int = 1) -> ModelSi
     return ModelSignature(inputs=Schema(cols), outputs=Schema([TensorSpec(np.dtype(np.float64), shape)]))
 
 
+def model_requirements() -> list[str]:
+    """What loading a logged model needs, pinned to the versions that trained it (stated, not inferred:
+    MLflow's inference exports the whole uv lock on every run, ~3 s)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("lightgbm", "numpy", "pandas", "scikit-learn", "scipy")]
+
+
 def log_feature_rows_model(booster: lgb.Booster, rows: pd.DataFrame, *, inputs: ModelInputs, problem_type: str,
                            classes: tuple[str, ...] | None = None, registered_model_name: str,
                            pip_requirements: list[str]) -> ModelInfo:

@@ -216,7 +216,7 @@ def _fairness_gate(uc: UseCase, holdout: pd.DataFrame, y, scores, limits: dict) 
     attribute, limit = limits["fairness_attribute"], float(limits["max_fairness_gap"])
     if not attribute:
         return GateOutcome("fairness_gate", True, 0.0, limit,
-                           "fairness: no fairness_attribute declared in gates, so there is no gap to measure")
+                           "fairness: not declared (no gates.fairness_attribute), so there is no gap to measure")
     if attribute not in holdout.columns:
         return GateOutcome("fairness_gate", False, float("nan"), limit,
                            f"fairness: the holdout has no column {attribute!r} (gates.fairness_attribute)")

@@ -105,12 +105,14 @@ def _validate(uc: UseCase, name: str, frame: pd.DataFrame) -> pd.DataFrame:
         return table.pandera_schema().validate(frame, lazy=True)
     except pandera.errors.SchemaErrors as exc:
         cases = exc.failure_cases
-        problems = []
+        missing = cases["check"].astype(str) == "column_in_dataframe"
+        problems = [f"column {c}: missing from the frame" for c in cases.loc[missing, "failure_case"].astype(str)]
+        cases = cases.loc[~missing]
         for (column, check), group in cases.groupby([cases["column"].fillna("(table)"), cases["check"].astype(str)],
                                                     sort=True):
             values = group["failure_case"].dropna().astype(str).unique()[:5].tolist()
             problems.append(f"column {column}: {check}" + (f" (e.g. {values})" if values else ""))
-        raise ValueError(f"table {name}: {len(cases)} problem(s): " + "; ".join(problems)) from None
+        raise ValueError(f"table {name}: {len(problems)} problem(s): " + "; ".join(problems)) from None
 
 
 def replace_rows(con: duckdb.DuckDBPyConnection, uc: UseCase, tables: dict[str, pd.DataFrame],
