@@ -10,7 +10,7 @@ import mlflow
 from mlops.core import modeling
 from mlops.core.candidates import record_candidate
 from mlops.core.names import registered_model_name
-from mlops.core.pyfunc_model import log_churn_model
+from mlops.core.pyfunc_model import log_churn_model, model_requirements
 from resources.feature_store import FEATURE_COLUMNS, FEATURE_VIEW_VERSION, content_hash
 from resources.registry import runtime_tags
 from resources.tenants import TENANT_PARTITIONS
@@ -102,13 +102,6 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "calibration_curve": png_metadata(calibration_png),
         }
     )
-
-
-def model_requirements() -> list[str]:
-    """What loading the logged model needs, pinned to the versions that trained it."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name)}" for name in ("lightgbm", "numpy", "pandas", "scikit-learn", "scipy")]
 
 
 def png_metadata(png: bytes) -> dg.MetadataValue:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from mlops.core.environment import write_atomic
+from mlops.core.hashing import content_hash
 from mlops.core.model_inputs import (  # noqa: F401 - re-exported for callers of the feature store
     CATEGORICAL_FEATURES,
     FEATURE_COLUMNS,
@@ -258,14 +259,6 @@ def build_training_set(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     )
     con.execute("CREATE OR REPLACE TABLE churn_labels AS " + LABELS_SQL)
     return con.execute("SELECT * FROM churn_training_set").df()
-
-
-def content_hash(frame: pd.DataFrame) -> str:
-    """A stable content hash of a data frame (row order and dtypes included)."""
-    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
-    digest = hashlib.sha256(hashed.tobytes())
-    digest.update(json.dumps([str(c) for c in frame.columns] + [str(t) for t in frame.dtypes]).encode())
-    return digest.hexdigest()[:16]
 
 
 class FeatureStore(dg.ConfigurableResource):

@@ -17,7 +17,13 @@ from fairlearn.metrics import MetricFrame
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
-from mlops.core.model_inputs import FEATURE_COLUMNS, encode_records, to_model_frame, to_model_matrix
+from mlops.core.model_inputs import (
+    CHURN_INPUTS,
+    FEATURE_COLUMNS,
+    ModelInputs,
+    to_model_frame,
+    to_model_matrix,
+)
 
 LGBM_PARAMS: dict = {
     "objective": "binary",
@@ -113,16 +119,17 @@ def fairness_gap(table: pd.DataFrame) -> float:
     return float(evaluated.max() - evaluated.min()) if len(evaluated) >= 2 else 0.0
 
 
-def single_row_latency_ms(booster: lgb.Booster, rows: pd.DataFrame, repeats: int = 300) -> dict[str, float]:
-    """In-process latency of scoring one account (encoding + predict), as the service does it."""
+def single_row_latency_ms(booster: lgb.Booster, rows: pd.DataFrame, repeats: int = 300,
+                          inputs: ModelInputs = CHURN_INPUTS) -> dict[str, float]:
+    """In-process latency of scoring one entity (encoding + predict), as the service does it."""
     samples = []
     records = rows.sample(n=min(len(rows), repeats), replace=len(rows) < repeats, random_state=0)
-    records = records.loc[:, list(FEATURE_COLUMNS)].to_dict("records")
+    records = records.loc[:, list(inputs.columns)].to_dict("records")
     for record in records[:20]:  # warm-up
-        booster.predict(encode_records([record]), num_threads=1)
+        booster.predict(inputs.encode_records([record]), num_threads=1)
     for record in records:
         start = time.perf_counter()
-        booster.predict(encode_records([record]), num_threads=1)
+        booster.predict(inputs.encode_records([record]), num_threads=1)
         samples.append((time.perf_counter() - start) * 1000)
     arr = np.array(samples)
     return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}

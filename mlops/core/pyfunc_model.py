@@ -1,12 +1,15 @@
-"""The churn model as a self-contained MLflow pyfunc: ``mlflow.pyfunc.load_model(...).predict(rows)``
-scores feature rows as they are stored (online snapshot or training set rows, extra columns and all).
+"""A model as a self-contained MLflow pyfunc: ``mlflow.pyfunc.load_model(...).predict(rows)`` scores
+feature rows as they are stored (online snapshot or training set rows, extra columns and all). One
+pyfunc for every use case (``log_feature_rows_model``); churn's is ``log_churn_model``.
 
 The model is logged as MLflow "models from code" (``pyfunc_model_code.py``, no pickle) and carries:
 - the LightGBM model text as an artifact, which is also what the rest of the platform loads
   (``booster_from_model_dir``: publication, gates, notebooks);
 - the encoding itself: the few modules of ``mlops`` it imports, shipped as ``code_paths``, so the
   pyfunc, training and serving run the same ``model_inputs`` code, never a copy of the feature list;
-- a signature derived from ``model_inputs`` and an input example.
+- the encoder's spec (numeric columns, categorical columns and levels, problem type, classes) as the
+  model's ``model_config``, so the code file reads no project file;
+- a signature derived from the ``ModelInputs`` and an input example.
 
 Free of Dagster: loading the model imports this module, and nothing here may pull Dagster in.
 """
@@ -29,7 +32,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
-from mlops.core.model_inputs import CATEGORICAL_FEATURES, FEATURE_COLUMNS, to_model_matrix
+from mlops.core.model_inputs import CHURN_INPUTS, ModelInputs
 
 BOOSTER_ARTIFACT = "booster"
 BOOSTER_FILE = "model.txt"
@@ -46,32 +49,72 @@ PACKAGED_MODULES = ("mlops/__init__.py", "mlops/core/__init__.py", "mlops/core/e
 EXAMPLE_ROWS = 5
 
 
-class ChurnModel(PythonModel):
-    """Churn probabilities for a frame of stored feature rows, encoded by ``model_inputs``."""
+PROBLEM_TYPES = ("binary", "multiclass", "regression")
+
+
+def model_config(inputs: ModelInputs, problem_type: str, classes: tuple[str, ...] | None = None) -> dict:
+    """The spec the pyfunc rebuilds its encoder from. Lists, not mappings: MLflow writes the MLmodel
+    file with sorted keys, and the column order is the model's."""
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type {problem_type!r} is not one of {PROBLEM_TYPES}")
+    return {
+        "numeric": list(inputs.numeric),
+        "categorical": [[col, list(levels)] for col, levels in inputs.categorical.items()],
+        "problem_type": problem_type,
+        "classes": list(classes) if classes else None,
+    }
+
+
+def inputs_from_config(config: dict | None) -> ModelInputs:
+    """The encoder of a ``model_config``; churn's when there is none (versions logged before it)."""
+    if not config:
+        return CHURN_INPUTS
+    return ModelInputs(tuple(config["numeric"]), {col: tuple(levels) for col, levels in config["categorical"]})
+
+
+class FeatureRowsModel(PythonModel):
+    """Scores a frame of stored feature rows, encoded by the ``ModelInputs`` of its ``model_config``:
+    a probability per row (binary), a row of class probabilities (multiclass, in ``classes`` order)
+    or a value (regression)."""
 
     def load_context(self, context) -> None:
         self.booster = lgb.Booster(model_file=context.artifacts[BOOSTER_ARTIFACT])
+        self.inputs = inputs_from_config(context.model_config)
 
     # A ``pd.DataFrame`` hint is one MLflow 3 infers no schema from: the signature below stays the one
     # contract (without a hint, MLflow warns on every log and load).
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
-        return self.booster.predict(to_model_matrix(model_input))
+        return self.booster.predict(self.inputs.to_model_matrix(model_input))
 
 
-def signature() -> ModelSignature:
+ChurnModel = FeatureRowsModel  # the name older model code files import
+
+
+def signature(inputs: ModelInputs = CHURN_INPUTS, n_outputs: int = 1) -> ModelSignature:
     """Inputs: every feature column, numbers as doubles (as the feature views store them) and the
-    categories as strings; output: one churn probability per row."""
-    inputs = [ColSpec(DataType.string if col in CATEGORICAL_FEATURES else DataType.double, col)
-              for col in FEATURE_COLUMNS]
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema([TensorSpec(np.dtype(np.float64), (-1,))]))
+    categories as strings; output: one score per row (``n_outputs`` > 1: a row of class probabilities)."""
+    cols = [ColSpec(DataType.string if col in inputs.categorical else DataType.double, col) for col in inputs.columns]
+    shape = (-1,) if n_outputs == 1 else (-1, n_outputs)
+    return ModelSignature(inputs=Schema(cols), outputs=Schema([TensorSpec(np.dtype(np.float64), shape)]))
 
 
-def log_churn_model(booster: lgb.Booster, rows: pd.DataFrame, *, registered_model_name: str,
-                    pip_requirements: list[str]) -> ModelInfo:
-    """Log ``booster`` as the standalone churn pyfunc in the active run and register it.
+def model_requirements() -> list[str]:
+    """What loading a logged model needs, pinned to the versions that trained it (stated, not inferred:
+    MLflow's inference exports the whole uv lock on every run, ~3 s)."""
+    from importlib.metadata import version
 
-    ``rows``: stored feature rows; the first few feature columns become the input example.
+    return [f"{name}=={version(name)}" for name in ("lightgbm", "numpy", "pandas", "scikit-learn", "scipy")]
+
+
+def log_feature_rows_model(booster: lgb.Booster, rows: pd.DataFrame, *, inputs: ModelInputs, problem_type: str,
+                           classes: tuple[str, ...] | None = None, registered_model_name: str,
+                           pip_requirements: list[str]) -> ModelInfo:
+    """Log ``booster`` as a standalone pyfunc in the active run and register it.
+
+    ``rows``: stored feature rows; the first few rows' model columns become the input example.
     """
+    config = model_config(inputs, problem_type, classes)
+    n_outputs = len(classes) if problem_type == "multiclass" and classes else 1
     with tempfile.TemporaryDirectory() as tmp:
         for module in PACKAGED_MODULES:
             (Path(tmp) / module).parent.mkdir(parents=True, exist_ok=True)
@@ -85,11 +128,19 @@ def log_churn_model(booster: lgb.Booster, rows: pd.DataFrame, *, registered_mode
                 python_model=str(MODEL_CODE),
                 code_paths=[str(package)],
                 artifacts={BOOSTER_ARTIFACT: str(booster_file)},
-                signature=signature(),
-                input_example=rows.loc[:, list(FEATURE_COLUMNS)].head(EXAMPLE_ROWS).reset_index(drop=True),
+                model_config=config,
+                signature=signature(inputs, n_outputs),
+                input_example=rows.loc[:, list(inputs.columns)].head(EXAMPLE_ROWS).reset_index(drop=True),
                 registered_model_name=registered_model_name,
                 pip_requirements=pip_requirements,
             )
+
+
+def log_churn_model(booster: lgb.Booster, rows: pd.DataFrame, *, registered_model_name: str,
+                    pip_requirements: list[str]) -> ModelInfo:
+    """Log ``booster`` as the standalone churn pyfunc (binary, ``CHURN_INPUTS``) and register it."""
+    return log_feature_rows_model(booster, rows, inputs=CHURN_INPUTS, problem_type="binary",
+                                  registered_model_name=registered_model_name, pip_requirements=pip_requirements)
 
 
 @contextmanager

@@ -1,0 +1,300 @@
+"""The warehouse side of any declared use case (``mlops.core.usecase``): raw tables, the offline
+feature table, point-in-time training sets and the online snapshot, all from the declaration.
+
+The functions take an open DuckDB connection and leave the transaction to the caller. Every
+identifier that reaches SQL comes from the declaration (checked by ``_ident``); every value is a
+bound parameter. The feature and label SQL see only the parameters of their contracts
+(``FEATURE_VIEW_CONTRACT``, ``LABELS_CONTRACT``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from mlops.core.environment import atomic_path, write_atomic
+from mlops.core.hashing import content_hash
+from mlops.core.online import POINTER_FILE, next_snapshot_version, snapshot_file_name
+from mlops.core.usecase import UseCase, UseCaseError
+
+AVAILABLE_AT = "available_at"
+PREDICTION_TIME = "prediction_time"
+START_OF_TIME = pd.Timestamp("1970-01-01")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _ident(name: str) -> str:
+    """A declared name, quoted for SQL; anything but a plain identifier is refused."""
+    if not _IDENT.match(name):
+        raise UseCaseError(f"{name!r} is not a plain SQL identifier")
+    return f'"{name}"'
+
+
+def _bind(sql: str, values: dict) -> dict:
+    """The parameters ``sql`` uses (DuckDB refuses extra ones); an unknown ``$name`` is an error."""
+    used = set(_PARAM.findall(sql))
+    unknown = sorted(used - set(values))
+    if unknown:
+        raise UseCaseError(f"the SQL uses parameters {unknown}; only {sorted(values)} are bound")
+    return {k: v for k, v in values.items() if k in used}
+
+
+def feature_table(uc: UseCase) -> str:
+    return f"{uc.name}_features"
+
+
+def training_table(uc: UseCase) -> str:
+    return f"{uc.name}_training_set"
+
+
+def feature_columns(uc: UseCase) -> list[str]:
+    """The feature table's columns, in order: the entity key, ``available_at``, the features."""
+    return [uc.entity.key, AVAILABLE_AT, *uc.features.columns]
+
+
+def feature_view_version(uc: UseCase) -> str:
+    """A version of what a feature row and a label mean: the SQL and the declared features and label."""
+    spec = [uc.feature_sql, uc.labels_sql, uc.entity.model_dump(), uc.features.model_dump(), uc.label.model_dump()]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# --- raw tables --------------------------------------------------------------------------------------
+def ensure_tables(con: duckdb.DuckDBPyConnection, uc: UseCase) -> None:
+    """Create every declared raw table that does not exist yet."""
+    for table in uc.tables:
+        con.execute(table.ddl())
+
+
+def load_simulator(uc: UseCase) -> Callable:
+    """The use case's simulator function, imported from its folder by path."""
+    if uc.simulator is None:
+        raise UseCaseError(f"use case {uc.name!r} declares no simulator")
+    if uc.folder is None:
+        raise UseCaseError(f"use case {uc.name!r} was not loaded from a folder")
+    path = Path(uc.folder) / uc.simulator.module
+    if not path.is_file():
+        raise UseCaseError(f"use case {uc.name!r}: simulator.module: no file {path}")
+    # One module name per folder: two folders' simulators never replace each other in sys.modules.
+    digest = hashlib.sha256(str(Path(uc.folder).resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(f"mlops_usecase_{uc.name}_{digest}_simulator", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise UseCaseError(f"use case {uc.name!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    function = getattr(module, uc.simulator.function, None)
+    if not callable(function):
+        raise UseCaseError(f"use case {uc.name!r}: {path} has no function {uc.simulator.function!r}")
+    return function
+
+
+def _validate(uc: UseCase, name: str, frame: pd.DataFrame) -> pd.DataFrame:
+    import pandera.errors
+
+    table = uc.table(name)
+    try:
+        return table.pandera_schema().validate(frame, lazy=True)
+    except pandera.errors.SchemaErrors as exc:
+        cases = exc.failure_cases
+        missing = cases["check"].astype(str) == "column_in_dataframe"
+        problems = [f"column {c}: missing from the frame" for c in cases.loc[missing, "failure_case"].astype(str)]
+        cases = cases.loc[~missing]
+        for (column, check), group in cases.groupby([cases["column"].fillna("(table)"), cases["check"].astype(str)],
+                                                    sort=True):
+            values = group["failure_case"].dropna().astype(str).unique()[:5].tolist()
+            problems.append(f"column {column}: {check}" + (f" (e.g. {values})" if values else ""))
+        raise ValueError(f"table {name}: {len(problems)} problem(s): " + "; ".join(problems)) from None
+
+
+def replace_rows(con: duckdb.DuckDBPyConnection, uc: UseCase, tables: dict[str, pd.DataFrame],
+                 source: str) -> dict[str, int]:
+    """Validate every frame against its table's declared schema, then replace the rows of ``source``
+    in each table by the frame's. Nothing is written unless every frame is valid."""
+    declared = {t.name for t in uc.tables}
+    unknown = sorted(set(tables) - declared)
+    if unknown:
+        raise ValueError(f"use case {uc.name!r} declares no tables {unknown}; it declares {sorted(declared)}")
+    valid = {name: _validate(uc, name, frame) for name, frame in tables.items()}
+    ensure_tables(con, uc)
+    counts = {}
+    for name, frame in valid.items():
+        table = uc.table(name)
+        view = f"_mlops_rows_{name}"
+        con.register(view, frame.loc[:, table.column_names].reset_index(drop=True))
+        try:
+            con.execute(f"DELETE FROM {_ident(name)} WHERE source = ?", [source])  # noqa: S608 - declared name
+            columns = ", ".join(_ident(c.name) for c in table.columns)
+            values = ", ".join(f"CAST({_ident(c.name)} AS {c.sql_type})" for c in table.columns)
+            con.execute(f"INSERT INTO {_ident(name)} ({columns}, source) "  # noqa: S608 - declared names
+                        f"SELECT {values}, ? FROM {_ident(view)}", [source])
+        finally:
+            con.unregister(view)
+        counts[name] = len(frame)
+    return counts
+
+
+# --- the clock and the offline side ---------------------------------------------------------------
+def clock(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.Timestamp:
+    """``$as_of``: midnight after the newest ``features.clock_column`` of ``features.clock_table``."""
+    table, column = uc.features.clock_table, uc.features.clock_column
+    newest = con.execute(f"SELECT max({_ident(column)}) FROM {_ident(table)}").fetchall()[0][0]  # noqa: S608
+    if newest is None:
+        raise ValueError(f"{table} is empty: there is no clock (newest {column}) to build features from")
+    return pd.Timestamp(newest).normalize() + pd.Timedelta(days=1)
+
+
+def _feature_select(uc: UseCase, inner: str) -> str:
+    return f"SELECT {', '.join(_ident(c) for c in feature_columns(uc))} FROM ({inner}\n) _feature_view"  # noqa: S608
+
+
+def _check_output(con, sql: str, params: dict, required: list[str], what: str, file: str) -> None:
+    """``sql`` returns every required column, or an error names the missing ones and the file."""
+    cursor = con.execute(f"SELECT * FROM ({sql}\n) _probe LIMIT 0", _bind(sql, params))  # noqa: S608
+    returned = {d[0] for d in cursor.description}
+    cursor.fetchall()  # DuckDB wants a result finished before the connection does other work
+    missing = [c for c in required if c not in returned]
+    if missing:
+        raise ValueError(f"{what} {file} does not return the columns {missing} (it returns {sorted(returned)})")
+
+
+def _feature_params(uc: UseCase, as_of: pd.Timestamp, since: pd.Timestamp) -> dict:
+    return {"as_of": as_of.to_pydatetime(), "since": since.to_pydatetime()}
+
+
+def build_feature_table(con: duckdb.DuckDBPyConnection, uc: UseCase) -> int:
+    """(Re)build the offline feature table over the whole history; returns its rows."""
+    as_of = clock(con, uc)
+    params = _feature_params(uc, as_of, START_OF_TIME)
+    sql = uc.feature_sql
+    _check_output(con, sql, params, feature_columns(uc), "the feature SQL", str(Path(uc.folder or ".") / uc.features.sql))
+    con.execute(f"CREATE OR REPLACE TABLE {_ident(feature_table(uc))} AS {_feature_select(uc, sql)}",
+                _bind(sql, params))
+    return con.execute(f"SELECT count(*) FROM {_ident(feature_table(uc))}").fetchall()[0][0]  # noqa: S608
+
+
+def build_training_set(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFrame:
+    """Mature labels joined point in time to the offline feature table, stored as the training table.
+
+    A label at ``prediction_time`` gets the newest feature row with ``available_at <= prediction_time``
+    (an ASOF join); labels whose window has not closed by ``$as_of`` are left out, and so are labels
+    of entities without a feature row by then.
+    """
+    as_of = clock(con, uc)
+    key, label = _ident(uc.entity.key), _ident(uc.label.column)
+    sql = uc.labels_sql
+    params = {"as_of": as_of.to_pydatetime(), "horizon_days": int(uc.label.horizon_days)}
+    _check_output(con, sql, params, [uc.entity.key, PREDICTION_TIME, uc.label.column], "the label SQL",
+                  str(Path(uc.folder or ".") / uc.label.sql))
+    features = ", ".join(f"f.{_ident(c)}" for c in uc.features.columns)
+    # The labels go in as a CTE: an ASOF join against a table created earlier in the same
+    # transaction is planned without statistics and runs far slower.
+    query = f"""
+        WITH labels AS (
+            SELECT {key}, CAST({PREDICTION_TIME} AS TIMESTAMP) AS {PREDICTION_TIME}, {label}
+            FROM ({sql}
+            ) _labels
+            WHERE CAST({PREDICTION_TIME} AS TIMESTAMP) + to_days(CAST($horizon_days AS INTEGER))
+                  <= CAST($as_of AS TIMESTAMP)
+        )
+        SELECT l.{key}, l.{PREDICTION_TIME}, l.{label}, f.{AVAILABLE_AT}, {features}
+        FROM labels l
+        ASOF JOIN {_ident(feature_table(uc))} f
+          ON l.{key} = f.{key} AND l.{PREDICTION_TIME} >= f.{AVAILABLE_AT}
+        ORDER BY l.{PREDICTION_TIME}, l.{key}
+    """  # noqa: S608 - declared names, checked by _ident
+    con.execute(f"CREATE OR REPLACE TABLE {_ident(training_table(uc))} AS {query}", _bind(query, params))
+    return con.execute(
+        f"SELECT * FROM {_ident(training_table(uc))} ORDER BY {PREDICTION_TIME}, {key}"  # noqa: S608
+    ).df()
+
+
+# --- the online side -------------------------------------------------------------------------------
+def compute_online_snapshot(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFrame:
+    """The newest feature row per entity as of the clock, from the feature SQL over the look-back
+    window only: the serving path, independent of the offline table (the skew check compares them)."""
+    as_of = clock(con, uc)
+    since = as_of - pd.Timedelta(days=uc.features.lookback_days)
+    sql = uc.feature_sql
+    params = _feature_params(uc, as_of, since)
+    _check_output(con, sql, params, feature_columns(uc), "the feature SQL", str(Path(uc.folder or ".") / uc.features.sql))
+    key = _ident(uc.entity.key)
+    query = (  # declared names, checked by _ident
+        f"SELECT * FROM ({_feature_select(uc, sql)}) _rows WHERE {AVAILABLE_AT} <= CAST($as_of AS TIMESTAMP) "  # noqa: S608
+        f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {AVAILABLE_AT} DESC) = 1 ORDER BY {key}"
+    )
+    return con.execute(query, _bind(query, params)).df().reset_index(drop=True)
+
+
+def offline_rows_at(con: duckdb.DuckDBPyConnection, uc: UseCase, keys: list[str], as_of) -> pd.DataFrame:
+    """Offline feature rows of ``keys`` as of ``as_of``, through the same ASOF join as training."""
+    key = _ident(uc.entity.key)
+    spine = pd.DataFrame({uc.entity.key: list(keys), "_skew_as_of": pd.Timestamp(as_of)})
+    view = f"_mlops_skew_spine_{uc.name}"
+    con.register(view, spine)
+    try:
+        columns = ", ".join(f"f.{_ident(c)}" for c in feature_columns(uc))
+        return con.execute(
+            f"SELECT {columns} FROM {_ident(view)} s ASOF JOIN {_ident(feature_table(uc))} f "  # noqa: S608
+            f"ON s.{key} = f.{key} AND s._skew_as_of >= f.{AVAILABLE_AT} ORDER BY f.{key}"
+        ).df()
+    finally:
+        con.unregister(view)
+
+
+def compare_feature_rows(uc: UseCase, online: pd.DataFrame, offline: pd.DataFrame, rtol: float = 1e-9) -> list[str]:
+    """Every disagreement between two sets of feature rows keyed by the entity: rows on one side
+    only, and declared features that differ (numbers within ``rtol``, categories exactly)."""
+    key = uc.entity.key
+    on, off = online.set_index(key), offline.set_index(key)
+    problems = [f"{k}: online only" for k in on.index.difference(off.index)]
+    problems += [f"{k}: offline only" for k in off.index.difference(on.index)]
+    for k in on.index.intersection(off.index):
+        for col in uc.features.columns:
+            a, b = on.at[k, col], off.at[k, col]
+            if col in uc.features.categorical:
+                same = (a == b) or (pd.isna(a) and pd.isna(b))
+            else:
+                same = bool(np.isclose(float(a), float(b), rtol=rtol, atol=0.0, equal_nan=True))
+            if not same:
+                problems.append(f"{k}.{col}: online={a!r} offline={b!r}")
+    return problems
+
+
+def write_online_snapshot(online_dir: Path, uc: UseCase, snapshot: pd.DataFrame, as_of) -> dict:
+    """Publish ``snapshot`` as a new immutable version in ``online_dir`` (one folder per use case and
+    tenant) and point ``CURRENT.json`` at it; returns the pointer."""
+    online_dir = Path(online_dir)
+    online_dir.mkdir(parents=True, exist_ok=True)
+    version = next_snapshot_version(online_dir)
+    path = online_dir / snapshot_file_name(version)
+    with atomic_path(path, fsync=True) as tmp:
+        snapshot.to_parquet(tmp, index=False)
+    pointer = {
+        "use_case": uc.name,
+        "version": version,
+        "path": path.name,
+        "as_of": str(pd.Timestamp(as_of)),
+        "feature_view_version": feature_view_version(uc),
+        "rows": len(snapshot),
+        "content_hash": content_hash(snapshot),
+    }
+    write_atomic(online_dir / POINTER_FILE, json.dumps(pointer, indent=2).encode())
+    return pointer
+
+
+def read_online_snapshot(online_dir: Path) -> tuple[dict, pd.DataFrame]:
+    """The current pointer of ``online_dir`` and the snapshot it names."""
+    pointer_file = Path(online_dir) / POINTER_FILE
+    if not pointer_file.exists():
+        raise FileNotFoundError(f"{online_dir} has no online feature snapshot yet (no {POINTER_FILE})")
+    pointer = json.loads(pointer_file.read_text())
+    return pointer, pd.read_parquet(Path(online_dir) / pointer["path"])
