@@ -5,8 +5,10 @@ from __future__ import annotations
 import dagster as dg
 
 from assets import automation, deployment, features, ingestion, monitoring, reports, training, validation
+from assets.usecases import usecase_definitions
 from mlops.core.environment import configure_environment
 from mlops.core.names import EXPERIMENT_NAME
+from mlops.core.usecase import discover_usecases, usecase_roots
 from resources.feature_store import FeatureStore
 from resources.gates import GatePolicy
 from resources.monitoring import MonitoringPolicy
@@ -18,8 +20,11 @@ from resources.warehouse import DuckDBWarehouse
 
 
 def build_definitions(home: str | None = None, gates: GatePolicy | None = None,
-                      monitoring_policy: MonitoringPolicy | None = None) -> dg.Definitions:
-    """All definitions, wired to one MLOPS_HOME. Tests build their own with a temporary home."""
+                      monitoring_policy: MonitoringPolicy | None = None,
+                      usecase_paths: list[str] | None = None) -> dg.Definitions:
+    """All definitions, wired to one MLOPS_HOME: churn's, plus the lifecycle of every declared use
+    case (``usecases/<name>/``, ``$MLOPS_USECASE_PATHS``, ``usecase_paths``). Tests build their own
+    with a temporary home."""
     root = configure_environment(home)
     settings = PlatformSettings(home=str(root))
     catalog = TenantCatalog(tenants_file=str(settings.tenants_file))
@@ -36,7 +41,7 @@ def build_definitions(home: str | None = None, gates: GatePolicy | None = None,
             {"experiment_name": EXPERIMENT_NAME, "mlflow_tracking_uri": settings.mlflow_tracking_uri}
         ),
     }
-    return dg.Definitions(
+    churn = dg.Definitions(
         # Each module sets its own group (ingestion, features, training, deployment, monitoring, reports).
         assets=dg.load_assets_from_modules([ingestion, features, training, deployment, monitoring, reports]),
         asset_checks=dg.load_asset_checks_from_modules([validation]),
@@ -45,6 +50,8 @@ def build_definitions(home: str | None = None, gates: GatePolicy | None = None,
         sensors=[automation.tenant_catalog_sensor, automation.decay_retrain_sensor, automation.service_health_sensor],
         resources=resources,
     )
+    declared = discover_usecases(usecase_roots(usecase_paths))
+    return dg.Definitions.merge(churn, *(usecase_definitions(uc) for uc in declared.values()))
 
 
 defs = build_definitions()

@@ -1,0 +1,314 @@
+"""The lifecycle of a declared use case, generated from its declaration (``mlops.core.usecase``).
+
+``usecase_definitions(usecase)`` gives, for one use case, tenant-partitioned assets under the key
+prefix ``<use case>/`` (one asset group per use case in the UI):
+
+    raw tables -> features -> training_set [training_data_integrity]
+                           -> online_snapshot [no_training_serving_skew]
+    training_set -> model [the problem type's gates: blocking] -> model_aliases -> serving_manifest
+
+and the job ``<use case>_pipeline`` that materializes them for one tenant. The assets are thin: the
+work is ``mlops.core.usecase_store`` (data), ``mlops.core.usecase_model`` (models and gates) and
+``mlops.core.serving`` (publication); the assets call them through the resources and attach
+metadata. Nothing here knows a particular use case: adding one is adding a folder.
+"""
+
+
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+
+from mlops.core import usecase_model, usecase_store
+from mlops.core.candidates import (
+    failed_or_missing_gates,
+    holdout_scores,
+    latest_candidate,
+    record_candidate,
+    record_gate_result,
+)
+from mlops.core.hashing import content_hash
+from mlops.core.model_inputs import ModelInputs
+from mlops.core.names import CHALLENGER, CHAMPION
+from mlops.core.pyfunc_model import model_requirements
+from mlops.core.serving import publish_usecase, serving_dir
+from mlops.core.usecase import UseCase
+from resources.registry import ModelRegistry, runtime_tags
+from resources.settings import PlatformSettings
+from resources.tenants import TENANT_PARTITIONS, TenantCatalog
+from resources.warehouse import DuckDBWarehouse
+
+SIMULATOR_SOURCE = "simulator"
+SKEW_SAMPLE_SIZE = 200
+
+
+def usecase_definitions(uc: UseCase) -> dg.Definitions:
+    """Assets, checks and the pipeline job of one declared use case."""
+    name = uc.name
+
+    def key(asset: str) -> dg.AssetKey:
+        return dg.AssetKey([name, asset])
+
+    table_keys = {table.name: key(table.name) for table in uc.tables}
+    common = {"partitions_def": TENANT_PARTITIONS, "group_name": name}
+
+    @dg.multi_asset(
+        name=f"{name}_raw_tables",
+        specs=[dg.AssetSpec(k, description=f"Raw `{t}` table of use case {name} in the tenant's warehouse.",
+                            kinds={"duckdb"}, **common) for t, k in table_keys.items()],
+    )
+    def raw_tables(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, catalog: TenantCatalog):
+        tenant = context.partition_key
+        spec = catalog.get(tenant)
+        counts = {}
+        if uc.simulator is not None:
+            frames = usecase_store.load_simulator(uc)(spec)
+            with warehouse.transaction(tenant) as con:
+                usecase_store.ensure_tables(con, uc)
+                counts = usecase_store.replace_rows(con, uc, frames, SIMULATOR_SOURCE)
+        else:
+            with warehouse.transaction(tenant) as con:
+                usecase_store.ensure_tables(con, uc)
+        for table, asset_key in table_keys.items():
+            yield dg.MaterializeResult(asset_key=asset_key, metadata={
+                "simulated_rows": dg.MetadataValue.int(counts.get(table, 0)),
+                "use_case": name,
+            })
+
+    @dg.asset(key=key("features"), deps=list(table_keys.values()), kinds={"duckdb"},
+              description=f"Offline feature table of {name}: the declared feature view over the whole history.",
+              **common)
+    def features(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse):
+        with warehouse.transaction(context.partition_key) as con:
+            rows = usecase_store.build_feature_table(con, uc)
+            as_of = usecase_store.clock(con, uc)
+        return dg.MaterializeResult(metadata={"rows": dg.MetadataValue.int(rows), "as_of": str(as_of),
+                                              "features": ", ".join(ModelInputs.of(uc).columns)})
+
+    @dg.asset(key=key("training_set"), deps=[features], kinds={"duckdb"},
+              description=f"Mature {uc.label.column} labels joined point-in-time to the features of {name}.",
+              check_specs=[dg.AssetCheckSpec("training_data_integrity", asset=key("training_set"), blocking=True,
+                                             description="Rows, labels and point-in-time order of the training set.")],
+              **common)
+    def training_set(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse):
+        with warehouse.transaction(context.partition_key) as con:
+            frame = usecase_store.build_training_set(con, uc)
+        problems = []
+        if frame.empty:
+            problems.append("no mature labels joined to features")
+        else:
+            if frame[uc.label.column].isna().any():
+                problems.append(f"{int(frame[uc.label.column].isna().sum())} rows without a label")
+            leaks = int((frame["available_at"] > frame["prediction_time"]).sum())
+            if leaks:
+                problems.append(f"{leaks} rows use features newer than their label (leak)")
+        yield dg.MaterializeResult(metadata={
+            "rows": dg.MetadataValue.int(len(frame)),
+            "entities": dg.MetadataValue.int(int(frame[uc.entity.key].nunique()) if len(frame) else 0),
+            "prediction_dates": dg.MetadataValue.int(int(frame["prediction_time"].nunique()) if len(frame) else 0),
+        })
+        yield dg.AssetCheckResult(check_name="training_data_integrity", asset_key=key("training_set"),
+                                  passed=not problems, description="; ".join(problems) or None)
+
+    @dg.asset(key=key("online_snapshot"), deps=[features], kinds={"duckdb", "parquet"},
+              description=f"Latest feature row per {uc.entity.name}, published as an immutable versioned file.",
+              check_specs=[dg.AssetCheckSpec("no_training_serving_skew", asset=key("online_snapshot"), blocking=True,
+                                             description="Online features equal the offline features at the same "
+                                                         "as-of time for a sample of entities.")],
+              **common)
+    def online_snapshot(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, settings: PlatformSettings,
+                        catalog: TenantCatalog):
+        tenant = context.partition_key
+        folder = online_dir(settings, catalog, uc, tenant)
+        with warehouse.connect(tenant) as con:
+            as_of = usecase_store.clock(con, uc)
+            snapshot = usecase_store.compute_online_snapshot(con, uc)
+            sample = snapshot.sample(n=min(SKEW_SAMPLE_SIZE, len(snapshot)), random_state=0)
+            offline = usecase_store.offline_rows_at(con, uc, sample[uc.entity.key].tolist(), as_of)
+        pointer = usecase_store.write_online_snapshot(folder, uc, snapshot, as_of)
+        problems = usecase_store.compare_feature_rows(uc, sample, offline)
+        yield dg.MaterializeResult(metadata={
+            "rows": dg.MetadataValue.int(len(snapshot)),
+            "snapshot_version": dg.MetadataValue.int(int(pointer["version"])),
+            "path": dg.MetadataValue.path(str(folder / pointer["path"])),
+        })
+        yield dg.AssetCheckResult(check_name="no_training_serving_skew", asset_key=key("online_snapshot"),
+                                  passed=not problems, metadata={
+                                      "compared": dg.MetadataValue.int(len(sample)),
+                                      "mismatches": dg.MetadataValue.int(len(problems)),
+                                      "examples": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems[:20])
+                                                                      or "none")})
+
+    gates = usecase_model.gate_names(uc)
+
+    @dg.asset(key=key("model"), deps=[training_set], kinds={"lightgbm", "mlflow"},
+              description=f"LightGBM {uc.problem_type} model of {name}, tracked and registered in MLflow as "
+                          f"`{name}-<tenant>` with every lineage tag.",
+              required_resource_keys={"mlflow", "warehouse", "registry"}, **common)
+    def model(context: dg.AssetExecutionContext):
+        tenant = context.partition_key
+        warehouse, registry, mlf = (context.resources.warehouse, context.resources.registry,
+                                    context.resources.mlflow)
+        with warehouse.connect(tenant) as con:
+            training = con.execute(f"SELECT * FROM {usecase_store.training_table(uc)} "  # noqa: S608 - declared name
+                                   f"ORDER BY prediction_time, {uc.entity.key}").df()
+        if training.empty:
+            raise dg.Failure(f"{name}/{tenant}: the training set is empty; nothing to train on")
+        dataset_version = content_hash(training)
+        split = usecase_model.time_split(uc, training)
+        booster = usecase_model.train(uc, split.train)
+        scores = usecase_model.predict(uc, booster, split.holdout)
+        metrics = usecase_model.evaluate(uc, split.holdout[uc.label.column].to_numpy(), scores)
+        model_name = uc.registered_model_name(tenant)
+        lineage = {"tenant": tenant, "use_case": name, "dataset_version": dataset_version,
+                   "feature_view_version": usecase_store.feature_view_version(uc), **runtime_tags(),
+                   "dagster_run_id": context.run_id, "dagster_partition": tenant}
+        run_id = mlflow.active_run().info.run_id
+        mlf.log_params({**uc.model.params, "objective": uc.model.objective,
+                        "num_boost_round": uc.model.num_boost_round, "holdout_cutoff": str(split.cutoff.date())})
+        mlf.log_metrics({**metrics, "train_rows": len(split.train), "holdout_rows": len(split.holdout)})
+        mlf.set_tags(lineage)
+        model_bytes = usecase_model.model_bytes(booster)
+        info = usecase_model.log_model(uc, booster, split.train, registered_model_name=model_name,
+                                       pip_requirements=model_requirements())
+        version = str(info.registered_model_version)
+        registry.tag_version(tenant, version, lineage | {"mlflow_run_id": run_id}, use_case=name)
+        mlflow.end_run()
+        if scores.ndim == 1:
+            holdout = split.holdout.assign(score=scores)
+        else:  # multiclass: one probability column per class, and the most probable class's index
+            holdout = split.holdout.assign(score=scores.argmax(axis=1).astype(float),
+                                           **{f"score_{c}": scores[:, i] for i, c in enumerate(uc.label.classes)})
+        with warehouse.transaction(tenant) as con:
+            record_candidate(con, version=version, mlflow_run_id=run_id, dagster_run_id=context.run_id,
+                             dataset_version=dataset_version, feature_view_version=usecase_store.feature_view_version(uc),
+                             holdout_cutoff=split.cutoff, model_bytes=model_bytes, metrics=metrics,
+                             holdout=holdout, use_case=name)
+        warehouse.audit(tenant, actor="training", action="model_trained", subject=f"{model_name}/{version}",
+                        outcome="registered", details={**metrics, "mlflow_run_id": run_id, "use_case": name})
+        return dg.MaterializeResult(metadata={
+            "model_name": model_name, "model_version": version, "mlflow_run_id": run_id,
+            "dataset_version": dataset_version, "train_rows": dg.MetadataValue.int(len(split.train)),
+            "holdout_rows": dg.MetadataValue.int(len(split.holdout)),
+            **{k: dg.MetadataValue.float(float(v)) for k, v in metrics.items()},
+        })
+
+    @dg.multi_asset_check(
+        specs=[dg.AssetCheckSpec(gate, asset=key("model"), blocking=True,
+                                 description=f"{uc.problem_type} gate of {name}") for gate in gates],
+        name=f"{name}_gates",
+    )
+    def model_gates(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWarehouse, registry: ModelRegistry):
+        tenant = _partition(context)
+        with warehouse.connect(tenant) as con:
+            candidate = latest_candidate(con, use_case=name)
+            version = str(candidate["model_version"])
+            holdout = holdout_scores(con, version, use_case=name)
+        booster = registry.load_booster(tenant, version, use_case=name)
+        scores = usecase_model.predict(uc, booster, holdout)
+        champion = registry.alias_version(tenant, CHAMPION, use_case=name)
+        champion_scores = None
+        if champion is not None and str(champion.version) != version:
+            champion_scores = usecase_model.predict(uc, registry.load_booster(tenant, champion.version, use_case=name),
+                                                    holdout)
+        outcomes = usecase_model.evaluate_gates(uc, holdout, scores, booster, int(candidate["model_bytes"]),
+                                                champion_scores=champion_scores)
+        with warehouse.transaction(tenant) as con:
+            for outcome in outcomes:
+                record_gate_result(con, version, outcome, context.run.run_id, use_case=name)
+        for outcome in outcomes:
+            warehouse.audit(tenant, actor="validation", action=f"gate:{outcome.gate}",
+                            subject=f"{uc.registered_model_name(tenant)}/{version}",
+                            outcome="passed" if outcome.passed else "failed",
+                            details={"value": outcome.value, "threshold": outcome.threshold, "reason": outcome.reason})
+            yield dg.AssetCheckResult(asset_key=key("model"), check_name=outcome.gate, passed=outcome.passed,
+                                      description=outcome.reason, metadata={
+                                          "model_version": version,
+                                          "value": dg.MetadataValue.float(float(outcome.value)),
+                                          "threshold": dg.MetadataValue.float(float(outcome.threshold))})
+
+    @dg.asset(key=key("model_aliases"), deps=[model], kinds={"mlflow"},
+              description=f"`challenger` for the newest {name} version that passed every gate (and `champion` "
+                          "when the tenant has none).", **common)
+    def model_aliases(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, registry: ModelRegistry):
+        tenant = context.partition_key
+        model_name = uc.registered_model_name(tenant)
+        with warehouse.connect(tenant) as con:
+            version = str(latest_candidate(con, use_case=name)["model_version"])
+            problems = failed_or_missing_gates(con, version, gates=gates, use_case=name)
+        if problems:
+            warehouse.audit(tenant, actor="deployment", action="alias_refused", subject=f"{model_name}/{version}",
+                            outcome="refused", details=problems)
+            reason = "; ".join(f"{gate}: {why}" for gate, why in sorted(problems.items()))
+            raise dg.Failure(f"{model_name} v{version} is kept away from the aliases: {reason}")
+        registry.set_alias(tenant, CHALLENGER, version, use_case=name)
+        assigned = [CHALLENGER]
+        champion = registry.alias_version(tenant, CHAMPION, use_case=name)
+        if champion is None:
+            registry.set_alias(tenant, CHAMPION, version, use_case=name)
+            assigned.append(CHAMPION)
+        warehouse.audit(tenant, actor="deployment", action="alias_assigned", subject=f"{model_name}/{version}",
+                        outcome="assigned", details={"aliases": assigned})
+        return dg.MaterializeResult(metadata={"model_name": model_name, "challenger_version": version,
+                                              "aliases_assigned": ", ".join(assigned)})
+
+    @dg.asset(key=key("serving_manifest"), deps=[model_aliases, online_snapshot], kinds={"bentoml"},
+              description=f"Publishes {name}'s champion, challenger and online snapshot to the serving bundle; "
+                          "the running service swaps models on its own.", **common)
+    def serving_manifest(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, registry: ModelRegistry,
+                         settings: PlatformSettings, catalog: TenantCatalog):
+        tenant = context.partition_key
+        entry = publish_usecase_from_registry(uc, tenant, registry, settings, catalog)
+        warehouse.audit(tenant, actor="deployment", action="manifest_published",
+                        subject=uc.registered_model_name(tenant), outcome="published", details=entry)
+        return dg.MaterializeResult(metadata={
+            "champion_version": entry[CHAMPION]["version"],
+            "challenger_version": (entry[CHALLENGER] or {}).get("version", "none"),
+            "manifest": dg.MetadataValue.path(str(serving_dir(settings.root) / "manifest.json")),
+        })
+
+    assets = [raw_tables, features, training_set, online_snapshot, model, model_aliases, serving_manifest]
+    pipeline = dg.define_asset_job(
+        f"{name}_pipeline", selection=dg.AssetSelection.assets(*assets),
+        description=f"{uc.title}: ingest -> features -> train -> gates -> aliases -> serving manifest, for one tenant.",
+        executor_def=dg.in_process_executor,
+    )
+    return dg.Definitions(assets=assets, asset_checks=[model_gates], jobs=[pipeline])
+
+
+def online_dir(settings: PlatformSettings, catalog: TenantCatalog, uc: UseCase, tenant: str) -> Path:
+    spec = catalog.get(tenant)
+    return settings.online_dir(spec.name, spec.region) / uc.name
+
+
+def publish_usecase_from_registry(uc: UseCase, tenant: str, registry: ModelRegistry, settings: PlatformSettings,
+                                  catalog: TenantCatalog) -> dict:
+    """Export the aliased versions of a use case from MLflow and publish them with its current snapshot."""
+    champion = registry.alias_version(tenant, CHAMPION, use_case=uc.name)
+    if champion is None:
+        raise dg.Failure(f"{uc.registered_model_name(tenant)} has no champion to serve yet")
+    challenger = registry.alias_version(tenant, CHALLENGER, use_case=uc.name)
+    pointer, _ = usecase_store.read_online_snapshot(online_dir(settings, catalog, uc, tenant))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for mv in (champion, challenger):
+            if mv is not None and str(mv.version) not in files:
+                path = Path(tmp) / f"v{mv.version}.txt"
+                registry.load_booster(tenant, mv.version, use_case=uc.name).save_model(str(path))
+                files[str(mv.version)] = path
+        chall = None
+        if challenger is not None and str(challenger.version) != str(champion.version):
+            chall = (str(challenger.version), files[str(challenger.version)])
+        return publish_usecase(
+            serving_dir(settings.root), uc, tenant, champion=(str(champion.version), files[str(champion.version)]),
+            challenger=chall,
+            snapshot=(int(pointer["version"]), online_dir(settings, catalog, uc, tenant) / pointer["path"]),
+        )
+
+
+def _partition(context) -> str:
+    tenant = context.run.tags.get("dagster/partition")
+    if not tenant:
+        raise dg.Failure("use-case gates run per tenant: launch them with a tenant partition")
+    return tenant

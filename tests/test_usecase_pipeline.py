@@ -1,0 +1,89 @@
+"""Adding a use case is adding a folder: the `spend` regression use case, declared in a temporary
+folder from files this test writes, runs ingest -> features -> train -> gates -> register -> publish
+through the platform's generated assets, with no edit to platform code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import open_instance
+from tests.usecase_fixtures import write_spend_usecase
+
+pytestmark = pytest.mark.slow
+
+TENANT = "shopco"
+
+
+@pytest.fixture(scope="module")
+def spend(tmp_path_factory):
+    from definitions import build_definitions
+    from resources.tenants import TenantSpec
+
+    roots = tmp_path_factory.mktemp("usecases")
+    write_spend_usecase(roots)
+    home = tmp_path_factory.mktemp("spend_home")
+    defs = build_definitions(str(home), usecase_paths=[str(roots)])
+    r = defs.resources
+    r["settings"].ensure_home()
+    r["registry"].ensure_experiment()
+    r["catalog"].add(TenantSpec(name=TENANT, region="us", n_accounts=400, seed=5, days=150))
+    with open_instance(home) as instance:
+        instance.add_dynamic_partitions("tenant", [TENANT])
+        result = defs.resolve_job_def("spend_pipeline").execute_in_process(
+            instance=instance, partition_key=TENANT, raise_on_error=False)
+    return {"home": home, "defs": defs, "result": result, "roots": roots}
+
+
+def test_the_pipeline_of_a_declared_use_case_succeeds(spend):
+    result = spend["result"]
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    materialized = {e.asset_key.to_user_string() for e in result.all_events if e.is_step_materialization}
+    assert materialized == {"spend/raw_customers", "spend/raw_orders", "spend/features", "spend/training_set",
+                            "spend/online_snapshot", "spend/model", "spend/model_aliases", "spend/serving_manifest"}
+
+
+def test_every_check_and_gate_ran_and_passed(spend):
+    checks = {}
+    for event in spend["result"].all_events:
+        if event.event_type_value == "ASSET_CHECK_EVALUATION":
+            data = event.event_specific_data
+            checks[data.check_name] = data.passed
+    assert checks == {"training_data_integrity": True, "no_training_serving_skew": True, "r2_gate": True,
+                      "fairness_gate": True, "latency_gate": True, "model_size_gate": True}
+
+
+def test_the_registry_holds_the_use_case_model_with_aliases_and_lineage(spend):
+    from resources.registry import LINEAGE_TAGS
+
+    registry = spend["defs"].resources["registry"]
+    champion = registry.alias_version(TENANT, "champion", use_case="spend")
+    assert champion is not None and champion.name == "spend-shopco"
+    assert registry.alias_version(TENANT, "challenger", use_case="spend").version == champion.version
+    assert set(LINEAGE_TAGS) <= set(champion.tags)
+    assert champion.tags["use_case"] == "spend"
+    # churn's model of the tenant was never trained by this job
+    assert registry.alias_version(TENANT, "champion") is None
+
+
+def test_the_serving_bundle_names_the_use_case_champion_and_snapshot(spend):
+    manifest = json.loads((spend["home"] / "serving" / "manifest.json").read_text())
+    entry = manifest["use_cases"]["spend"]["tenants"][TENANT]
+    assert entry["champion"]["version"] == "1"
+    assert (spend["home"] / "serving" / entry["champion"]["model_file"]).exists()
+    assert (spend["home"] / "serving" / entry["snapshot"]["file"]).exists()
+    assert manifest["tenants"] == {}  # churn's section is untouched
+
+
+def test_the_audit_log_tells_the_use_case_lifecycle(spend):
+    from mlops.core import audit
+
+    warehouse = spend["defs"].resources["warehouse"]
+    log = warehouse.audit_entries(TENANT)
+    actions = log["action"].tolist()
+    assert actions.index("model_trained") < actions.index("gate:r2_gate") < actions.index("alias_assigned") \
+        < actions.index("manifest_published")
+    assert set(log.loc[log["action"] == "model_trained", "subject"]) == {"spend-shopco/1"}
+    with warehouse.connect(TENANT, read_only=True) as con:
+        assert audit.verify_chain(con).ok
