@@ -125,7 +125,7 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
             as_of = usecase_store.clock(con, uc)
             snapshot = usecase_store.compute_online_snapshot(con, uc)
             sample = snapshot.sample(n=min(SKEW_SAMPLE_SIZE, len(snapshot)), random_state=0)
-            offline = usecase_store.offline_rows_at(con, uc, sample[uc.entity.key].tolist(), as_of)
+            offline = usecase_store.offline_rows_at(con, uc, sample[uc.feature_key].tolist(), as_of)
         pointer = usecase_store.write_online_snapshot(folder, uc, snapshot, as_of)
         problems = usecase_store.compare_feature_rows(uc, sample, offline)
         yield dg.MaterializeResult(metadata={

@@ -40,7 +40,9 @@ Bound parameters: ``$as_of`` (TIMESTAMP, the clock: the day after the newest eve
 ``$as_of`` minus ``features.lookback_days``, the offline table the start of time)."""
 LABELS_CONTRACT = """\
 The labels are one SELECT that returns the entity key, ``prediction_time`` (TIMESTAMP) and the label
-column. Bound parameters: ``$as_of`` and ``$horizon_days``. The platform keeps only labels whose
+column; also the feature view's key where it is not the entity's (``features.key``), and the value of
+every request field (``serving.request_fields``) as the request carried it at ``prediction_time``.
+Bound parameters: ``$as_of`` and ``$horizon_days``. The platform keeps only labels whose
 window has closed (``prediction_time + horizon_days <= as_of``) and joins each to the newest feature
 row available at ``prediction_time`` (point in time)."""
 
@@ -136,6 +138,10 @@ class EntitySpec(_Spec):
 
 class FeatureSpec(_Spec):
     sql: str  # file name in the use case's folder
+    # The feature view's key, when it is not the entity's: a payment (the entity) is scored with the
+    # features of its account (``key: account_id``). The online snapshot is keyed by it, a request
+    # carries it, and the labels return it beside the entity key.
+    key: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")] | None = None
     numeric: tuple[str, ...] = ()
     categorical: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     # The clock: the day after the newest value of this column of this table is "now" ($as_of).
@@ -245,6 +251,15 @@ class UseCase(_Spec):
         return self
 
     # --- what the lifecycle derives from the declaration -----------------------------------------
+    @property
+    def feature_key(self) -> str:
+        """The key of the feature view and of the online snapshot (the entity's unless declared)."""
+        return self.features.key or self.entity.key
+
+    @property
+    def request_field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.serving.request_fields)
+
     def registered_model_name(self, tenant: str) -> str:
         from mlops.core.names import registered_model_name
 

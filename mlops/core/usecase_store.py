@@ -57,8 +57,8 @@ def training_table(uc: UseCase) -> str:
 
 
 def feature_columns(uc: UseCase) -> list[str]:
-    """The feature table's columns, in order: the entity key, ``available_at``, the features."""
-    return [uc.entity.key, AVAILABLE_AT, *uc.features.columns]
+    """The feature table's columns, in order: its key (``uc.feature_key``), ``available_at``, the features."""
+    return [uc.feature_key, AVAILABLE_AT, *uc.features.columns]
 
 
 def feature_view_version(uc: UseCase) -> str:
@@ -189,26 +189,32 @@ def build_training_set(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFr
     of entities without a feature row by then.
     """
     as_of = clock(con, uc)
-    key, label = _ident(uc.entity.key), _ident(uc.label.column)
+    key, label, fkey = _ident(uc.entity.key), _ident(uc.label.column), _ident(uc.feature_key)
     sql = uc.labels_sql
     params = {"as_of": as_of.to_pydatetime(), "horizon_days": int(uc.label.horizon_days)}
-    _check_output(con, sql, params, [uc.entity.key, PREDICTION_TIME, uc.label.column], "the label SQL",
+    # Beside the entity key and the label: the feature view's key (when it differs) and the request
+    # fields, as the request carried them at prediction time.
+    carried = [c for c in dict.fromkeys([uc.feature_key, *uc.request_field_names]) if c != uc.entity.key]
+    _check_output(con, sql, params, [uc.entity.key, PREDICTION_TIME, uc.label.column, *carried], "the label SQL",
                   str(Path(uc.folder or ".") / uc.label.sql))
     features = ", ".join(f"f.{_ident(c)}" for c in uc.features.columns)
+    carried_sql = "".join(f", {_ident(c)}" for c in carried)
+    carried_out = "".join(f", l.{_ident(c)}" for c in carried if c != uc.feature_key)
+    carried_key = f", l.{fkey}" if uc.feature_key != uc.entity.key else ""
     # The labels go in as a CTE: an ASOF join against a table created earlier in the same
     # transaction is planned without statistics and runs far slower.
     query = f"""
         WITH labels AS (
-            SELECT {key}, CAST({PREDICTION_TIME} AS TIMESTAMP) AS {PREDICTION_TIME}, {label}
+            SELECT {key}, CAST({PREDICTION_TIME} AS TIMESTAMP) AS {PREDICTION_TIME}, {label}{carried_sql}
             FROM ({sql}
             ) _labels
             WHERE CAST({PREDICTION_TIME} AS TIMESTAMP) + to_days(CAST($horizon_days AS INTEGER))
                   <= CAST($as_of AS TIMESTAMP)
         )
-        SELECT l.{key}, l.{PREDICTION_TIME}, l.{label}, f.{AVAILABLE_AT}, {features}
+        SELECT l.{key}, l.{PREDICTION_TIME}, l.{label}{carried_key}, f.{AVAILABLE_AT}, {features}{carried_out}
         FROM labels l
         ASOF JOIN {_ident(feature_table(uc))} f
-          ON l.{key} = f.{key} AND l.{PREDICTION_TIME} >= f.{AVAILABLE_AT}
+          ON l.{fkey} = f.{fkey} AND l.{PREDICTION_TIME} >= f.{AVAILABLE_AT}
         ORDER BY l.{PREDICTION_TIME}, l.{key}
     """  # noqa: S608 - declared names, checked by _ident
     con.execute(f"CREATE OR REPLACE TABLE {_ident(training_table(uc))} AS {query}", _bind(query, params))
@@ -226,7 +232,7 @@ def compute_online_snapshot(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.D
     sql = uc.feature_sql
     params = _feature_params(uc, as_of, since)
     _check_output(con, sql, params, feature_columns(uc), "the feature SQL", str(Path(uc.folder or ".") / uc.features.sql))
-    key = _ident(uc.entity.key)
+    key = _ident(uc.feature_key)
     query = (  # declared names, checked by _ident
         f"SELECT * FROM ({_feature_select(uc, sql)}) _rows WHERE {AVAILABLE_AT} <= CAST($as_of AS TIMESTAMP) "  # noqa: S608
         f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {AVAILABLE_AT} DESC) = 1 ORDER BY {key}"
@@ -236,8 +242,8 @@ def compute_online_snapshot(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.D
 
 def offline_rows_at(con: duckdb.DuckDBPyConnection, uc: UseCase, keys: list[str], as_of) -> pd.DataFrame:
     """Offline feature rows of ``keys`` as of ``as_of``, through the same ASOF join as training."""
-    key = _ident(uc.entity.key)
-    spine = pd.DataFrame({uc.entity.key: list(keys), "_skew_as_of": pd.Timestamp(as_of)})
+    key = _ident(uc.feature_key)
+    spine = pd.DataFrame({uc.feature_key: list(keys), "_skew_as_of": pd.Timestamp(as_of)})
     view = f"_mlops_skew_spine_{uc.name}"
     con.register(view, spine)
     try:
@@ -251,9 +257,9 @@ def offline_rows_at(con: duckdb.DuckDBPyConnection, uc: UseCase, keys: list[str]
 
 
 def compare_feature_rows(uc: UseCase, online: pd.DataFrame, offline: pd.DataFrame, rtol: float = 1e-9) -> list[str]:
-    """Every disagreement between two sets of feature rows keyed by the entity: rows on one side
+    """Every disagreement between two sets of feature rows keyed by the feature key: rows on one side
     only, and declared features that differ (numbers within ``rtol``, categories exactly)."""
-    key = uc.entity.key
+    key = uc.feature_key
     on, off = online.set_index(key), offline.set_index(key)
     problems = [f"{k}: online only" for k in on.index.difference(off.index)]
     problems += [f"{k}: offline only" for k in off.index.difference(on.index)]
