@@ -8,6 +8,7 @@ service never opens a warehouse. Every write that others read happens in one tra
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import time
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ import duckdb
 import pandas as pd
 
 from resources import audit
-from resources.schemas import RAW_TABLES, RawTable
+from resources.schemas import ATTRIBUTE_NAMES, RAW_TABLES, RawTable
 from resources.settings import PlatformSettings
 from resources.tenants import TenantCatalog, TenantSpec
 
@@ -130,6 +131,32 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         con.unregister("incoming_keys")
         return _insert(con, table, frame, source)
 
+    def upsert_accounts(self, con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, source: str,
+                        today: dt.date | None = None) -> int:
+        """Load an accounts file (``ACCOUNTS_FILE``): static attributes into ``raw_accounts``, plan,
+        seats and MRR into the history ``raw_account_attributes`` (caller owns the transaction).
+
+        A delivered state becomes a history row valid from the file's ``valid_from`` when given;
+        otherwise from the account's signup day when the account has no history yet (the first
+        state known), else from the day after the newest usage event (the delivery describes the
+        state after the data already loaded, and the same data give the same history; with no
+        usage yet, ``today``). A state equal to the one already in force then adds no row; a row
+        with the same account and day replaces the one there. Returns the accounts delivered.
+        """
+        self.upsert_rows(con, RAW_TABLES["raw_accounts"], frame, source)
+        history = RAW_TABLES["raw_account_attributes"]
+        con.execute(history.ddl())
+        con.execute(RAW_TABLES["raw_usage_events"].ddl())
+        delivered = frame[["account_id", "signup_date", *ATTRIBUTE_NAMES]].assign(
+            valid_from=frame["valid_from"] if "valid_from" in frame.columns else pd.NaT)
+        con.register("delivered_accounts", delivered.astype({"valid_from": "datetime64[ns]"}))
+        try:
+            rows = con.execute(_DELIVERED_HISTORY_SQL, [today or dt.datetime.now(dt.UTC).date()]).df()
+        finally:
+            con.unregister("delivered_accounts")
+        self.upsert_rows(con, history, rows, source)
+        return len(frame)
+
     def table_counts(self, tenant: str) -> dict[str, int]:
         with self.connect(tenant, read_only=True) as con:
             existing = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
@@ -150,6 +177,26 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         with self.connect(tenant) as con:
             con.execute(audit.AUDIT_DDL)
             return con.execute("SELECT * FROM audit_log ORDER BY seq").df()
+
+
+# The history rows an accounts delivery adds (see DuckDBWarehouse.upsert_accounts); $1 is today.
+_DELIVERED_HISTORY_SQL = """
+WITH dated AS (
+    SELECT d.account_id, d.plan, d.seats, d.mrr,
+           CAST(coalesce(
+               CAST(d.valid_from AS DATE),
+               CASE WHEN NOT EXISTS (SELECT 1 FROM raw_account_attributes h WHERE h.account_id = d.account_id)
+                    THEN CAST(d.signup_date AS DATE) END,
+               (SELECT CAST(max(event_date) AS DATE) + 1 FROM raw_usage_events),
+               CAST($1 AS DATE)) AS DATE) AS valid_from
+    FROM delivered_accounts d
+)
+SELECT n.account_id, n.valid_from, n.plan, n.seats, n.mrr
+FROM dated n
+ASOF LEFT JOIN raw_account_attributes h ON n.account_id = h.account_id AND n.valid_from >= h.valid_from
+WHERE h.account_id IS NULL OR h.valid_from = n.valid_from
+   OR n.plan <> h.plan OR n.seats <> h.seats OR n.mrr <> h.mrr
+"""
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: RawTable, frame: pd.DataFrame, source: str) -> int:
