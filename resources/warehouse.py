@@ -80,6 +80,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         """Replace all rows that came from ``source`` in every given raw table, atomically."""
         counts = {}
         with self.transaction(tenant) as con:
+            migrate_raw_tables(con)
             for name, frame in tables.items():
                 table = RAW_TABLES[name]
                 con.execute(table.ddl())
@@ -98,6 +99,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         """
         counts = {}
         with self.transaction(tenant) as con:
+            migrate_raw_tables(con)
             con.execute("CREATE TABLE IF NOT EXISTS simulator_state (source VARCHAR PRIMARY KEY, world VARCHAR, "
                         "loaded_until TIMESTAMP)")
             state = con.execute("SELECT world, loaded_until FROM simulator_state WHERE source = ?", [source]).fetchone()
@@ -122,6 +124,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
 
     def upsert_rows(self, con: duckdb.DuckDBPyConnection, table: RawTable, frame: pd.DataFrame, source: str) -> int:
         """Insert rows, replacing existing rows with the same key (caller owns the transaction)."""
+        migrate_raw_tables(con)
         con.execute(table.ddl())
         con.register("incoming_keys", frame[list(table.key)])
         match = " AND ".join(f"t.{k} = i.{k}" for k in table.key)
@@ -177,6 +180,30 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         with self.connect(tenant) as con:
             con.execute(audit.AUDIT_DDL)
             return con.execute("SELECT * FROM audit_log ORDER BY seq").df()
+
+
+def migrate_raw_tables(con: duckdb.DuckDBPyConnection) -> bool:
+    """Move a warehouse written before the attribute history to it (caller owns the transaction).
+
+    Such a warehouse kept plan, seats and MRR in raw_accounts, as of its last load. They become
+    each account's first history row (valid from its signup day: nothing earlier is known) and
+    leave raw_accounts; the simulator's rows are then reloaded in full by the next sync, with
+    their real history. Returns whether anything was migrated.
+    """
+    columns = {r[0] for r in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'raw_accounts' "
+        "AND database_name = current_database() AND schema_name = current_schema()").fetchall()}
+    if not set(ATTRIBUTE_NAMES) <= columns:
+        return False
+    history = RAW_TABLES["raw_account_attributes"]
+    con.execute(history.ddl())
+    names = ", ".join(history.column_names)
+    con.execute(f"INSERT INTO {history.name} ({names}, source) "  # noqa: S608 - declared names
+                f"SELECT account_id, CAST(signup_date AS DATE), {', '.join(ATTRIBUTE_NAMES)}, source FROM raw_accounts")
+    for column in ATTRIBUTE_NAMES:
+        con.execute(f"ALTER TABLE raw_accounts DROP COLUMN {column}")
+    con.execute("DROP TABLE IF EXISTS simulator_state")  # the next sync loads the simulated world in full
+    return True
 
 
 # The history rows an accounts delivery adds (see DuckDBWarehouse.upsert_accounts); $1 is today.

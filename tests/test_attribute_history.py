@@ -248,3 +248,40 @@ def test_a_bad_attribute_delivery_is_rejected_whole(platform):
     assert "column 'valid_from'" in outcomes[0].message
     assert "unknown account(s) ['ghost-1']" in outcomes[1].message
     assert snapshot() == before
+
+
+def test_a_warehouse_from_before_the_history_is_migrated(platform, tmp_path):
+    """raw_accounts used to hold plan, seats and MRR as of the last load: they move to the history
+    (valid from signup for an inbox account), and the simulated world is reloaded with its real history."""
+    from resources.simulator import TIME_COLUMNS, world_fingerprint
+
+    defs, warehouse, _ = platform
+    spec = dataclasses.replace(TENANT, scenario="covariate_shift", drift_day=100)
+    defs.resources["catalog"].add(spec)
+    tables = simulate_tenant(spec)
+    with warehouse.transaction(TENANT.name) as con:
+        con.execute("DROP TABLE raw_accounts")
+        con.execute("DROP TABLE raw_account_attributes")
+        con.execute("CREATE TABLE raw_accounts (account_id VARCHAR NOT NULL, plan VARCHAR NOT NULL, seats BIGINT NOT NULL, "
+                    "mrr DOUBLE NOT NULL, signup_date DATE NOT NULL, region VARCHAR NOT NULL, segment VARCHAR NOT NULL, "
+                    "company_size BIGINT NOT NULL, source VARCHAR NOT NULL)")
+        current = tables["raw_account_attributes"].groupby("account_id").last().reset_index()
+        old = tables["raw_accounts"].merge(current.drop(columns="valid_from"), on="account_id").assign(source="simulator")
+        con.register("old", old)
+        con.execute("INSERT INTO raw_accounts BY NAME SELECT * FROM old")
+        con.execute("INSERT INTO raw_accounts VALUES ('mine-1', 'pro', 12, 540.0, DATE '2026-03-01', 'us', 'smb', 30, "
+                    "'inbox:accounts.csv')")
+        con.execute("CREATE TABLE simulator_state (source VARCHAR PRIMARY KEY, world VARCHAR, loaded_until TIMESTAMP)")
+        con.execute("INSERT INTO simulator_state VALUES ('simulator', ?, TIMESTAMP '2026-07-29')", [world_fingerprint(spec)])
+
+    warehouse.sync_simulated_rows(TENANT.name, tables, "simulator", world_fingerprint(spec), TIME_COLUMNS)
+    with warehouse.connect(TENANT.name, read_only=True) as con:
+        assert [c for c in con.execute("SELECT * FROM raw_accounts LIMIT 0").df().columns] == [
+            *RAW_TABLES["raw_accounts"].column_names, "source"]
+        simulated = con.execute("SELECT * EXCLUDE (source) FROM raw_account_attributes WHERE source = 'simulator' "
+                                "ORDER BY valid_from, account_id").df()
+        mine = con.execute("SELECT valid_from, plan, seats, mrr FROM raw_account_attributes "
+                           "WHERE account_id = 'mine-1'").fetchall()
+    expected = tables["raw_account_attributes"].sort_values(["valid_from", "account_id"], ignore_index=True)
+    assert content_hash(simulated.astype({"valid_from": "datetime64[ns]"})) == content_hash(expected)
+    assert mine == [(dt.date(2026, 3, 1), "pro", 12, 540.0)]
