@@ -1,9 +1,9 @@
 """A deterministic, seeded simulator of a B2B SaaS business.
 
 It produces the raw tables of ``resources.schemas`` for one tenant: accounts, the history of their
-plan, seats and MRR, daily product usage, billing events, support tickets and churn events. Churn is driven by a latent account
-health that the features see only in part (seat utilisation, usage trend, payment failures,
-tickets), so a good model reaches a realistic ROC AUC, not 1.0.
+plan, seats and MRR, daily product usage, billing events, support tickets and churn events. Churn
+is driven by a latent account health that the features see only in part (seat utilisation, usage
+trend, payment failures, tickets), so a good model reaches a realistic ROC AUC, not 1.0.
 
 Accounts change over time: some buy or cancel seats, some upgrade their plan (MRR follows); each
 change is a dated row of ``raw_account_attributes`` and usage follows the new seats.
@@ -132,7 +132,8 @@ def _simulate_horizon(name: str, region: str, n_accounts: int, seed: int, days: 
     plan_day = first_day + change_rng.integers(7, 2 * days, n)
     seat_factor = np.exp(change_rng.normal(0.15 * health, 0.25))
     new_seats = np.maximum(1, np.round(seats * seat_factor)).astype(np.int64)
-    seats_org = np.where((u_seat < 0.25)[:, None] & (day[None, :] >= seat_day[:, None]), new_seats[:, None], seats[:, None])
+    seats_org = np.where((u_seat < 0.25)[:, None] & (day[None, :] >= seat_day[:, None]),
+                         new_seats[:, None], seats[:, None])
     plan_by_day = np.where((u_plan < 0.1)[:, None] & (day[None, :] >= plan_day[:, None]),
                            np.minimum(plan_idx + 1, 2)[:, None], plan_idx[:, None])
     mrr_by_day = np.round(seats_org * price_of[plan_by_day] * discount[:, None], 2)
