@@ -16,10 +16,11 @@ import dagster as dg
 from mlops.core.monitoring import record_health_check
 from resources.inbox import move_aside, unknown_tenant_folders
 from resources.monitoring import MonitoringPolicy
+from resources.schemas import RAW_TABLES
 from resources.settings import PlatformSettings
 from resources.tenants import TENANT_PARTITIONS, TenantCatalog
 
-RAW_ASSETS = ["raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets", "raw_churn_events"]
+RAW_ASSETS = list(RAW_TABLES)
 # Small steps sharing one DuckDB file: the in-process executor is faster and keeps one writer.
 _IN_PROCESS = dg.in_process_executor
 

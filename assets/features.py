@@ -19,10 +19,12 @@ from resources.feature_store import (
     offline_rows_at,
 )
 from resources.gates import GatePolicy
+from resources.schemas import RAW_TABLES
 from resources.tenants import TENANT_PARTITIONS
 from resources.warehouse import DuckDBWarehouse
 
-RAW_DEPS = ["raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets"]
+# The raw tables the feature views read: all but the labels.
+RAW_DEPS = [name for name in RAW_TABLES if name != "raw_churn_events"]
 SKEW_SAMPLE_SIZE = 200
 
 

@@ -5,7 +5,7 @@ DuckDB warehouse."""
 import dagster as dg
 
 from resources.inbox import InboxOutcome, InboxRejection, move_aside, pending_files, read_and_validate
-from resources.schemas import RAW_TABLES
+from resources.schemas import ACCOUNTS_FILE, RAW_TABLES
 from resources.settings import PlatformSettings
 from resources.simulator import TIME_COLUMNS, simulate_tenant, simulation_dates, world_fingerprint
 from resources.tenants import TENANT_PARTITIONS, TenantCatalog
@@ -89,7 +89,10 @@ def ingest_inbox(
         try:
             table, frame = read_and_validate(path, tenant, known)
             with warehouse.transaction(tenant) as con:
-                rows = warehouse.upsert_rows(con, table, frame, source=f"inbox:{path.name}")
+                if table is ACCOUNTS_FILE:  # the accounts and their plan, seats and MRR as of now
+                    rows = warehouse.upsert_accounts(con, frame, source=f"inbox:{path.name}")
+                else:
+                    rows = warehouse.upsert_rows(con, table, frame, source=f"inbox:{path.name}")
                 _check_accounts_exist(con, table.name, path)
         except InboxRejection as exc:
             move_aside(path, accepted=False, message=str(exc))

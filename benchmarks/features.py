@@ -179,15 +179,36 @@ def simulate(n_events: int) -> dict[str, pd.DataFrame]:
     accounts = pd.DataFrame(
         {
             "acc": np.arange(n, dtype=np.int32),
-            "plan": p["plan"],
-            "seats": p["seats"],
-            "mrr": p["mrr"],
             "signup_day": p["signup_day"].astype(np.int32),
             "segment": p["segment"],
             "company_size": p["company_size"],
         }
     )
-    return {"accounts": accounts, "usage": usage, "billing": billing, "tickets": tickets}
+
+    # Attribute history: a row from the signup day; about 25% of accounts change their seats once
+    # in the window and 10% move up a plan (MRR follows), some of them twice in one week. From
+    # their own stream, so the usage above does not depend on them.
+    crng = np.random.default_rng(SEED + 2)
+    seat_change = (crng.random(n) < 0.25) & (p["first_day"] + 1 < DAYS)
+    seat_day = crng.integers(p["first_day"] + 1, DAYS)
+    new_seats = np.maximum(1, np.round(p["seats"] * crng.uniform(0.5, 1.8, n))).astype(np.int64)
+    plan_change = (crng.random(n) < 0.10) & (p["plan"] < 2) & (p["first_day"] + 1 < DAYS)
+    plan_day = np.minimum(np.where(crng.random(n) < 0.3, seat_day + crng.integers(0, 7, n),
+                                   crng.integers(p["first_day"] + 1, DAYS)), DAYS - 1)
+    plan_day = np.where(plan_day == seat_day, plan_day + 1, plan_day)
+    price = np.array([15.0, 45.0, 110.0])
+    discount = p["mrr"] / (p["seats"] * price[p["plan"]])
+    acc = np.arange(n)
+    seat_rows = pd.DataFrame({"acc": acc, "day": seat_day, "seats": new_seats})[seat_change]
+    plan_rows = pd.DataFrame({"acc": acc, "day": plan_day, "plan": p["plan"] + 1})[plan_change & (plan_day < DAYS)]
+    changes = pd.concat([seat_rows, plan_rows]).sort_values(["acc", "day"], kind="stable")
+    first = pd.DataFrame({"acc": acc, "day": p["signup_day"], "seats": p["seats"], "plan": p["plan"]})
+    history = pd.concat([first, changes]).sort_values(["acc", "day"], kind="stable", ignore_index=True)
+    history[["seats", "plan"]] = history.groupby("acc")[["seats", "plan"]].ffill()
+    history = history.astype({"seats": "int64", "plan": "int64"})
+    history["mrr"] = np.round(history["seats"] * price[history["plan"].to_numpy()] * discount[history["acc"].to_numpy()], 2)
+    attributes = history.astype({"acc": "int32", "day": "int32"}).sort_values(["day", "acc"], ignore_index=True)
+    return {"accounts": accounts, "attributes": attributes, "usage": usage, "billing": billing, "tickets": tickets}
 
 
 def _sql_list(values: tuple[str, ...]) -> str:
@@ -199,8 +220,11 @@ def _sql_list(values: tuple[str, ...]) -> str:
 _LOAD_SQL = {
     "raw_accounts": (
         "accounts",
-        """SELECT ACC_ID, PLANS[plan + 1], seats, mrr, START + signup_day, 'us', SEGMENTS[segment + 1],
-                  company_size, 'SOURCE' FROM sim""",
+        "SELECT ACC_ID, START + signup_day, 'us', SEGMENTS[segment + 1], company_size, 'SOURCE' FROM sim",
+    ),
+    "raw_account_attributes": (
+        "attributes",
+        "SELECT ACC_ID, START + day, PLANS[plan + 1], seats, mrr, 'SOURCE' FROM sim",
     ),
     "raw_usage_events": (
         "usage",
@@ -266,7 +290,9 @@ def pandas_features(raw: dict[str, pd.DataFrame], origin: dt.date, first_week: i
     week are zero, so they count in no window, as in the SQL), and
     the 1/4/13-week windows taken along the weeks: sums as a cumulative sum minus the cumulative
     sum k weeks earlier, the maximum as the maximum of the last four weeks. The rows returned are
-    the grid cells of weeks ``first_week..last_week``, in (account, week) order.
+    the grid cells of weeks ``first_week..last_week``, in (account, week) order. Plan, seats and
+    MRR are joined to each row from the attribute history with ``pd.merge_asof`` on the week's last
+    day.
     """
     accounts = raw["raw_accounts"].set_index("account_id")
     origin_ts = pd.Timestamp(origin)
@@ -344,14 +370,26 @@ def pandas_features(raw: dict[str, pd.DataFrame], origin: dt.date, first_week: i
     )
     week = returned.columns.to_numpy()[week_idx]
     attrs = accounts.iloc[acc_idx]
-    seats = attrs["seats"].to_numpy().astype("float64")
+    account_ids = accounts.index.to_numpy()[acc_idx]
+    feature_date = origin_ts + pd.to_timedelta(7 * week + 6, unit="D")
     available_at = origin_ts + pd.to_timedelta(7 * (week + 1), unit="D")
+    # Plan, seats and MRR in force on the week's last day: the newest history row valid from that
+    # day or earlier (NaN before the account's first row).
+    history = raw["raw_account_attributes"][["account_id", "valid_from", "plan", "seats", "mrr"]]
+    history = history.astype({"valid_from": "datetime64[ns]", "seats": "float64", "mrr": "float64"})
+    spine = pd.DataFrame({"account_id": account_ids, "feature_date": feature_date.astype("datetime64[ns]"),
+                          "row": np.arange(len(account_ids))})
+    in_force = pd.merge_asof(
+        spine.sort_values("feature_date", kind="stable"), history.sort_values("valid_from", kind="stable"),
+        left_on="feature_date", right_on="valid_from", by="account_id", direction="backward",
+    ).sort_values("row")
+    seats = in_force["seats"].to_numpy()
     events_28d = out["events_28d"].to_numpy()
     return pd.DataFrame(
         {
-            "account_id": accounts.index.to_numpy()[acc_idx],
+            "account_id": account_ids,
             "feature_week": week.astype("int32"),
-            "feature_date": origin_ts + pd.to_timedelta(7 * week + 6, unit="D"),
+            "feature_date": feature_date,
             "available_at": available_at,
             "active_days_7d": out["active_days_7d"],
             "events_7d": out["events_7d"],
@@ -364,7 +402,7 @@ def pandas_features(raw: dict[str, pd.DataFrame], origin: dt.date, first_week: i
             "avg_active_users_28d": out["user_days_28d"] / 28.0,
             "seat_utilisation_7d": out["user_days_7d"] / 7.0 / seats,
             "seats": seats,
-            "mrr": attrs["mrr"].to_numpy().astype("float64"),
+            "mrr": in_force["mrr"].to_numpy(),
             "company_size": attrs["company_size"].to_numpy().astype("float64"),
             "tenure_days": ((available_at - pd.DatetimeIndex(attrs["signup_date"])) // pd.Timedelta(days=1)).to_numpy(
                 dtype="float64"
@@ -374,7 +412,7 @@ def pandas_features(raw: dict[str, pd.DataFrame], origin: dt.date, first_week: i
             "tickets_28d": out["tickets_28d"],
             "high_severity_tickets_28d": out["high_severity_tickets_28d"],
             "max_ticket_severity_28d": out["max_ticket_severity_28d"],
-            "plan": attrs["plan"].to_numpy(),
+            "plan": in_force["plan"].astype(object).where(in_force["plan"].notna(), None).to_numpy(),  # NULL: None
             "segment": attrs["segment"].to_numpy(),
         }
     )[list(OUTPUT_COLUMNS)]

@@ -57,7 +57,14 @@ MIN_HISTORY_DAYS = 35
 #   that contains its week (13 weeks for failures, 4 for tickets);
 # - the grid has a row for every account and week whose last day is on or after the signup day;
 #   weeks before the signup week count in no window (``idx >= signup_idx``), nor do events of
-#   accounts missing from raw_accounts.
+#   accounts missing from raw_accounts;
+# - plan, seats and MRR are those in force on the week's last day (``feature_date``), from the
+#   attribute history raw_account_attributes, never the current values: a history row valid from
+#   day D applies from the week containing D (the first whose last day is on or after D) to the
+#   week of the account's next row, so each row is a span of week indexes [idx_from, idx_to) that
+#   the final select joins by account and range (most accounts have one or two rows, so this costs
+#   about what a join by account does). Of several rows in one week the last wins; the others span
+#   no week. A week before the account's first row has NULL attributes.
 # The usage sums run as one aggregate per week, grouped by account alone (the week is a constant)
 # and reading only the row groups of its seven days (usage is appended day by day): each hash
 # table holds one week's accounts and stays in cache, where one aggregate over every account-week
@@ -78,8 +85,22 @@ WITH accounts AS (
     SELECT account_id, CAST(row_number() OVER () AS BIGINT) AS k,
            -- the signup week's index, or 0 when it is before the first week read
            CAST(greatest(0, (CAST(signup_date AS DATE) - CAST($scan_from AS DATE)) // 7) AS INTEGER) AS signup_idx,
-           seats, mrr, company_size, signup_date, plan, segment
+           company_size, signup_date, segment
     FROM raw_accounts
+),
+attribute_spans AS (
+    SELECT * FROM (
+        SELECT a.k, h.idx_from, h.plan, h.seats, h.mrr,
+               coalesce(lead(h.idx_from) OVER (PARTITION BY a.k ORDER BY h.valid_from), 2147483647) AS idx_to
+        FROM (
+            SELECT account_id, valid_from, plan, seats, mrr,
+                   CAST(greatest(0, (CAST(valid_from AS DATE) - CAST($scan_from AS DATE)) // 7) AS INTEGER) AS idx_from
+            FROM raw_account_attributes
+            WHERE valid_from < CAST($scan_to AS DATE)
+        ) h
+        JOIN accounts a ON a.account_id = h.account_id
+    )
+    WHERE idx_to > idx_from AND idx_to > LOOKBACK_WEEKS - 1
 ),
 usage_weekly AS (
     SELECT a.k * 4294967296 + u.idx AS key, u.active_days, u.user_days, u.sessions, u.events
@@ -129,7 +150,7 @@ two_weeks AS (
     LEFT JOIN usage_weekly u1 ON u1.key = g.key - 1
 ),
 windowed AS (
-    SELECT t.k, CAST(t.idx + CAST($first_week AS INTEGER) - (LOOKBACK_WEEKS - 1) AS INTEGER) AS week,
+    SELECT t.k, t.idx, CAST(t.idx + CAST($first_week AS INTEGER) - (LOOKBACK_WEEKS - 1) AS INTEGER) AS week,
            coalesce(t.active_days, 0) AS active_days_7d, coalesce(t.events, 0) AS events_7d,
            coalesce(t.user_days, 0) AS user_days_7d,
            t.events_2w + coalesce(p.events_2w, 0) AS events_28d,
@@ -156,9 +177,9 @@ SELECT a.account_id,
        CAST(w.sessions_28d AS DOUBLE) AS sessions_28d,
        w.user_days_7d / 7.0 AS avg_active_users_7d,
        w.user_days_28d / 28.0 AS avg_active_users_28d,
-       w.user_days_7d / 7.0 / a.seats AS seat_utilisation_7d,
-       CAST(a.seats AS DOUBLE) AS seats,
-       a.mrr,
+       w.user_days_7d / 7.0 / s.seats AS seat_utilisation_7d,
+       CAST(s.seats AS DOUBLE) AS seats,
+       s.mrr,
        CAST(a.company_size AS DOUBLE) AS company_size,
        CAST(date_diff('day', CAST(a.signup_date AS DATE), CAST($origin AS DATE) + CAST(7 * (w.week + 1) AS INTEGER)) AS DOUBLE) AS tenure_days,
        CAST(w.payment_failures_28d AS DOUBLE) AS payment_failures_28d,
@@ -166,9 +187,10 @@ SELECT a.account_id,
        CAST(w.tickets_28d AS DOUBLE) AS tickets_28d,
        CAST(w.high_severity_tickets_28d AS DOUBLE) AS high_severity_tickets_28d,
        CAST(w.max_ticket_severity_28d AS DOUBLE) AS max_ticket_severity_28d,
-       a.plan,
+       s.plan,
        a.segment
 FROM windowed w JOIN accounts a USING (k)
+LEFT JOIN attribute_spans s ON s.k = w.k AND w.idx >= s.idx_from AND w.idx < s.idx_to
 """.replace("LOOKBACK_WEEKS", str(LOOKBACK_WEEKS))
 
 

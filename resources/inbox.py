@@ -1,6 +1,9 @@
 """Users' own data: CSV or Parquet files dropped into ``MLOPS_HOME/inbox/<tenant>/``.
 
 A file's name says which raw table it feeds (``accounts*.csv``, ``usage_events*.parquet``, ...).
+An accounts file holds each account's current state; its plan, seats and MRR go into the
+attribute history (``raw_account_attributes``) as of the delivery (see
+``DuckDBWarehouse.upsert_accounts``); ``account_attributes*`` files feed that history directly.
 Each file is validated against the declared schema (pandera) and loaded in its own transaction:
 a bad file is rejected with a message naming the file, the column and the reason, moved to
 ``rejected/`` beside a ``.error.txt``, and the warehouse stays exactly as it was.
@@ -17,11 +20,12 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaError, SchemaErrors
 
-from resources.schemas import RAW_TABLES, RawTable
+from resources.schemas import ACCOUNTS_FILE, RAW_TABLES, RawTable
 
 # Accounts first, so that other files may refer to accounts delivered in the same batch.
 FILE_PREFIXES: dict[str, str] = {
     "accounts": "raw_accounts",
+    "account_attributes": "raw_account_attributes",
     "usage_events": "raw_usage_events",
     "billing_events": "raw_billing_events",
     "support_tickets": "raw_support_tickets",
@@ -55,7 +59,7 @@ def table_for(path: Path) -> RawTable:
         raise InboxRejection(path, None, f"unsupported file type {path.suffix!r}; use .csv or .parquet")
     for prefix, table in sorted(FILE_PREFIXES.items(), key=lambda kv: -len(kv[0])):
         if stem.startswith(prefix):
-            return RAW_TABLES[table]
+            return ACCOUNTS_FILE if table == ACCOUNTS_FILE.name else RAW_TABLES[table]
     raise InboxRejection(
         path, None, f"file name must start with one of {sorted(FILE_PREFIXES)} to say which table it feeds"
     )
@@ -103,7 +107,7 @@ def read_and_validate(path: Path, tenant: str, known_tenants: set[str]) -> tuple
 def _parse_csv_types(path: Path, table: RawTable, frame: pd.DataFrame) -> pd.DataFrame:
     """CSV cells arrive as text; convert each declared column and name the first bad cell."""
     frame = frame.copy()
-    for col in table.columns:
+    for col in (*table.columns, *(c for c in table.optional_columns if c.name in frame.columns)):
         raw = frame[col.name]
         if col.sql_type in ("BIGINT", "INTEGER", "DOUBLE"):
             parsed = pd.to_numeric(raw, errors="coerce")

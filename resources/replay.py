@@ -76,7 +76,8 @@ def replay_tenant(spec: TenantSpec, start_day: int, end_day: int) -> ReplayedTen
     for day in range(start_day, end_day):
         origin = SIMULATION_START + dt.timedelta(days=day)
         features = compute_features(world, origin, -1, -1)
-        features = features[features["active_days_7d"] > 0]
+        # In account order: the query's row order varies from run to run.
+        features = features[features["active_days_7d"] > 0].sort_values("account_id", ignore_index=True)
         days.append(features.assign(score=modeling.score(booster, features), **{TIMESTAMP: pd.Timestamp(origin)}))
     churn = world.execute("SELECT account_id, min(churned_at) AS churned_at FROM raw_churn_events GROUP BY 1").df()
     return ReplayedTenant(spec, start_day, reference, pd.concat(days, ignore_index=True), churn)

@@ -1,13 +1,16 @@
 """A deterministic, seeded simulator of a B2B SaaS business.
 
-It produces the five raw tables of ``resources.schemas`` for one tenant: accounts, daily product
-usage, billing events, support tickets and churn events. Churn is driven by a latent account
-health that the features see only in part (seat utilisation, usage trend, payment failures,
-tickets), so a good model reaches a realistic ROC AUC, not 1.0.
+It produces the raw tables of ``resources.schemas`` for one tenant: accounts, the history of their
+plan, seats and MRR, daily product usage, billing events, support tickets and churn events. Churn
+is driven by a latent account health that the features see only in part (seat utilisation, usage
+trend, payment failures, tickets), so a good model reaches a realistic ROC AUC, not 1.0.
+
+Accounts change over time: some buy or cancel seats, some upgrade their plan (MRR follows); each
+change is a dated row of ``raw_account_attributes`` and usage follows the new seats.
 
 Named drift scenarios start on ``drift_day``:
-- ``covariate_shift``: a seat-expansion campaign doubles seats for half the accounts; utilisation
-  halves while the churn mechanism stays the same;
+- ``covariate_shift``: a seat-expansion campaign doubles seats for half the accounts (history rows
+  valid from ``drift_day``); utilisation halves while the churn mechanism stays the same;
 - ``concept_drift``: a competitor poaches heavy users; high usage starts to predict churn, and
   they leave without the usual decline in activity;
 - ``data_quality``: the usage event feed drops for 40% of accounts;
@@ -22,7 +25,7 @@ import functools
 import numpy as np
 import pandas as pd
 
-from resources.schemas import PLANS, SEGMENTS, TICKET_CATEGORIES
+from resources.schemas import PLANS, RAW_TABLES, SEGMENTS, TICKET_CATEGORIES
 from resources.tenants import TenantSpec
 
 SIMULATION_START = dt.date(2026, 4, 1)
@@ -42,8 +45,9 @@ def simulate_tenant(spec: TenantSpec) -> dict[str, pd.DataFrame]:
     return _cut(horizon, spec)
 
 
-TIME_COLUMNS = {"raw_usage_events": "event_date", "raw_billing_events": "event_time",
-                "raw_support_tickets": "opened_at", "raw_churn_events": "churned_at"}
+# Every raw table is cut at the clock by its time column (accounts by signup day, attribute
+# history by valid_from): what happens later is not visible yet.
+TIME_COLUMNS = {name: table.time_column for name, table in RAW_TABLES.items()}
 
 
 def world_fingerprint(spec: TenantSpec) -> str:
@@ -54,14 +58,7 @@ def world_fingerprint(spec: TenantSpec) -> str:
 def _cut(horizon: dict[str, pd.DataFrame], spec: TenantSpec) -> dict[str, pd.DataFrame]:
     """The part of the simulated world that has happened before the tenant's clock."""
     until = pd.Timestamp(SIMULATION_START) + pd.Timedelta(days=spec.visible_days)
-    accounts = horizon["raw_accounts"]
-    accounts = accounts[accounts["signup_date"] < until].copy()
-    if spec.scenario == "covariate_shift" and spec.drift_day is not None and spec.visible_days <= spec.drift_day:
-        accounts["seats"] = accounts["_seats_initial"]
-    return {
-        "raw_accounts": accounts.drop(columns="_seats_initial").reset_index(drop=True),
-        **{name: _before(horizon[name], column, until) for name, column in TIME_COLUMNS.items()},
-    }
+    return {name: _before(horizon[name], column, until) for name, column in TIME_COLUMNS.items()}
 
 
 def _before(frame: pd.DataFrame, column: str, until: pd.Timestamp) -> pd.DataFrame:
@@ -91,8 +88,8 @@ def _simulate_horizon(name: str, region: str, n_accounts: int, seed: int, days: 
     plan_probs = np.array([[0.7, 0.27, 0.03], [0.25, 0.6, 0.15], [0.05, 0.35, 0.6]])
     plan_idx = np.array([rng.choice(3, p=plan_probs[s]) for s in segment_idx])
     seats = np.maximum(1, np.round(company_size * rng.uniform(0.2, 0.8, n))).astype(np.int64)
-    price = np.array([_PLAN_PRICE[p] for p in PLANS])[plan_idx]
-    mrr = np.round(seats * price * rng.uniform(0.8, 1.1, n), 2)
+    price_of = np.array([_PLAN_PRICE[p] for p in PLANS])
+    discount = rng.uniform(0.8, 1.1, n)  # the account's price relative to the list price
     # 85% signed up before the window (up to three years), 15% during it.
     new = rng.random(n) < 0.15
     signup_day = np.where(new, rng.integers(0, max(days - 60, 1), n), -rng.integers(1, 1100, n))
@@ -124,16 +121,33 @@ def _simulate_horizon(name: str, region: str, n_accounts: int, seed: int, days: 
         redraw = d0 + drift_rng.geometric(0.012, n) - 1
         churn_day = np.where(heavy, np.minimum(churn_day, redraw), churn_day)
 
-    # --- daily usage ----------------------------------------------------------------------
+    # --- plan, seats and MRR by day ------------------------------------------------------------
+    # Organic changes come from their own stream, the same in every scenario: about one account in
+    # eight changes its seats once in the window (healthy ones tend to grow), about one in twenty
+    # moves up a plan; MRR follows seats and plan; usage follows seats.
     day = np.arange(days)
+    change_rng = np.random.default_rng([spec.seed, 3])
+    u_seat, u_plan = change_rng.random((2, n))
+    seat_day = first_day + change_rng.integers(7, 2 * days, n)
+    plan_day = first_day + change_rng.integers(7, 2 * days, n)
+    seat_factor = np.exp(change_rng.normal(0.15 * health, 0.25))
+    new_seats = np.maximum(1, np.round(seats * seat_factor)).astype(np.int64)
+    seats_org = np.where((u_seat < 0.25)[:, None] & (day[None, :] >= seat_day[:, None]),
+                         new_seats[:, None], seats[:, None])
+    plan_by_day = np.where((u_plan < 0.1)[:, None] & (day[None, :] >= plan_day[:, None]),
+                           np.minimum(plan_idx + 1, 2)[:, None], plan_idx[:, None])
+    mrr_by_day = np.round(seats_org * price_of[plan_by_day] * discount[:, None], 2)
+    seats_by_day = seats_org.copy()
+    if spec.scenario == "covariate_shift" and spec.drift_day is not None:
+        # Free extra seats: MRR and usage stay as they were.
+        expand = drift_rng.random(n) < 0.5
+        seats_by_day[expand, spec.drift_day :] *= 2
+
+    # --- daily usage ----------------------------------------------------------------------
     active = (day[None, :] >= first_day[:, None]) & (day[None, :] < churn_day[:, None])
     decline = np.clip((trajectory_day[:, None] - day[None, :]) / ramp[:, None], 0.1, 1.0)
     weekday = np.where(((day + start.astype("datetime64[D]").view("int64") + 3) % 7) >= 5, 0.35, 1.0)
-    seats_by_day = np.repeat(seats[:, None], days, axis=1)
-    if spec.scenario == "covariate_shift" and spec.drift_day is not None:
-        expand = drift_rng.random(n) < 0.5
-        seats_by_day[expand, spec.drift_day :] *= 2
-    expected_users = seats[:, None] * utilisation[:, None] * decline * weekday[None, :]
+    expected_users = seats_org * utilisation[:, None] * decline * weekday[None, :]
     # Drawn day by day, so that a scenario changing day d onwards leaves days before d untouched.
     active_users = np.empty((n, days), dtype=np.int64)
     sessions = np.empty((n, days), dtype=np.int64)
@@ -177,7 +191,7 @@ def _simulate_horizon(name: str, region: str, n_accounts: int, seed: int, days: 
             "event_time": (start + b_day.astype("timedelta64[D]")).astype("datetime64[ns]")
             + pd.to_timedelta(u_b_seconds[b_acc, b_day], unit="s"),
             "event_type": np.where(failed[b_acc, b_day], "payment_failed", "invoice_paid"),
-            "amount": mrr[b_acc],
+            "amount": mrr_by_day[b_acc, b_day],
         }
     )
 
@@ -198,20 +212,36 @@ def _simulate_horizon(name: str, region: str, n_accounts: int, seed: int, days: 
         }
     )
 
-    # --- accounts table (seats as of the last day) and churn events ----------------------
+    # --- accounts, their attribute history and churn events --------------------------------
+    signup_date = (start + signup_day.astype("timedelta64[D]")).astype("datetime64[ns]")
     accounts = pd.DataFrame(
         {
             "account_id": account_ids,
-            "plan": np.array(PLANS)[plan_idx],
-            "seats": seats_by_day[:, -1].astype(np.int64),
-            "_seats_initial": seats.astype(np.int64),
-            "mrr": mrr,
-            "signup_date": (start + signup_day.astype("timedelta64[D]")).astype("datetime64[ns]"),
+            "signup_date": signup_date,
             "region": spec.region,
             "segment": np.array(SEGMENTS)[segment_idx],
             "company_size": company_size,
         }
     )
+    # A row valid from the signup day (the values of the account's first day in the window), then
+    # one for every day on which plan, seats or MRR changed while the account was a customer.
+    changed = np.zeros((n, days), dtype=bool)
+    changed[:, 1:] = ((np.diff(seats_by_day, axis=1) != 0) | (np.diff(plan_by_day, axis=1) != 0)
+                      | (np.diff(mrr_by_day, axis=1) != 0))
+    changed &= (day[None, :] > first_day[:, None]) & (day[None, :] < churn_day[:, None])
+    c_acc, c_day = np.nonzero(changed)
+    first = np.minimum(first_day, days - 1)
+    attr_acc = np.concatenate([np.arange(n), c_acc])
+    attr_day = np.concatenate([first, c_day])
+    attributes = pd.DataFrame(
+        {
+            "account_id": account_ids[attr_acc],
+            "valid_from": np.concatenate([signup_date, (start + c_day.astype("timedelta64[D]")).astype("datetime64[ns]")]),
+            "plan": np.array(PLANS)[plan_by_day[attr_acc, attr_day]],
+            "seats": seats_by_day[attr_acc, attr_day].astype(np.int64),
+            "mrr": mrr_by_day[attr_acc, attr_day],
+        }
+    ).sort_values(["valid_from", "account_id"], kind="stable", ignore_index=True)
     churned = churn_day < days
     churn = pd.DataFrame(
         {
@@ -221,6 +251,7 @@ def _simulate_horizon(name: str, region: str, n_accounts: int, seed: int, days: 
     )
     return {
         "raw_accounts": accounts,
+        "raw_account_attributes": attributes,
         "raw_usage_events": usage,
         "raw_billing_events": billing,
         "raw_support_tickets": tickets,

@@ -8,6 +8,7 @@ service never opens a warehouse. Every write that others read happens in one tra
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import time
 from collections.abc import Iterator
 
@@ -16,7 +17,7 @@ import duckdb
 import pandas as pd
 
 from mlops.core import audit
-from resources.schemas import RAW_TABLES, RawTable
+from resources.schemas import ATTRIBUTE_NAMES, RAW_TABLES, RawTable
 from resources.settings import PlatformSettings
 from resources.tenants import TenantCatalog, TenantSpec
 
@@ -79,6 +80,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         """Replace all rows that came from ``source`` in every given raw table, atomically."""
         counts = {}
         with self.transaction(tenant) as con:
+            migrate_raw_tables(con)
             for name, frame in tables.items():
                 table = RAW_TABLES[name]
                 con.execute(table.ddl())
@@ -97,6 +99,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         """
         counts = {}
         with self.transaction(tenant) as con:
+            migrate_raw_tables(con)
             con.execute("CREATE TABLE IF NOT EXISTS simulator_state (source VARCHAR PRIMARY KEY, world VARCHAR, "
                         "loaded_until TIMESTAMP)")
             state = con.execute("SELECT world, loaded_until FROM simulator_state WHERE source = ?", [source]).fetchone()
@@ -121,6 +124,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
 
     def upsert_rows(self, con: duckdb.DuckDBPyConnection, table: RawTable, frame: pd.DataFrame, source: str) -> int:
         """Insert rows, replacing existing rows with the same key (caller owns the transaction)."""
+        migrate_raw_tables(con)
         con.execute(table.ddl())
         con.register("incoming_keys", frame[list(table.key)])
         match = " AND ".join(f"t.{k} = i.{k}" for k in table.key)
@@ -129,6 +133,32 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         )
         con.unregister("incoming_keys")
         return _insert(con, table, frame, source)
+
+    def upsert_accounts(self, con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, source: str,
+                        today: dt.date | None = None) -> int:
+        """Load an accounts file (``ACCOUNTS_FILE``): static attributes into ``raw_accounts``, plan,
+        seats and MRR into the history ``raw_account_attributes`` (caller owns the transaction).
+
+        A delivered state becomes a history row valid from the file's ``valid_from`` when given;
+        otherwise from the account's signup day when the account has no history yet (the first
+        state known), else from the day after the newest usage event (the delivery describes the
+        state after the data already loaded, and the same data give the same history; with no
+        usage yet, ``today``). A state equal to the one already in force then adds no row; a row
+        with the same account and day replaces the one there. Returns the accounts delivered.
+        """
+        self.upsert_rows(con, RAW_TABLES["raw_accounts"], frame, source)
+        history = RAW_TABLES["raw_account_attributes"]
+        con.execute(history.ddl())
+        con.execute(RAW_TABLES["raw_usage_events"].ddl())
+        delivered = frame[["account_id", "signup_date", *ATTRIBUTE_NAMES]].assign(
+            valid_from=frame["valid_from"] if "valid_from" in frame.columns else pd.NaT)
+        con.register("delivered_accounts", delivered.astype({"valid_from": "datetime64[ns]"}))
+        try:
+            rows = con.execute(_DELIVERED_HISTORY_SQL, [today or dt.datetime.now(dt.UTC).date()]).df()
+        finally:
+            con.unregister("delivered_accounts")
+        self.upsert_rows(con, history, rows, source)
+        return len(frame)
 
     def table_counts(self, tenant: str) -> dict[str, int]:
         with self.connect(tenant, read_only=True) as con:
@@ -150,6 +180,50 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         with self.connect(tenant) as con:
             con.execute(audit.AUDIT_DDL)
             return con.execute("SELECT * FROM audit_log ORDER BY seq").df()
+
+
+def migrate_raw_tables(con: duckdb.DuckDBPyConnection) -> bool:
+    """Move a warehouse written before the attribute history to it (caller owns the transaction).
+
+    Such a warehouse kept plan, seats and MRR in raw_accounts, as of its last load. They become
+    each account's first history row (valid from its signup day: nothing earlier is known) and
+    leave raw_accounts; the simulator's rows are then reloaded in full by the next sync, with
+    their real history. Returns whether anything was migrated.
+    """
+    columns = {r[0] for r in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'raw_accounts' "
+        "AND database_name = current_database() AND schema_name = current_schema()").fetchall()}
+    if not set(ATTRIBUTE_NAMES) <= columns:
+        return False
+    history = RAW_TABLES["raw_account_attributes"]
+    con.execute(history.ddl())
+    names = ", ".join(history.column_names)
+    con.execute(f"INSERT INTO {history.name} ({names}, source) "  # noqa: S608 - declared names
+                f"SELECT account_id, CAST(signup_date AS DATE), {', '.join(ATTRIBUTE_NAMES)}, source FROM raw_accounts")
+    for column in ATTRIBUTE_NAMES:
+        con.execute(f"ALTER TABLE raw_accounts DROP COLUMN {column}")
+    con.execute("DROP TABLE IF EXISTS simulator_state")  # the next sync loads the simulated world in full
+    return True
+
+
+# The history rows an accounts delivery adds (see DuckDBWarehouse.upsert_accounts); $1 is today.
+_DELIVERED_HISTORY_SQL = """
+WITH dated AS (
+    SELECT d.account_id, d.plan, d.seats, d.mrr,
+           CAST(coalesce(
+               CAST(d.valid_from AS DATE),
+               CASE WHEN NOT EXISTS (SELECT 1 FROM raw_account_attributes h WHERE h.account_id = d.account_id)
+                    THEN CAST(d.signup_date AS DATE) END,
+               (SELECT CAST(max(event_date) AS DATE) + 1 FROM raw_usage_events),
+               CAST($1 AS DATE)) AS DATE) AS valid_from
+    FROM delivered_accounts d
+)
+SELECT n.account_id, n.valid_from, n.plan, n.seats, n.mrr
+FROM dated n
+ASOF LEFT JOIN raw_account_attributes h ON n.account_id = h.account_id AND n.valid_from >= h.valid_from
+WHERE h.account_id IS NULL OR h.valid_from = n.valid_from
+   OR n.plan <> h.plan OR n.seats <> h.seats OR n.mrr <> h.mrr
+"""
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: RawTable, frame: pd.DataFrame, source: str) -> int:

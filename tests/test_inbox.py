@@ -64,11 +64,19 @@ def test_re_delivering_rows_replaces_them_instead_of_duplicating(platform):
     defs, warehouse, inbox = platform
     (inbox / "accounts_a.csv").write_text(GOOD_ACCOUNTS)
     ingest(defs)
+    (inbox / "accounts_again.csv").write_text(GOOD_ACCOUNTS)
+    ingest(defs)
+    with warehouse.connect(TENANT.name, read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM raw_accounts WHERE account_id LIKE 'new-%'").fetchone() == (2,)
+        history = con.execute("SELECT valid_from, seats FROM raw_account_attributes WHERE account_id = 'new-001'")
+        assert history.fetchall() == [(pd.Timestamp("2026-03-01").date(), 12)]  # from the signup day
+    # A changed state is a new history row (see tests/test_attribute_history.py), the old one stays.
     (inbox / "accounts_b.csv").write_text(GOOD_ACCOUNTS.replace("pro,12,540.0", "pro,15,675.0"))
     ingest(defs)
     with warehouse.connect(TENANT.name, read_only=True) as con:
-        rows = con.execute("SELECT seats FROM raw_accounts WHERE account_id = 'new-001'").fetchall()
-    assert rows == [(15,)]
+        rows = con.execute("SELECT seats FROM raw_account_attributes WHERE account_id = 'new-001' "
+                           "ORDER BY valid_from").fetchall()
+    assert rows == [(12,), (15,)]
 
 
 BAD_FILES = {

@@ -40,8 +40,10 @@ def con():
     con = duckdb.connect()
     days = pd.date_range(START, periods=100, freq="D")
     _load(con, "raw_accounts", pd.DataFrame({
-        "account_id": ["a1"], "plan": ["pro"], "seats": [10], "mrr": [450.0],
-        "signup_date": [pd.Timestamp(START)], "region": ["eu"], "segment": ["smb"], "company_size": [20]}))
+        "account_id": ["a1"], "signup_date": [pd.Timestamp(START)], "region": ["eu"], "segment": ["smb"],
+        "company_size": [20]}))
+    _load(con, "raw_account_attributes", pd.DataFrame({
+        "account_id": ["a1"], "valid_from": [pd.Timestamp(START)], "plan": ["pro"], "seats": [10], "mrr": [450.0]}))
     events = [1_000_000 if i == SPIKE_DAY else 10 for i in range(100)]
     _load(con, "raw_usage_events", pd.DataFrame({
         "account_id": "a1", "event_date": days, "active_users": 5, "sessions": 8, "feature_events": events}))
@@ -121,7 +123,9 @@ def test_feature_view_matches_an_independent_pandas_implementation():
     """FEATURE_VIEW_SQL against the benchmark's pandas implementation of the same features, on random
     data with the awkward cases: gaps, signups inside the history (with usage, payments and tickets
     before the signup week, which no window may count), events of unknown accounts, several tickets
-    and failed payments in one week, an account signing up after the last week."""
+    and failed payments in one week, an account signing up after the last week; an attribute
+    history with several changes per account (some in one week, some before the first week read, some
+    after the last), accounts without any history row and history rows of unknown accounts."""
     import numpy as np
 
     from benchmarks.features import OUTPUT_COLUMNS, compare, pandas_features
@@ -135,11 +139,17 @@ def test_feature_view_matches_an_independent_pandas_implementation():
         np.where(rng.random(n) < 0.5, -rng.integers(1, 400, n), rng.integers(0, days + 10, n)), unit="D")
     con = duckdb.connect()
     _load(con, "raw_accounts", pd.DataFrame({
-        "account_id": ids, "plan": rng.choice(["starter", "pro", "enterprise"], n), "seats": rng.integers(1, 50, n),
-        "mrr": rng.uniform(10, 5000, n).round(2), "signup_date": signup, "region": "eu",
+        "account_id": ids, "signup_date": signup, "region": "eu",
         "segment": rng.choice(["smb", "mid_market", "enterprise"], n), "company_size": rng.integers(1, 5000, n)}))
-    day, acc = np.nonzero(rng.random((days, n + 3)) < 0.6)  # accounts n.. are unknown
     all_ids = np.array([*ids, "ghost-1", "ghost-2", "ghost-3"])
+    h = 250  # history rows: random days from 200 days before the data to 20 days after it
+    history = pd.DataFrame({
+        "account_id": rng.choice(all_ids[5:], h), "valid_from": start + pd.to_timedelta(rng.integers(-200, days + 20, h), "D"),
+        "plan": rng.choice(["starter", "pro", "enterprise"], h), "seats": rng.integers(1, 50, h),
+        "mrr": rng.uniform(10, 5000, h).round(2)}).drop_duplicates(["account_id", "valid_from"])
+    first = pd.DataFrame({"account_id": ids[5:40], "valid_from": signup[5:40], "plan": "pro", "seats": 7, "mrr": 99.0})
+    _load(con, "raw_account_attributes", pd.concat([first, history]).drop_duplicates(["account_id", "valid_from"]))
+    day, acc = np.nonzero(rng.random((days, n + 3)) < 0.6)  # accounts n.. are unknown
     _load(con, "raw_usage_events", pd.DataFrame({
         "account_id": all_ids[acc], "event_date": start + pd.to_timedelta(day, unit="D"),
         "active_users": rng.integers(0, 40, len(day)), "sessions": rng.integers(0, 100, len(day)),
@@ -154,7 +164,8 @@ def test_feature_view_matches_an_independent_pandas_implementation():
         "opened_at": start + pd.to_timedelta(rng.integers(0, days * 86_400, k), unit="s"),
         "severity": rng.integers(1, 5, k), "category": "billing"}))
     raw = {name: con.execute(f"SELECT * EXCLUDE (source) FROM {name}").df()  # noqa: S608 - test tables
-           for name in ("raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets")}
+           for name in ("raw_accounts", "raw_account_attributes", "raw_usage_events", "raw_billing_events",
+                        "raw_support_tickets")}
     origin, weeks = feature_origin(con)
     for first, last in ((-weeks, -1), (-1, -1), (-9, -4)):
         duck = compute_features(con, origin, first, last).sort_values(["account_id", "feature_week"], ignore_index=True)
@@ -162,3 +173,4 @@ def test_feature_view_matches_an_independent_pandas_implementation():
         assert list(duck.columns) == list(OUTPUT_COLUMNS)
         assert len(duck) > 0 and compare(duck, pand) == [], (first, last)
     assert not duck["account_id"].str.startswith("ghost").any()
+    assert duck["seats"].isna().any() and duck["seats"].notna().sum() > 100  # accounts 0-4 have no history

@@ -39,14 +39,21 @@ def test_churned_accounts_stop_using_the_product():
 def test_drift_scenarios_change_the_data_only_from_the_drift_day(scenario):
     base = simulate_tenant(SMALL)
     drifted = simulate_tenant(TenantSpec(**{**SMALL.__dict__, "scenario": scenario, "drift_day": 80}))
+    from resources.simulator import TIME_COLUMNS
+
     day80 = np.datetime64("2026-04-01") + np.timedelta64(80, "D")
-    before = lambda t: t["raw_usage_events"][t["raw_usage_events"]["event_date"] < day80]  # noqa: E731
-    assert content_hash(before(base).reset_index(drop=True)) == content_hash(before(drifted).reset_index(drop=True))
+    for name, column in TIME_COLUMNS.items():  # every table, the attribute history included
+        a, b = (t[name][t[name][column] < day80].reset_index(drop=True) for t in (base, drifted))
+        assert len(a) and content_hash(a) == content_hash(b), name
     after = lambda t: t["raw_usage_events"][t["raw_usage_events"]["event_date"] >= day80]  # noqa: E731
     if scenario == "data_quality":
         assert len(after(drifted)) < 0.75 * len(after(base))
     elif scenario == "covariate_shift":
-        assert drifted["raw_accounts"]["seats"].sum() > 1.3 * base["raw_accounts"]["seats"].sum()
+        def current_seats(t):
+            return t["raw_account_attributes"].sort_values("valid_from").groupby("account_id")["seats"].last().sum()
+        assert current_seats(drifted) > 1.3 * current_seats(base)
+        history = drifted["raw_account_attributes"]
+        assert (history["valid_from"] == day80).sum() > 0.3 * SMALL.n_accounts  # the doubling, dated
     else:
         assert len(drifted["raw_churn_events"]) > 1.3 * len(base["raw_churn_events"])
 
@@ -60,6 +67,18 @@ def test_invalid_tenant_specs_are_refused_with_a_reason():
         TenantSpec(name="x2", region="eu", n_accounts=100, seed=1, scenario="meteor")
 
 
+def test_attributes_change_as_dated_rows_from_the_signup_day():
+    """Plan, seats and MRR are a history: a row from the signup day, then one per change."""
+    tables = simulate_tenant(SMALL)
+    history = tables["raw_account_attributes"]
+    first = history.sort_values("valid_from").groupby("account_id").head(1).set_index("account_id")["valid_from"]
+    signup = tables["raw_accounts"].set_index("account_id")["signup_date"]
+    assert first.sort_index().equals(signup.sort_index())
+    changed = history.groupby("account_id").size()
+    assert 0.05 < (changed > 1).mean() < 0.5  # some accounts change, most do not
+    assert not history.duplicated(["account_id", "valid_from"]).any()
+
+
 def test_moving_the_clock_only_adds_rows():
     import dataclasses
 
@@ -71,24 +90,29 @@ def test_moving_the_clock_only_adds_rows():
     early = simulate_tenant(dataclasses.replace(SMALL, today=100))
     later = simulate_tenant(dataclasses.replace(SMALL, today=103))
     for name, column in TIME_COLUMNS.items():
-        assert later[name][column].max() > early[name][column].max() or name == "raw_churn_events"
+        if name in ("raw_usage_events", "raw_billing_events"):
+            assert later[name][column].max() > early[name][column].max()
         assert early[name][column].max() < boundary
         cut = later[name][later[name][column] < boundary]
         assert content_hash(cut.reset_index(drop=True)) == content_hash(early[name].reset_index(drop=True)), name
     assert set(early["raw_accounts"]["account_id"]) <= set(later["raw_accounts"]["account_id"])
 
 
-def test_incremental_daily_load_equals_a_full_load(tmp_path):
+@pytest.mark.parametrize("scenario", ["none", "covariate_shift"])
+def test_incremental_daily_load_equals_a_full_load(tmp_path, scenario):
+    """Also when the clock passes a drift day on which the attribute history changes."""
     import dataclasses
 
     from definitions import build_definitions
     from resources.simulator import TIME_COLUMNS, world_fingerprint
 
+    spec0 = dataclasses.replace(SMALL, scenario=scenario, drift_day=None if scenario == "none" else 101)
+
     def load(home, days):
         defs = build_definitions(str(home))
         warehouse = defs.resources["warehouse"]
         for today in days:
-            spec = dataclasses.replace(SMALL, today=today)
+            spec = dataclasses.replace(spec0, today=today)
             defs.resources["catalog"].add(spec)
             warehouse.sync_simulated_rows(SMALL.name, simulate_tenant(spec), "simulator", world_fingerprint(spec),
                                           TIME_COLUMNS)
