@@ -7,9 +7,9 @@ import dagster as dg
 from resources.inbox import InboxOutcome, InboxRejection, move_aside, pending_files, read_and_validate
 from resources.schemas import ACCOUNTS_FILE, RAW_TABLES
 from resources.settings import PlatformSettings
-from resources.simulator import TIME_COLUMNS, simulate_tenant, simulation_dates, world_fingerprint
 from resources.tenants import TENANT_PARTITIONS, TenantCatalog
 from resources.warehouse import DuckDBWarehouse
+from usecases.churn.simulator import TIME_COLUMNS, simulate_tenant, simulation_dates, world_fingerprint
 
 RAW_ASSET_KEYS = {name: dg.AssetKey(name) for name in RAW_TABLES}
 SIMULATOR_SOURCE = "simulator"

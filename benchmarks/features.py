@@ -59,7 +59,7 @@ from resources.feature_store import (
     feature_view_sql,
 )
 from resources.schemas import BILLING_EVENT_TYPES, PLANS, RAW_TABLES, SEGMENTS, TICKET_CATEGORIES
-from resources.simulator import SIMULATION_START
+from usecases.churn.simulator import SIMULATION_START
 
 DEFAULT_EVENTS = 10_000_000
 DAYS = 180

@@ -31,8 +31,8 @@ import numpy as np
 from bentos.gpu_scoring import BatchScorer, cuda_available, default_threads, torch_available
 from mlops.core.modeling import time_split, train_booster
 from resources import feature_store as fs
-from resources.simulator import simulate_tenant
 from resources.tenants import TenantSpec
+from usecases.churn.simulator import simulate_tenant
 
 DEFAULT_ROWS = 10_000_000
 TARGET_SPEEDUP = 10.0

@@ -56,7 +56,7 @@ def main() -> int:
         TenantMonitor,
         prepare,
     )
-    from resources.replay import replay_tenant
+    from mlops.replay import replay_tenant
     from resources.tenants import TenantSpec
 
     t = time.perf_counter()

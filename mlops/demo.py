@@ -177,7 +177,7 @@ class ClosedLoopDemo:
 
     # --- timeline -------------------------------------------------------------------------------
     def emit(self, tenant: str, kind: str, detail: str) -> None:
-        from resources.simulator import SIMULATION_START
+        from usecases.churn.simulator import SIMULATION_START
 
         event = Event(self.day, time.monotonic() - self.t0, tenant, kind, detail)
         self.events.append(event)
@@ -349,7 +349,7 @@ class ClosedLoopDemo:
 
     # --- the replay -----------------------------------------------------------------------------
     def run(self) -> int:
-        from resources.simulator import SIMULATION_START
+        from usecases.churn.simulator import SIMULATION_START
 
         self.promoted_on: int | None = None
         self.retrained: dict[str, int] = {}

@@ -13,6 +13,7 @@ import pytest
 from assets.ingestion import ingest_inbox
 from definitions import build_definitions
 from mlops.core.monitoring import TIMESTAMP, TenantMonitor
+from mlops.replay import replay_tenant
 from resources.feature_store import (
     FeatureStore,
     build_feature_table,
@@ -23,11 +24,10 @@ from resources.feature_store import (
     offline_rows_at,
 )
 from resources.monitoring import MonitoringPolicy
-from resources.replay import replay_tenant
 from resources.schemas import ATTRIBUTE_HISTORY_SQL, RAW_TABLES
 from resources.settings import PlatformSettings
-from resources.simulator import SIMULATION_START, simulate_tenant
 from resources.tenants import TenantCatalog, TenantSpec
+from usecases.churn.simulator import SIMULATION_START, simulate_tenant
 
 # --- 1. a drift scenario changes nothing before its drift day ----------------------------------
 START, DRIFT, END = 150, 182, 185
@@ -254,7 +254,7 @@ def test_a_bad_attribute_delivery_is_rejected_whole(platform):
 def test_a_warehouse_from_before_the_history_is_migrated(platform, tmp_path):
     """raw_accounts used to hold plan, seats and MRR as of the last load: they move to the history
     (valid from signup for an inbox account), and the simulated world is reloaded with its real history."""
-    from resources.simulator import TIME_COLUMNS, world_fingerprint
+    from usecases.churn.simulator import TIME_COLUMNS, world_fingerprint
 
     defs, warehouse, _ = platform
     spec = dataclasses.replace(TENANT, scenario="covariate_shift", drift_day=100)

@@ -26,8 +26,8 @@ from bentos.gpu_scoring import (
 )
 from mlops.core.modeling import time_split, train_booster
 from resources import feature_store as fs
-from resources.simulator import simulate_tenant
 from resources.tenants import TenantSpec
+from usecases.churn.simulator import simulate_tenant
 
 TOLERANCE = 1e-5  # the contract; the compiled program agrees to ~1e-15
 ROUNDS = 120  # the pipeline trains 250; fewer keeps CPU PyTorch scoring fast with trees as deep

@@ -9,8 +9,8 @@ from definitions import build_definitions
 from resources.feature_store import content_hash
 from resources.inbox import InboxRejection, read_and_validate
 from resources.schemas import RAW_TABLES
-from resources.simulator import simulate_tenant
 from resources.tenants import TenantSpec
+from usecases.churn.simulator import simulate_tenant
 
 TENANT = TenantSpec(name="inboxco", region="us", n_accounts=200, seed=3, days=120)
 

@@ -27,8 +27,8 @@ from mlops.core.monitoring import (
     decay_alerts,
     prepare,
 )
+from mlops.replay import first_decay_day, replay_tenant
 from resources.monitoring import MonitoringPolicy
-from resources.replay import first_decay_day, replay_tenant
 from resources.tenants import TenantSpec
 
 START, DRIFT = 150, 182

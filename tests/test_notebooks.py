@@ -29,9 +29,9 @@ from mlops.core.monitoring import (
     store_report,
 )
 from mlops.core.names import CHALLENGER, CHAMPION
+from mlops.replay import replay_tenant
 from resources.feature_store import FEATURE_COLUMNS
 from resources.notebooks import NOTEBOOKS_DIR, NotebookExecutionError, NotebookRunner, kernel_interpreter
-from resources.replay import replay_tenant
 from resources.schemas import SEGMENTS
 from resources.tenants import TenantSpec
 from tests.conftest import TEST_TENANT

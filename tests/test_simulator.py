@@ -3,8 +3,8 @@ import pytest
 
 from resources.feature_store import content_hash
 from resources.schemas import RAW_TABLES
-from resources.simulator import simulate_tenant
 from resources.tenants import DEFAULT_TENANTS, TenantSpec
+from usecases.churn.simulator import simulate_tenant
 
 SMALL = TenantSpec(name="simco", region="us", n_accounts=400, seed=5, days=120)
 
@@ -39,7 +39,7 @@ def test_churned_accounts_stop_using_the_product():
 def test_drift_scenarios_change_the_data_only_from_the_drift_day(scenario):
     base = simulate_tenant(SMALL)
     drifted = simulate_tenant(TenantSpec(**{**SMALL.__dict__, "scenario": scenario, "drift_day": 80}))
-    from resources.simulator import TIME_COLUMNS
+    from usecases.churn.simulator import TIME_COLUMNS
 
     day80 = np.datetime64("2026-04-01") + np.timedelta64(80, "D")
     for name, column in TIME_COLUMNS.items():  # every table, the attribute history included
@@ -84,7 +84,7 @@ def test_moving_the_clock_only_adds_rows():
 
     import pandas as pd
 
-    from resources.simulator import SIMULATION_START, TIME_COLUMNS
+    from usecases.churn.simulator import SIMULATION_START, TIME_COLUMNS
 
     boundary = pd.Timestamp(SIMULATION_START) + pd.Timedelta(days=100)
     early = simulate_tenant(dataclasses.replace(SMALL, today=100))
@@ -104,7 +104,7 @@ def test_incremental_daily_load_equals_a_full_load(tmp_path, scenario):
     import dataclasses
 
     from definitions import build_definitions
-    from resources.simulator import TIME_COLUMNS, world_fingerprint
+    from usecases.churn.simulator import TIME_COLUMNS, world_fingerprint
 
     spec0 = dataclasses.replace(SMALL, scenario=scenario, drift_day=None if scenario == "none" else 101)
 

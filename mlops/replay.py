@@ -23,8 +23,8 @@ from resources.feature_store import (
 )
 from resources.monitoring import MonitoringPolicy
 from resources.schemas import RAW_TABLES
-from resources.simulator import SIMULATION_START, simulate_tenant
 from resources.tenants import TenantSpec
+from usecases.churn.simulator import SIMULATION_START, simulate_tenant
 
 
 def load_world(spec: TenantSpec) -> duckdb.DuckDBPyConnection:

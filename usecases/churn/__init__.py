@@ -1,0 +1,1 @@
+"""Churn prediction: the platform's first use case (simulator here; see ``usecases`` for the rest)."""
