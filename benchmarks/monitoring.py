@@ -52,10 +52,10 @@ def main() -> int:
         SCORE,
         TARGET,
         TIMESTAMP,
-        MonitoringPolicy,
         TenantMonitor,
         prepare,
     )
+    from resources.monitoring import MonitoringPolicy
     from resources.replay import replay_tenant
     from resources.tenants import TenantSpec
 
