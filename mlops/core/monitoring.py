@@ -224,16 +224,13 @@ def prepare(frame: pd.DataFrame, spec: MonitorSpec = CHURN_SPEC) -> pd.DataFrame
     for col in outputs:
         out[col] = out[col].astype("float64")
     target = spec.target
-    if spec.problem_type == "binary":
-        out[PREDICTED] = (out[SCORE] >= DECISION_THRESHOLD).astype("int64")
-    elif spec.problem_type == "multiclass":
+    if spec.problem_type == "multiclass":  # class labels, missing until they mature
         likeliest = np.nan_to_num(out[list(outputs)].to_numpy(), nan=-1.0).argmax(axis=1)
         out[PREDICTED] = np.asarray(spec.classes, dtype=object)[likeliest]
-    if spec.problem_type == "multiclass":
-        out[target] = (frame[target].astype("object").where(frame[target].notna(), np.nan)
-                       if target in frame else np.nan)
-        out[target] = out[target].astype("object")
+        out[target] = frame[target].astype("object") if target in frame else pd.Series(np.nan, out.index, "object")
     else:
+        if spec.problem_type == "binary":
+            out[PREDICTED] = (out[SCORE] >= DECISION_THRESHOLD).astype("int64")
         out[target] = frame[target].astype("float64") if target in frame else np.nan
     return out.sort_values(TIMESTAMP, kind="stable").reset_index(drop=True)
 
