@@ -52,11 +52,11 @@ def main() -> int:
         SCORE,
         TARGET,
         TIMESTAMP,
-        MonitoringPolicy,
         TenantMonitor,
         prepare,
     )
     from mlops.replay import replay_tenant
+    from resources.monitoring import MonitoringPolicy
     from resources.tenants import TenantSpec
 
     t = time.perf_counter()

@@ -12,6 +12,8 @@ import json
 import dagster as dg
 from pydantic import Field
 
+from mlops.core.monitoring import DECAY_DEFAULTS
+
 
 class MonitoringPolicy(dg.ConfigurableResource):
     """How monitoring chunks data, when it alerts, and how the closed loop acts on alerts."""
@@ -21,10 +23,14 @@ class MonitoringPolicy(dg.ConfigurableResource):
     chunk_size: int = 0
     # Monitoring looks at the predictions of this many recent days (older chunks keep their results).
     analysis_window_days: int = 60
-    # Decay alert: ROC AUC (estimated or realized) below the reference ROC AUC minus this drop...
-    max_auc_drop: float = 0.08
+    # Decay alert (defaults: mlops.core.monitoring.DECAY_DEFAULTS; a use case's ``monitoring`` block
+    # overrides them): ROC AUC (estimated or realized; multiclass: macro) below the reference's
+    # minus this drop...
+    max_auc_drop: float = DECAY_DEFAULTS["max_auc_drop"]
+    # ...or, for regression, RMSE (estimated by DLE or realized) above the reference's times 1 + this...
+    max_rmse_increase: float = DECAY_DEFAULTS["max_rmse_increase"]
     # ...in this many consecutive chunks (the newest ones that have a value).
-    consecutive_chunks: int = 2
+    consecutive_chunks: int = int(DECAY_DEFAULTS["consecutive_chunks"])
     continuous_drift_methods: list[str] = Field(default_factory=lambda: ["jensen_shannon"])
     # Univariate drift alert: Jensen-Shannon distance over this (chi-squared uses its p-value).
     jensen_shannon_threshold: float = 0.1

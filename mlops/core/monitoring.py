@@ -12,13 +12,22 @@ Decay alerts use NannyML's own alert flags, with a constant lower threshold on R
 reference ROC AUC minus ``max_auc_drop``) so that a tenant with few reference chunks does not get
 a threshold from a noisy standard deviation. Univariate and multivariate drift use NannyML's
 default thresholds and are reported, not acted on: drift without decay does not retrain.
+
+Every declared use case is monitored the same way, by its problem type (``MonitorSpec``, built
+from a ``UseCase`` by ``MonitorSpec.of``; churn's is ``CHURN_SPEC``, the binary case): drift and
+data quality on every feature alike; label-free performance by CBPE (binary: ROC AUC; multiclass:
+macro ROC AUC and F1) or DLE (regression: RMSE and MAE); realized performance once labels mature;
+and a decay rule per problem type (``DECAY_DEFAULTS``, overridden by the policy, then by the use
+case's ``monitoring`` block).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -27,10 +36,10 @@ import pandas as pd
 
 from mlops.core.candidates import holdout_scores
 from mlops.core.environment import HomeLayout, write_atomic
-from mlops.core.model_inputs import CATEGORICAL_FEATURES, FEATURE_COLUMNS, NUMERIC_FEATURES
+from mlops.core.model_inputs import CATEGORICAL_FEATURES, NUMERIC_FEATURES, ModelInputs
 from mlops.core.names import CHAMPION
 from mlops.core.online import SNAPSHOT_VERSION_REGEX, snapshot_file_name
-from mlops.core.prediction_log import PREDICTION_LOG_DDL
+from mlops.core.prediction_log import PREDICTION_LOG_DDL, prediction_log_ddl, prediction_log_table
 
 TIMESTAMP = "timestamp"
 SCORE = "score"
@@ -75,13 +84,120 @@ class MonitoringPolicy(Protocol):
     def fingerprint(self) -> str: ...
 
 
+# The decay rule's thresholds, one dict of defaults: the policy's values override them, and a use
+# case's ``monitoring`` block overrides those. Binary and multiclass: (macro) ROC AUC under the
+# reference's minus ``max_auc_drop``; regression: RMSE over the reference's times
+# (1 + ``max_rmse_increase``); either in ``consecutive_chunks`` chunks in a row.
+DECAY_DEFAULTS: dict[str, float] = {"max_auc_drop": 0.08, "max_rmse_increase": 0.25, "consecutive_chunks": 2}
+# Bumped when the fitted monitor's pickled form changes: monitors pickled by older code are refitted.
+MONITOR_FORMAT = 2
+
+
+def decay_thresholds(policy, overrides: Mapping | None = None) -> dict:
+    """``DECAY_DEFAULTS``, overridden by the policy's values, then by ``overrides`` (a use case's)."""
+    resolved = dict(DECAY_DEFAULTS)
+    resolved.update({k: getattr(policy, k) for k in DECAY_DEFAULTS if getattr(policy, k, None) is not None})
+    unknown = sorted(set(overrides or {}) - set(DECAY_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown decay thresholds {unknown}; known: {sorted(DECAY_DEFAULTS)}")
+    resolved.update(overrides or {})
+    resolved["consecutive_chunks"] = int(resolved["consecutive_chunks"])
+    return resolved
+
+
+# NannyML's performance metrics per problem type (estimated and realized alike), and the one the
+# decay rule watches with the side of its threshold. The others are reported without a threshold.
+_PERFORMANCE = {
+    "binary": (("roc_auc",), "roc_auc", "lower_threshold"),
+    "multiclass": (("roc_auc", "f1"), "roc_auc", "lower_threshold"),
+    "regression": (("rmse", "mae"), "rmse", "upper_threshold"),
+}
+_NANNYML_PROBLEM = {"binary": "classification_binary", "multiclass": "classification_multiclass",
+                    "regression": "regression"}
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    """What monitoring needs to know of a use case: its problem type, features, label and classes.
+
+    The model's output is ``score`` (binary: the positive class's probability; regression: the
+    prediction) or, for multiclass, one probability column per class (``proba_columns``)."""
+
+    problem_type: str
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    target: str
+    classes: tuple[str, ...] = ()
+    # The use case's overrides of the decay thresholds (keys of DECAY_DEFAULTS).
+    overrides: Mapping[str, float] = field(default_factory=dict)
+    name: str = "churn"
+
+    def __post_init__(self):
+        if self.problem_type not in _PERFORMANCE:
+            raise ValueError(f"problem type {self.problem_type!r}: one of {sorted(_PERFORMANCE)}")
+        if self.problem_type == "multiclass" and len(self.classes) < 3:
+            raise ValueError("a multiclass monitor needs its classes (at least three)")
+        unknown = sorted(set(self.overrides) - set(DECAY_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown decay thresholds {unknown}; known: {sorted(DECAY_DEFAULTS)}")
+
+    @classmethod
+    def of(cls, usecase) -> MonitorSpec:
+        """The spec of a declared use case (``mlops.core.usecase.UseCase``): its model's inputs
+        (``ModelInputs.of``), its label column, problem type and classes, and the decay thresholds
+        its ``monitoring`` block overrides (its other keys are the policy's business)."""
+        inputs = ModelInputs.of(usecase)
+        return cls(problem_type=usecase.problem_type, numeric=inputs.numeric, categorical=tuple(inputs.categorical),
+                   target=usecase.label.column, classes=tuple(usecase.label.classes or ()),
+                   overrides={k: v for k, v in usecase.monitoring.items() if k in DECAY_DEFAULTS},
+                   name=usecase.name)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return (*self.numeric, *self.categorical)
+
+    @property
+    def proba_columns(self) -> dict[str, str]:
+        """Multiclass: class -> the column of its probability (NannyML's ``y_pred_proba``)."""
+        return {c: f"{SCORE}_{c}" for c in self.classes}
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(self.proba_columns.values()) if self.problem_type == "multiclass" else (SCORE,)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return _PERFORMANCE[self.problem_type][0]
+
+    @property
+    def decay_metric(self) -> str:
+        return _PERFORMANCE[self.problem_type][1]
+
+    @property
+    def decay_metrics(self) -> dict[str, str]:
+        """The metrics the decay rule watches -> the threshold column it compares with."""
+        side = _PERFORMANCE[self.problem_type][2]
+        return {f"{kind}_{self.decay_metric}": side for kind in ("estimated", "realized")}
+
+    def fingerprint(self, policy) -> str:
+        payload = json.dumps({"format": MONITOR_FORMAT, **asdict(self), "overrides": dict(self.overrides),
+                              "thresholds": decay_thresholds(policy, self.overrides)}, sort_keys=True, default=list)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+CHURN_SPEC = MonitorSpec("binary", NUMERIC_FEATURES, tuple(CATEGORICAL_FEATURES), TARGET)
+CHURN_DECAY_METRICS = CHURN_SPEC.decay_metrics  # PERFORMANCE_METRICS, compared with their lower thresholds
+
+
 @dataclass
 class MonitoringReport:
     """Tidy results of one monitoring run: one row per metric (and feature) and chunk."""
 
     results: pd.DataFrame
-    reference_roc_auc: float
+    reference_roc_auc: float | None
     decay: list[dict] = field(default_factory=list)
+    # The reference's own performance by NannyML metric name (roc_auc; rmse and mae; ...).
+    reference_performance: dict[str, float] = field(default_factory=dict)
 
     @property
     def alerts(self) -> pd.DataFrame:
@@ -95,43 +211,78 @@ class MonitoringReport:
         return None if rows.empty else float(rows.sort_values("chunk_start")["value"].iloc[-1])
 
 
-def prepare(frame: pd.DataFrame) -> pd.DataFrame:
-    """The columns NannyML reads: features, timestamp, score, a 0/1 prediction and the label."""
-    out = frame.loc[:, [*FEATURE_COLUMNS, TIMESTAMP, SCORE]].copy()
-    for col in NUMERIC_FEATURES:
+def prepare(frame: pd.DataFrame, spec: MonitorSpec = CHURN_SPEC) -> pd.DataFrame:
+    """The columns NannyML reads: features, timestamp, the model's output, a predicted class
+    (classification: binary 0/1 at DECISION_THRESHOLD, multiclass the likeliest class) and the label."""
+    outputs = spec.outputs
+    out = frame.loc[:, [*spec.features, TIMESTAMP, *outputs]].copy()
+    for col in spec.numeric:
         out[col] = pd.to_numeric(out[col], errors="coerce").astype("float64")
-    for col in CATEGORICAL_FEATURES:
+    for col in spec.categorical:
         out[col] = out[col].astype("object")
     out[TIMESTAMP] = pd.to_datetime(out[TIMESTAMP])
-    out[SCORE] = out[SCORE].astype("float64")
-    out[PREDICTED] = (out[SCORE] >= DECISION_THRESHOLD).astype("int64")
-    out[TARGET] = frame[TARGET].astype("float64") if TARGET in frame else np.nan
+    for col in outputs:
+        out[col] = out[col].astype("float64")
+    target = spec.target
+    if spec.problem_type == "multiclass":  # class labels, missing until they mature
+        likeliest = np.nan_to_num(out[list(outputs)].to_numpy(), nan=-1.0).argmax(axis=1)
+        out[PREDICTED] = np.asarray(spec.classes, dtype=object)[likeliest]
+        out[target] = frame[target].astype("object") if target in frame else pd.Series(np.nan, out.index, "object")
+    else:
+        if spec.problem_type == "binary":
+            out[PREDICTED] = (out[SCORE] >= DECISION_THRESHOLD).astype("int64")
+        out[target] = frame[target].astype("float64") if target in frame else np.nan
     return out.sort_values(TIMESTAMP, kind="stable").reset_index(drop=True)
 
 
-class TenantMonitor:
-    """NannyML calculators fitted on one model version's reference data."""
+def reference_performance(reference: pd.DataFrame, spec: MonitorSpec) -> dict[str, float]:
+    """The reference's own performance (``prepare``d): the levels the decay thresholds start from."""
+    from sklearn import metrics
 
-    def __init__(self, policy: MonitoringPolicy, reference: pd.DataFrame):
+    y = reference[spec.target]
+    if spec.problem_type == "binary":
+        return {"roc_auc": float(metrics.roc_auc_score(y, reference[SCORE]))}
+    if spec.problem_type == "multiclass":
+        classes = sorted(spec.classes)  # scikit-learn (as NannyML) takes the classes in sorted order
+        proba = reference[[spec.proba_columns[c] for c in classes]].to_numpy()
+        return {"roc_auc": float(metrics.roc_auc_score(y, proba, multi_class="ovr", average="macro",
+                                                       labels=classes)),
+                "f1": float(metrics.f1_score(y, reference[PREDICTED], average="macro", labels=list(spec.classes)))}
+    return {"rmse": float(metrics.root_mean_squared_error(y, reference[SCORE])),
+            "mae": float(metrics.mean_absolute_error(y, reference[SCORE]))}
+
+
+class TenantMonitor:
+    """NannyML calculators fitted on one model version's reference data, for one use case
+    (``spec``; churn's by default: the binary case with churn's columns)."""
+
+    def __init__(self, policy: MonitoringPolicy, reference: pd.DataFrame, spec: MonitorSpec = CHURN_SPEC):
         import nannyml as nml
         from nannyml.thresholds import ConstantThreshold
 
-        reference = prepare(reference)
-        if reference[TARGET].isna().any():
+        self.spec = spec
+        target, features, categorical = spec.target, list(spec.features), list(spec.categorical)
+        reference = prepare(reference, spec)
+        if reference[target].isna().any():
             raise ValueError("reference data must have a label on every row")
-        if reference[TARGET].nunique() < 2:
+        if spec.problem_type != "regression" and reference[target].nunique() < 2:
             raise ValueError("reference data has a single class; ROC AUC is undefined")
-        from sklearn.metrics import roc_auc_score
-
-        self.reference_roc_auc = float(roc_auc_score(reference[TARGET], reference[SCORE]))
-        self.auc_floor = self.reference_roc_auc - policy.max_auc_drop
-        self.consecutive = policy.consecutive_chunks
+        self.thresholds = decay_thresholds(policy, spec.overrides)
+        self.reference_performance = reference_performance(reference, spec)
+        self.reference_roc_auc = self.reference_performance.get("roc_auc")
+        self.consecutive = self.thresholds["consecutive_chunks"]
+        # The decay rule's constant threshold (a tenant with few reference chunks would otherwise
+        # get one from a noisy standard deviation); the other metrics are reported without one.
+        bounds = {m: ConstantThreshold() for m in spec.metrics}
+        if spec.problem_type == "regression":
+            self.rmse_ceiling = self.reference_performance["rmse"] * (1 + self.thresholds["max_rmse_increase"])
+            bounds["rmse"] = ConstantThreshold(upper=self.rmse_ceiling)
+        else:
+            self.auc_floor = self.reference_roc_auc - self.thresholds["max_auc_drop"]
+            bounds["roc_auc"] = ConstantThreshold(lower=self.auc_floor)
         chunking = {"timestamp_column_name": TIMESTAMP, **policy.chunking()}
-        auc_threshold = {"roc_auc": ConstantThreshold(lower=self.auc_floor)}
-        classification = {"y_pred_proba": SCORE, "y_pred": PREDICTED, "y_true": TARGET,
-                          "problem_type": "classification_binary", "metrics": ["roc_auc"]}
         self.univariate = nml.UnivariateDriftCalculator(
-            column_names=list(FEATURE_COLUMNS), treat_as_categorical=list(CATEGORICAL_FEATURES),
+            column_names=features, treat_as_categorical=categorical,
             continuous_methods=list(policy.continuous_drift_methods),
             categorical_methods=list(policy.categorical_drift_methods), **chunking,
             thresholds={"jensen_shannon": ConstantThreshold(upper=policy.jensen_shannon_threshold)},
@@ -139,58 +290,105 @@ class TenantMonitor:
         # A model's reference (its holdout) spans a few weekly dates only: a threshold from the
         # spread of so few reference chunks is near zero and alerts on every chunk. The threshold
         # is the reference's own reconstruction error plus a margin instead.
-        probe = nml.DataReconstructionDriftCalculator(column_names=list(FEATURE_COLUMNS), **chunking).fit(reference)
+        probe = nml.DataReconstructionDriftCalculator(column_names=features, **chunking).fit(reference)
         reference_error = float(probe.calculate(reference).to_df()[("reconstruction_error", "value")].mean())
         self.multivariate_threshold = reference_error * (1 + policy.multivariate_drift_margin)
         self.multivariate = nml.DataReconstructionDriftCalculator(
-            column_names=list(FEATURE_COLUMNS), threshold=ConstantThreshold(upper=self.multivariate_threshold),
+            column_names=features, threshold=ConstantThreshold(upper=self.multivariate_threshold),
             **chunking).fit(reference)
-        self.cbpe = nml.CBPE(**classification, thresholds=auc_threshold, **chunking).fit(reference)
-        self.realized_calculator = nml.PerformanceCalculator(**classification, thresholds=auc_threshold, **chunking).fit(reference)
-        self.missing = nml.MissingValuesCalculator(column_names=list(FEATURE_COLUMNS), **chunking).fit(reference)
-        self.unseen = nml.UnseenValuesCalculator(column_names=list(CATEGORICAL_FEATURES), **chunking).fit(reference)
+        metrics = list(spec.metrics)
+        if spec.problem_type == "regression":
+            self.estimator_method = "dle"
+            self.estimator = nml.DLE(feature_column_names=features, y_pred=SCORE, y_true=target, metrics=metrics,
+                                     thresholds=bounds, **chunking).fit(reference)
+            self.realized_calculator = nml.PerformanceCalculator(
+                metrics=metrics, y_true=target, y_pred=SCORE, problem_type="regression", thresholds=bounds,
+                **chunking).fit(reference)
+        else:
+            self.estimator_method = "cbpe"
+            proba = SCORE if spec.problem_type == "binary" else spec.proba_columns
+            classification = {"y_pred_proba": proba, "y_pred": PREDICTED, "y_true": target,
+                              "problem_type": _NANNYML_PROBLEM[spec.problem_type], "metrics": metrics}
+            self.estimator = nml.CBPE(**classification, thresholds=bounds, **chunking).fit(reference)
+            self.realized_calculator = nml.PerformanceCalculator(**classification, thresholds=bounds,
+                                                                 **chunking).fit(reference)
+        self.missing = nml.MissingValuesCalculator(column_names=features, **chunking).fit(reference)
+        self.unseen = (nml.UnseenValuesCalculator(column_names=categorical, **chunking).fit(reference)
+                       if categorical else None)
+
+    @property
+    def estimated_metric(self) -> str:
+        """The metric every run computes for every chunk (incremental runs key new chunks by it)."""
+        return f"estimated_{self.spec.decay_metric}"
+
+    @property
+    def realized_metric(self) -> str:
+        return f"realized_{self.spec.decay_metric}"
+
+    def decay_alerts(self, results: pd.DataFrame) -> list[dict]:
+        return decay_alerts(results, self.consecutive, self.spec.decay_metrics)
+
+    def report(self, results: pd.DataFrame, decay: list[dict] | None = None) -> MonitoringReport:
+        return MonitoringReport(results, self.reference_roc_auc,
+                                self.decay_alerts(results) if decay is None else decay,
+                                dict(self.reference_performance))
 
     # --- the monitoring run ------------------------------------------------------------------
+    def _performance(self, frame: pd.DataFrame, kind: str, method: str) -> list[pd.DataFrame]:
+        frame = frame.sort_index(axis=1)  # lexsorted columns: fast, warning-free selection
+        return [_tidy_simple(frame, m, f"{kind}_{m}", None, method, presorted=True) for m in self.spec.metrics]
+
     def realized(self, analysis: pd.DataFrame) -> pd.DataFrame:
-        """Realized ROC AUC alone (chunks computed before whose labels have matured since)."""
-        analysis = prepare(analysis)
-        return _tidy_simple(self.realized_calculator.calculate(analysis).filter(period="analysis").to_df(),
-                            "roc_auc", "realized_roc_auc", None, "realized")
+        """Realized performance alone (chunks computed before whose labels have matured since)."""
+        analysis = prepare(analysis, self.spec)
+        parts = self._performance(self.realized_calculator.calculate(analysis).filter(period="analysis").to_df(),
+                                  "realized", "realized")
+        return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
     def run(self, analysis: pd.DataFrame) -> MonitoringReport:
-        analysis = prepare(analysis)
+        analysis = prepare(analysis, self.spec)
         if analysis.empty:
             raise ValueError("no analysis data: the tenant's champion has no logged predictions yet")
         parts = [
             _tidy_univariate(self.univariate.calculate(analysis).filter(period="analysis").to_df()),
             _tidy_simple(self.multivariate.calculate(analysis).filter(period="analysis").to_df(),
                          "reconstruction_error", "multivariate_drift", None, "pca_reconstruction"),
-            _tidy_simple(self.cbpe.estimate(analysis).filter(period="analysis").to_df(),
-                         "roc_auc", "estimated_roc_auc", None, "cbpe"),
+            *self._performance(self.estimator.estimate(analysis).filter(period="analysis").to_df(),
+                               "estimated", self.estimator_method),
         ]
-        labelled = analysis[TARGET].notna()
+        labelled = analysis[self.spec.target].notna()
         if labelled.any():
-            parts.append(_tidy_simple(self.realized_calculator.calculate(analysis).filter(period="analysis").to_df(),
-                                      "roc_auc", "realized_roc_auc", None, "realized"))
+            parts += self._performance(self.realized_calculator.calculate(analysis).filter(period="analysis").to_df(),
+                                       "realized", "realized")
         parts.append(_tidy_per_column(self.missing.calculate(analysis).filter(period="analysis").to_df(),
                                       "missing_values_rate"))
-        parts.append(_tidy_per_column(self.unseen.calculate(analysis).filter(period="analysis").to_df(),
-                                      "unseen_values_rate"))
+        if self.unseen is not None:
+            parts.append(_tidy_per_column(self.unseen.calculate(analysis).filter(period="analysis").to_df(),
+                                          "unseen_values_rate"))
         results = pd.concat(parts, ignore_index=True)
-        return MonitoringReport(results, self.reference_roc_auc, decay_alerts(results, self.consecutive))
+        return self.report(results)
 
 
-def decay_alerts(results: pd.DataFrame, consecutive: int) -> list[dict]:
+UseCaseMonitor = TenantMonitor  # the same monitor, named for what it monitors of a declared use case
+
+
+def usecase_monitor(policy: MonitoringPolicy, reference: pd.DataFrame, usecase) -> TenantMonitor:
+    """The monitor of a declared use case (``mlops.core.usecase.UseCase``) fitted on ``reference``."""
+    return TenantMonitor(policy, reference, MonitorSpec.of(usecase))
+
+
+def decay_alerts(results: pd.DataFrame, consecutive: int, metrics: Mapping[str, str] | None = None) -> list[dict]:
     """A decay alert per performance metric whose newest ``consecutive`` chunks with a value all
-    alert: the metric, the chunk, the threshold and the value."""
+    alert: the metric, the chunk, the threshold and the value. ``metrics`` maps each watched metric
+    to the threshold column it is compared with (churn's by default: ROC AUC under its lower threshold)."""
     found = []
-    for metric in PERFORMANCE_METRICS:
+    for metric, side in (CHURN_DECAY_METRICS if metrics is None else metrics).items():
         rows = results[(results["metric"] == metric) & results["value"].notna()].sort_values("chunk_start")
         newest = rows.tail(consecutive)
         if len(newest) == consecutive and newest["alert"].all():
             last = newest.iloc[-1]
             found.append({"metric": metric, "chunk": str(last["chunk_key"]), "value": float(last["value"]),
-                          "threshold": float(last["lower_threshold"]), "consecutive_chunks": consecutive})
+                          "threshold": float(last[side]), "consecutive_chunks": consecutive})
     return found
 
 
@@ -216,8 +414,10 @@ def _block(base: pd.DataFrame, values: pd.DataFrame, metric: str, feature, metho
     )
 
 
-def _tidy_simple(frame: pd.DataFrame, source: str, metric: str, feature, method: str) -> pd.DataFrame:
-    frame = frame.sort_index(axis=1)
+def _tidy_simple(frame: pd.DataFrame, source: str, metric: str, feature, method: str,
+                 presorted: bool = False) -> pd.DataFrame:
+    if not presorted:
+        frame = frame.sort_index(axis=1)
     return _block(_chunk_columns(frame, ("chunk",)), frame[source], metric, feature, method)
 
 
@@ -267,20 +467,21 @@ def chunk_keys(frame: pd.DataFrame, policy: MonitoringPolicy) -> pd.Series:
 def run_incremental(monitor: TenantMonitor, analysis: pd.DataFrame, stored: pd.DataFrame,
                     policy: MonitoringPolicy) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Only what changed since the last run: every metric for chunks never computed, and realized
-    ROC AUC for chunks whose labels have matured since. NannyML computes each chunk against the
+    performance for chunks whose labels have matured since. NannyML computes each chunk against the
     fitted reference alone, so this equals a full recomputation. Returns (new results, all results).
     Size-based chunks are not stable across runs: they are recomputed over the whole window."""
     if policy.chunk_size > 0 or stored.empty:
         fresh = monitor.run(analysis).results
         return fresh, fresh
     keys = chunk_keys(analysis, policy)
-    computed = set(stored.loc[stored["metric"] == "estimated_roc_auc", "chunk_key"])
-    realized = set(stored.loc[(stored["metric"] == "realized_roc_auc") & stored["value"].notna(), "chunk_key"])
+    computed = set(stored.loc[stored["metric"] == monitor.estimated_metric, "chunk_key"])
+    realized = set(stored.loc[(stored["metric"] == monitor.realized_metric) & stored["value"].notna(), "chunk_key"])
     parts = []
     new_rows = analysis[~keys.isin(computed)]
     if len(new_rows):
         parts.append(monitor.run(new_rows).results)
-    matured = analysis[keys.isin(computed) & ~keys.isin(realized) & analysis[TARGET].notna()]
+    target = monitor.spec.target
+    matured = analysis[keys.isin(computed) & ~keys.isin(realized) & analysis[target].notna()]
     if len(matured):
         parts.append(monitor.realized(matured))
     fresh = pd.concat(parts, ignore_index=True) if parts else stored.iloc[0:0][list(stored.columns)]
@@ -334,24 +535,89 @@ def analysis_frame(con, online_dir: Path, version: str, window_days: int, origin
     return con.execute(sql, {"files": files, "role": role, "version": version, "origin": origin}).df()
 
 
+USECASE_ANALYSIS_SQL = """
+WITH snapshots AS (
+    SELECT * EXCLUDE (filename),
+           CAST(regexp_extract(filename, '(VERSION_REGEX)', 1) AS BIGINT) AS snapshot_version
+    FROM read_parquet($files, filename = true)
+),
+predictions AS (
+    SELECT p.prediction_id, p.account_id, p.score, p.snapshot_version
+    FROM (LOG_TABLE) p
+    WHERE p.role = $role AND p.model_version = $version
+),
+labels AS (
+    SELECT CAST(l.(KEY) AS VARCHAR) AS label_key, CAST(l.prediction_time AS TIMESTAMP) AS label_time,
+           l.(LABEL) AS label_value
+    FROM (
+(LABELS_SQL)
+    ) l
+)
+SELECT p.prediction_id, p.score, s.* EXCLUDE (snapshot_version), s.available_at AS timestamp,
+       CASE WHEN s.available_at + to_days(CAST($horizon_days AS INTEGER)) <= CAST($as_of AS TIMESTAMP)
+            THEN l.label_value END AS (LABEL)
+FROM predictions p
+JOIN snapshots s ON CAST(s.(KEY) AS VARCHAR) = p.account_id AND s.snapshot_version = p.snapshot_version
+LEFT JOIN labels l ON l.label_key = p.account_id AND l.label_time = s.available_at
+WHERE s.available_at >= CAST($as_of AS TIMESTAMP) - INTERVAL (WINDOW) DAY
+"""
+
+
+def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_days: int, origin,
+                           role: str = CHAMPION) -> pd.DataFrame:
+    """``analysis_frame`` for a declared use case (``mlops.core.usecase.UseCase``): the logged
+    predictions of one model version (table ``prediction_log_table(usecase.name)``, the entity key
+    in ``account_id``) with the snapshot row each was scored from (the use case's online folder)
+    and, once mature, its label: the use case's labels SQL run at ``$as_of`` = ``origin`` (the day
+    after the newest event) and ``$horizon_days``, joined on the entity key with the snapshot
+    row's ``available_at`` as prediction time, kept where ``available_at + horizon_days <= origin``."""
+    table = prediction_log_table(usecase.name)
+    con.execute(prediction_log_ddl(table))
+    versions = [r[0] for r in con.execute(
+        f"SELECT DISTINCT snapshot_version FROM {table} WHERE role = ? AND model_version = ?",  # noqa: S608 - derived name
+        [role, version]).fetchall()]
+    files = [str(Path(online_dir) / snapshot_file_name(v)) for v in versions]
+    files = [f for f in files if Path(f).exists()]
+    if not files:
+        return pd.DataFrame()
+    labels_sql = usecase.labels_sql.strip().rstrip(";")
+    sql = (USECASE_ANALYSIS_SQL.replace("(WINDOW)", str(int(window_days)))
+           .replace("(VERSION_REGEX)", SNAPSHOT_VERSION_REGEX).replace("(LOG_TABLE)", table)
+           .replace("(KEY)", usecase.entity.key).replace("(LABEL)", usecase.label.column)
+           .replace("(LABELS_SQL)", labels_sql + "\n"))
+    params = {"files": files, "role": role, "version": str(version), "as_of": origin,
+              "horizon_days": int(usecase.label.horizon_days)}
+    frame = con.execute(sql, params).df()
+    if frame["prediction_id"].duplicated().any():
+        raise ValueError(f"use case {usecase.name!r}: its labels SQL returns more than one label for an "
+                         f"entity and prediction_time")
+    return frame
+
+
 def reference_frame(con, version: str) -> pd.DataFrame:
     """The reference of a model version: its training holdout, with scores and labels."""
     return holdout_scores(con, version).rename(columns={"prediction_time": TIMESTAMP})
 
 
 # --- fitted monitors: once per model version ------------------------------------------------
-def monitor_path(root: Path, tenant: str, version: str, policy: MonitoringPolicy) -> Path:
-    return HomeLayout(Path(root)).monitoring_dir(tenant) / f"v{version}-{policy.fingerprint()}.pkl"
+def monitor_path(root: Path, tenant: str, version: str, policy: MonitoringPolicy,
+                 spec: MonitorSpec = CHURN_SPEC) -> Path:
+    """Churn's monitors directly under the tenant's monitoring folder, a use case's in a folder of
+    its own; the name changes with the policy, the spec, its thresholds and the monitor's format."""
+    folder = HomeLayout(Path(root)).monitoring_dir(tenant)
+    if spec.name != CHURN_SPEC.name:
+        folder = folder / spec.name
+    return folder / f"v{version}-{policy.fingerprint()}-{spec.fingerprint(policy)}.pkl"
 
 
 def load_or_fit(root: Path, tenant: str, version: str, policy: MonitoringPolicy,
-                reference_loader) -> tuple[TenantMonitor, bool]:
+                reference_loader, spec: MonitorSpec = CHURN_SPEC) -> tuple[TenantMonitor, bool]:
     """The fitted monitor of a model version; fitted (and stored) on first use only."""
-    path = monitor_path(root, tenant, version, policy)
+    path = monitor_path(root, tenant, version, policy, spec)
     if path.exists():
         with path.open("rb") as fh:
             return pickle.load(fh), False
-    monitor = TenantMonitor(policy, reference_loader())
+    monitor = TenantMonitor(policy, reference_loader(), spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, pickle.dumps(monitor))
     return monitor, True

@@ -16,12 +16,36 @@ import pandas as pd
 from mlops.core.serving import PREDICTION_LOG_COLUMNS, prediction_log_dir
 
 _SQL_TYPES = {"string": "VARCHAR", "float64": "DOUBLE", "int64": "BIGINT", "datetime64[us]": "TIMESTAMP"}
-PREDICTION_LOG_DDL = (
-    "CREATE TABLE IF NOT EXISTS prediction_log ("
-    + ", ".join(f"{name} {_SQL_TYPES[dtype]} NOT NULL" for name, dtype in PREDICTION_LOG_COLUMNS.items())
-    # the segment a row came from; a prediction has one row per role (champion, shadow challenger)
-    + ", segment VARCHAR NOT NULL, PRIMARY KEY (prediction_id, role))"
-)
+PREDICTION_LOG_TABLE = "prediction_log"
+# Churn's log keeps the table name it always had; the table of any other use case is named after it.
+CHURN_USECASE = "churn"
+
+
+def prediction_log_table(usecase: str | None = None) -> str:
+    """The warehouse table of a use case's prediction log: churn's ``prediction_log``, another use
+    case's ``prediction_log_<name>`` (use-case names are ``[a-z][a-z0-9_]*``), the same columns.
+
+    A table per use case rather than a ``use_case`` column: the columns, the segments the service
+    writes and every existing table and query over churn's log stay as they are (no migration of a
+    table with a primary key), and a use case's monitoring reads only its own rows."""
+    if usecase in (None, CHURN_USECASE):
+        return PREDICTION_LOG_TABLE
+    if not usecase.replace("_", "").isalnum() or not usecase[:1].isalpha() or usecase.lower() != usecase:
+        raise ValueError(f"not a use-case name: {usecase!r}")
+    return f"{PREDICTION_LOG_TABLE}_{usecase}"
+
+
+def prediction_log_ddl(table: str = PREDICTION_LOG_TABLE) -> str:
+    """The prediction log's table, from ``PREDICTION_LOG_COLUMNS`` (the entity key in ``account_id``)."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {table} ("
+        + ", ".join(f"{name} {_SQL_TYPES[dtype]} NOT NULL" for name, dtype in PREDICTION_LOG_COLUMNS.items())
+        # the segment a row came from; a prediction has one row per role (champion, shadow challenger)
+        + ", segment VARCHAR NOT NULL, PRIMARY KEY (prediction_id, role))"
+    )
+
+
+PREDICTION_LOG_DDL = prediction_log_ddl()
 SEGMENTS_DDL = """
 CREATE TABLE IF NOT EXISTS ingested_log_segments (
     segment VARCHAR PRIMARY KEY, rows BIGINT NOT NULL, ingested_at TIMESTAMP NOT NULL
