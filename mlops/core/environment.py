@@ -116,8 +116,11 @@ class HomeLayout:
     def health_checks_file(self) -> Path:
         return self.root / "serving" / "health_checks.jsonl"
 
-    def prediction_log_dir(self, tenant: str) -> Path:
-        return self.root / "prediction_logs" / tenant
+    def prediction_log_dir(self, tenant: str, use_case: str | None = None) -> Path:
+        """Churn's ``prediction_logs/<tenant>``; another use case's ``prediction_logs/<use case>/<tenant>``."""
+        if use_case is None:
+            return self.root / "prediction_logs" / tenant
+        return self.root / "prediction_logs" / use_case / tenant
 
     def monitoring_dir(self, tenant: str) -> Path:
         return self.root / "monitoring" / tenant

@@ -8,7 +8,16 @@ The service never opens a warehouse or the registry. It reads a *serving bundle*
     <serving dir>/online/<tenant>/features-vNNNNN.parquet   online feature snapshots
     <serving dir>/api_keys.json                      hashed API keys
 
-and appends prediction logs as closed Parquet segments under ``MLOPS_HOME/prediction_logs``.
+Churn (for now) sits at the top level: ``manifest["tenants"][<tenant>]``, ``models/<tenant>/``,
+``online/<tenant>/``. Every other use case has its own level below the same bundle::
+
+    manifest["use_cases"][<use case>]["declaration"]      what the service needs of the declaration
+    manifest["use_cases"][<use case>]["tenants"][<tenant>]  the entry churn's tenants have
+    <serving dir>/models/<use case>/<tenant>/v<N>.txt (and its compiled object)
+    <serving dir>/online/<use case>/<tenant>/features-vNNNNN.parquet
+
+and appends prediction logs as closed Parquet segments under ``MLOPS_HOME/prediction_logs``
+(``<tenant>/closed`` for churn, ``<use case>/<tenant>/closed`` for the others).
 Every file others read is written to a temporary name and renamed.
 """
 
@@ -56,8 +65,10 @@ def serving_dir(home: Path) -> Path:
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.exists():
-        return {"tenants": {}, "written_at": None}
-    return json.loads(path.read_text())
+        return {"tenants": {}, "use_cases": {}, "written_at": None}
+    manifest = json.loads(path.read_text())
+    manifest.setdefault("use_cases", {})  # manifests written before use cases were served
+    return manifest
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
@@ -105,17 +116,79 @@ def compile_model(model_file: Path) -> dict:
     return {"file": target.name, "triple": llvm.get_process_triple()}
 
 
-def _model_entry(folder: Path, tenant: str, version: str) -> dict:
-    """The manifest entry of a published model version: its file, and its compiled object when one exists."""
-    model_file = folder / "models" / tenant / f"v{version}.txt"
-    entry = {"version": version, "model_file": f"models/{tenant}/v{version}.txt"}
+def _model_entry(folder: Path, prefix: str, version: str) -> dict:
+    """The manifest entry of a published model version (``models/<prefix>/v<N>.txt``, ``prefix`` being a
+    tenant for churn, ``<use case>/<tenant>`` otherwise): its file, and its compiled object when one exists."""
+    model_file = folder / "models" / prefix / f"v{version}.txt"
+    entry = {"version": version, "model_file": f"models/{prefix}/v{version}.txt"}
     try:
         compiled = compile_model(model_file)
     except Exception as exc:  # the service scores with LightGBM instead: slower, same scores
-        print(f"serving: could not compile {model_file.name} for tenant {tenant!r}, LightGBM will score it: {exc!r}")
+        print(f"serving: could not compile {model_file.name} of {prefix!r}, LightGBM will score it: {exc!r}")
     else:
-        entry["compiled"] = {**compiled, "file": f"models/{tenant}/{compiled['file']}"}
+        entry["compiled"] = {**compiled, "file": f"models/{prefix}/{compiled['file']}"}
     return entry
+
+
+def _tenant_entries(manifest: dict, use_case: str | None) -> dict:
+    """The manifest's tenant entries of churn (``use_case`` None) or of a use case (created if missing)."""
+    if use_case is None:
+        return manifest["tenants"]
+    return manifest["use_cases"].setdefault(use_case, {"tenants": {}})["tenants"]
+
+
+def _publish(folder: Path, use_case: str | None, tenant: str, *, champion: tuple[str, Path],
+             challenger: tuple[str, Path] | None, snapshot: tuple[int, Path], declaration: dict | None = None) -> dict:
+    """Copy model files and the online snapshot into the bundle, then switch the manifest atomically
+    (churn's tenants when ``use_case`` is None, else the use case's, with its ``declaration``)."""
+    prefix = tenant if use_case is None else f"{use_case}/{tenant}"
+    models = folder / "models" / prefix
+    online = folder / "online" / prefix
+    models.mkdir(parents=True, exist_ok=True)
+    online.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for version, source in [champion] + ([challenger] if challenger else []):
+        _copy_atomic(source, models / f"v{version}.txt")
+        entries[version] = _model_entry(folder, prefix, version)  # compiled before the manifest names it
+    snap_version, snap_source = snapshot
+    _copy_atomic(snap_source, online / snap_source.name)
+    with _manifest_lock:
+        manifest = read_manifest(folder)
+        tenants = _tenant_entries(manifest, use_case)
+        if declaration is not None:
+            manifest["use_cases"][use_case]["declaration"] = declaration
+        previous = tenants.get(tenant, {})
+        history = list(previous.get("champion_history", []))
+        if not history or history[-1] != champion[0]:
+            history.append(champion[0])
+        tenants[tenant] = {
+            CHAMPION: entries[champion[0]],
+            CHALLENGER: entries[challenger[0]] if challenger else None,
+            "snapshot": {"version": snap_version, "file": f"online/{prefix}/{snap_source.name}"},
+            "champion_history": history,
+        }
+        _write_manifest(folder, manifest)
+    return tenants[tenant]
+
+
+def _rollback(folder: Path, use_case: str | None, tenant: str) -> tuple[str, str]:
+    what = f"tenant {tenant!r}" if use_case is None else f"tenant {tenant!r} of use case {use_case!r}"
+    with _manifest_lock:
+        manifest = read_manifest(folder)
+        if use_case is not None and use_case not in manifest["use_cases"]:
+            raise KeyError(f"use case {use_case!r} is not deployed")
+        entry = _tenant_entries(manifest, use_case).get(tenant)
+        if entry is None:
+            raise KeyError(f"{what} is not deployed")
+        history = entry["champion_history"]
+        if len(history) < 2:
+            raise ValueError(f"{what} has no previous champion to roll back to")
+        current, previous = history[-1], history[-2]
+        entry[CHAMPION] = _model_entry(folder, tenant if use_case is None else f"{use_case}/{tenant}", previous)
+        entry["champion_history"] = history[:-1]
+        entry[CHALLENGER] = None  # the rolled-back model must not keep shadowing
+        _write_manifest(folder, manifest)
+    return current, previous
 
 
 def publish_tenant(
@@ -126,53 +199,71 @@ def publish_tenant(
     challenger: tuple[str, Path] | None,
     snapshot: tuple[int, Path],
 ) -> dict:
-    """Copy model files and the online snapshot into the bundle, then switch the manifest atomically.
+    """Publish churn's models and online snapshot of ``tenant`` (``manifest["tenants"][tenant]``).
 
     ``champion``/``challenger`` are (version, model file); ``snapshot`` is (version, parquet file).
     Files are copied before the manifest names them, so a reader never sees a missing file.
     """
-    models = folder / "models" / tenant
-    online = folder / "online" / tenant
-    models.mkdir(parents=True, exist_ok=True)
-    online.mkdir(parents=True, exist_ok=True)
-    entries = {}
-    for version, source in [champion] + ([challenger] if challenger else []):
-        _copy_atomic(source, models / f"v{version}.txt")
-        entries[version] = _model_entry(folder, tenant, version)  # compiled before the manifest names it
-    snap_version, snap_source = snapshot
-    _copy_atomic(snap_source, online / snap_source.name)
-    with _manifest_lock:
-        manifest = read_manifest(folder)
-        previous = manifest["tenants"].get(tenant, {})
-        history = list(previous.get("champion_history", []))
-        if not history or history[-1] != champion[0]:
-            history.append(champion[0])
-        manifest["tenants"][tenant] = {
-            CHAMPION: entries[champion[0]],
-            CHALLENGER: entries[challenger[0]] if challenger else None,
-            "snapshot": {"version": snap_version, "file": f"online/{tenant}/{snap_source.name}"},
-            "champion_history": history,
-        }
-        _write_manifest(folder, manifest)
-    return manifest["tenants"][tenant]
+    return _publish(folder, None, tenant, champion=champion, challenger=challenger, snapshot=snapshot)
 
 
 def rollback_tenant(folder: Path, tenant: str) -> tuple[str, str]:
-    """Point the tenant's champion back at its previous champion; returns (from, to) versions."""
-    with _manifest_lock:
-        manifest = read_manifest(folder)
-        entry = manifest["tenants"].get(tenant)
-        if entry is None:
-            raise KeyError(f"tenant {tenant!r} is not deployed")
-        history = entry["champion_history"]
-        if len(history) < 2:
-            raise ValueError(f"tenant {tenant!r} has no previous champion to roll back to")
-        current, previous = history[-1], history[-2]
-        entry[CHAMPION] = _model_entry(folder, tenant, previous)
-        entry["champion_history"] = history[:-1]
-        entry[CHALLENGER] = None  # the rolled-back model must not keep shadowing
-        _write_manifest(folder, manifest)
-    return current, previous
+    """Point churn's champion of the tenant back at its previous champion; returns (from, to) versions."""
+    return _rollback(folder, None, tenant)
+
+
+# The SQL types a request field may have, as the service parses them (VARCHAR only with levels: a
+# categorical input). Dates and free text are no model input.
+REQUEST_FIELD_TYPES = ("DOUBLE", "BIGINT", "INTEGER", "BOOLEAN", "VARCHAR")
+
+
+def serving_declaration(usecase) -> dict:
+    """What the service needs of a use-case declaration (``mlops.core.usecase.UseCase``), as JSON: the
+    service reads it from the manifest and never reads use-case folders."""
+    from mlops.core.model_inputs import ModelInputs
+
+    inputs = ModelInputs.of(usecase)
+    fields = []
+    for spec in usecase.serving.request_fields:
+        if spec.type not in REQUEST_FIELD_TYPES or (spec.type == "VARCHAR" and spec.isin is None):
+            raise ValueError(f"use case {usecase.name!r}: serving.request_fields {spec.name!r}: a request field is "
+                             f"one of {REQUEST_FIELD_TYPES} (VARCHAR with isin levels), not {spec.type}"
+                             f"{' without isin' if spec.type == 'VARCHAR' else ''}")
+        fields.append({k: v for k, v in spec.model_dump(mode="json").items()
+                       if k in ("name", "type", "nullable", "isin", "min", "max")})
+    return {
+        "name": usecase.name,
+        "title": usecase.title,
+        "entity": {"name": usecase.entity.name, "key": usecase.entity.key},
+        "problem_type": usecase.problem_type,
+        "classes": list(usecase.label.classes) if usecase.label.classes else None,
+        "lookup": usecase.serving.lookup,
+        "inputs": {"numeric": list(inputs.numeric), "categorical": {c: list(v) for c, v in inputs.categorical.items()}},
+        "features": list(usecase.features.columns),  # the columns the online snapshot holds
+        "request_fields": fields,
+    }
+
+
+def publish_usecase(
+    folder: Path,
+    usecase,
+    tenant: str,
+    *,
+    champion: tuple[str, Path],
+    challenger: tuple[str, Path] | None,
+    snapshot: tuple[int, Path],
+) -> dict:
+    """``publish_tenant`` for a declared use case (``mlops.core.usecase.UseCase``): models under
+    ``models/<use case>/<tenant>/``, the snapshot (entity key, ``available_at``, the features) under
+    ``online/<use case>/<tenant>/``, the entry under ``manifest["use_cases"][<use case>]["tenants"]``,
+    and the declaration the service needs under ``manifest["use_cases"][<use case>]["declaration"]``."""
+    return _publish(folder, usecase.name, tenant, champion=champion, challenger=challenger, snapshot=snapshot,
+                    declaration=serving_declaration(usecase))
+
+
+def rollback_usecase(folder: Path, use_case_name: str, tenant: str) -> tuple[str, str]:
+    """``rollback_tenant`` for a declared use case; returns (from, to) versions."""
+    return _rollback(folder, use_case_name, tenant)
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
@@ -242,8 +333,9 @@ def _hash(salt: str, secret: str) -> str:
 
 
 # --- prediction log ------------------------------------------------------------------------
-def prediction_log_dir(home: Path, tenant: str) -> Path:
-    return HomeLayout(Path(home)).prediction_log_dir(tenant)
+def prediction_log_dir(home: Path, tenant: str, use_case: str | None = None) -> Path:
+    """``prediction_logs/<tenant>`` (churn) or ``prediction_logs/<use case>/<tenant>``."""
+    return HomeLayout(Path(home)).prediction_log_dir(tenant, use_case)
 
 
 @dataclass(frozen=True)
@@ -371,7 +463,7 @@ class PredictionLogWriter:
         # Rows kept per tenant while segments cannot be written (a full disk): beyond it the oldest go,
         # with a message, rather than the process's memory.
         self.max_backlog_rows = max_backlog_rows
-        self._buffers: dict[str, _SegmentBuffer] = {}
+        self._buffers: dict[tuple[str | None, str], _SegmentBuffer] = {}  # by (use case or None, tenant)
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # one segment write at a time, in sequence order
         self._seq = 0
@@ -382,28 +474,30 @@ class PredictionLogWriter:
 
     # --- buffering (the request path) ---
     def append_one(self, tenant: str, group: tuple, requested_at_us: int, latency_ms: float, prediction_id: str,
-                   account_id: str, score: float, now: float) -> None:
-        """One prediction; ``group`` is (role, model_version, snapshot_version, endpoint)."""
+                   account_id: str, score: float, now: float, use_case: str | None = None) -> None:
+        """One prediction; ``group`` is (role, model_version, snapshot_version, endpoint). Churn's
+        predictions (``use_case`` None) go to ``prediction_logs/<tenant>``, a use case's to
+        ``prediction_logs/<use case>/<tenant>`` (``account_id``: the use case's entity key)."""
         with self._lock:
-            buffer = self._open(tenant, now)
+            buffer = self._open((use_case, tenant), now)
             buffer.append_one(group, requested_at_us, latency_ms, prediction_id, account_id, score)
             full = len(buffer) >= self.max_rows
         if full:
             self._full()
 
-    def append_chunk(self, tenant: str, chunk: LogChunk, now: float) -> None:
+    def append_chunk(self, tenant: str, chunk: LogChunk, now: float, use_case: str | None = None) -> None:
         with self._lock:
-            buffer = self._open(tenant, now)
+            buffer = self._open((use_case, tenant), now)
             buffer.extend(chunk)
             full = len(buffer) >= self.max_rows
         if full:
             self._full()
 
-    def _open(self, tenant: str, now: float) -> _SegmentBuffer:
-        """The tenant's open segment (called with the lock held)."""
-        buffer = self._buffers.get(tenant)
+    def _open(self, key: tuple[str | None, str], now: float) -> _SegmentBuffer:
+        """The open segment of a (use case, tenant) (called with the lock held)."""
+        buffer = self._buffers.get(key)
         if buffer is None:
-            buffer = self._buffers[tenant] = _SegmentBuffer(now)
+            buffer = self._buffers[key] = _SegmentBuffer(now)
         return buffer
 
     def _full(self) -> None:
@@ -447,34 +541,37 @@ class PredictionLogWriter:
     def _flush(self, due) -> int:
         with self._write_lock:
             with self._lock:
-                tenants = [t for t, buffer in self._buffers.items() if len(buffer) and due(t, buffer.opened, len(buffer))]
-                batches = [(t, self._buffers.pop(t)) for t in tenants]
-            for i, (tenant, buffer) in enumerate(batches):
+                keys = [k for k, buffer in self._buffers.items() if len(buffer) and due(k, buffer.opened, len(buffer))]
+                batches = [(k, self._buffers.pop(k)) for k in keys]
+            for i, (key, buffer) in enumerate(batches):
                 try:
-                    self._write_segment(tenant, buffer)
+                    self._write_segment(key, buffer)
                 except BaseException:
                     for unwritten in batches[i:]:  # nothing is lost: the rows go back in front
                         self._restore(*unwritten)
                     raise
         return len(batches)
 
-    def _restore(self, tenant: str, buffer: _SegmentBuffer) -> None:
+    def _restore(self, key: tuple[str | None, str], buffer: _SegmentBuffer) -> None:
         """Put the rows of a segment that could not be written back in front of the newer ones."""
+        use_case, tenant = key
         with self._lock:
-            newer = self._buffers.get(tenant)
-            self._buffers[tenant] = buffer
+            newer = self._buffers.get(key)
+            self._buffers[key] = buffer
             if newer is not None:
                 buffer.absorb(newer)
             excess = len(buffer) - self.max_backlog_rows
             if excess > 0:
                 buffer.drop_oldest(excess)
-                print(f"prediction log: segments of tenant {tenant!r} cannot be written; dropped its {excess} oldest "
+                where = f"tenant {tenant!r}" + (f" of use case {use_case!r}" if use_case else "")
+                print(f"prediction log: segments of {where} cannot be written; dropped its {excess} oldest "
                       f"rows to keep at most {self.max_backlog_rows} buffered")
 
-    def _write_segment(self, tenant: str, buffer: _SegmentBuffer) -> Path:
+    def _write_segment(self, key: tuple[str | None, str], buffer: _SegmentBuffer) -> Path:
         import pyarrow.parquet as pq
 
-        folder = prediction_log_dir(self.home, tenant) / "closed"
+        use_case, tenant = key
+        folder = prediction_log_dir(self.home, tenant, use_case) / "closed"
         folder.mkdir(parents=True, exist_ok=True)
         self._seq += 1
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
