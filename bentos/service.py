@@ -886,15 +886,14 @@ class ChurnService:
         (regression), the probability (binary) or the probabilities by class (multiclass, with
         ``predicted_class``). ``/v1/churn/predict`` answers as ``/v1/predict``. 404 names an unknown use
         case and lists the deployed ones."""
-        return await self._route_usecase(ctx.request.path_params["use_case"], body, ctx.request.headers, "predict")
+        return await self._route_usecase(_path_use_case(ctx.request), body, ctx.request.headers, "predict")
 
     @bentoml.api(route="/v1/{use_case}/predict_batch")
     async def predict_batch_usecase(self, body: dict[str, Any], /, ctx: bentoml.Context) -> dict[str, Any]:
         """Up to 10,000 predictions of a deployed use case. Body: ``tenant`` and ``instances``, a list of
         objects with the entity key and request fields. Answer: ``{tenant, model_version, predictions}``.
         ``/v1/churn/predict_batch`` answers as ``/v1/predict_batch`` (``account_ids``)."""
-        return await self._route_usecase(ctx.request.path_params["use_case"], body, ctx.request.headers,
-                                         "predict_batch")
+        return await self._route_usecase(_path_use_case(ctx.request), body, ctx.request.headers, "predict_batch")
 
 
 # --- fast path for the scoring routes ------------------------------------------------------------
@@ -971,6 +970,11 @@ async def _fast_predict_usecase(request: Request, use_case: str, endpoint: str) 
 
 _FAST_ROUTES = {"/v1/predict": _fast_predict, "/v1/predict_batch": _fast_predict_batch}
 _USECASE_ENDPOINTS = ("predict", "predict_batch")
+
+
+def _path_use_case(request: Request) -> str:
+    """The ``{use_case}`` of the request's route (from its path if a middleware copied the scope)."""
+    return request.path_params.get("use_case") or request.url.path.rstrip("/").split("/")[-2]
 
 
 def _usecase_route(path: str) -> tuple[str, str] | None:
