@@ -22,7 +22,14 @@ import requests
 
 from mlops.core.environment import PROJECT_ROOT, TELEMETRY_OFF
 from mlops.core.model_inputs import CHURN_INPUTS, ModelInputs
-from mlops.core.serving import ApiKeyStore, publish_tenant, publish_usecase, read_manifest, serving_dir
+from mlops.core.serving import (
+    ApiKeyStore,
+    publish_tenant,
+    publish_usecase,
+    read_manifest,
+    rollback_usecase,
+    serving_dir,
+)
 from mlops.core.usecase import load_usecase
 from mlops.core.vocabulary import PLANS, SEGMENTS
 from tests.usecase_fixtures import USECASE_YAML, write_spend_usecase
@@ -386,3 +393,34 @@ def test_promotion_is_picked_up_without_a_restart_or_a_failed_request(service):
     other = _post(service, "/v1/spend/predict", {"tenant": OTHER, "customer_id": customers[3]},
                   key=service["other_key"])
     assert other.json()["model_version"] == "1"
+
+    # and a rollback goes back to v1, without the challenger, in the running service
+    assert rollback_usecase(service["folder"], "spend", TENANT) == ("2", "1")
+    entry = read_manifest(service["folder"])["use_cases"]["spend"]["tenants"][TENANT]
+    assert entry["champion"]["version"] == "1" and entry["challenger"] is None
+    time.sleep(1.5)  # the service polls the manifest every 0.5 s
+    response = _post(service, "/v1/spend/predict", {"tenant": TENANT, "customer_id": customers[3]})
+    assert response.json()["model_version"] == "1"
+    with pytest.raises(ValueError, match="no previous champion"):
+        rollback_usecase(service["folder"], "spend", TENANT)
+    with pytest.raises(KeyError, match="use case 'fraud' is not deployed"):
+        rollback_usecase(service["folder"], "fraud", TENANT)
+
+
+def test_multiclass_and_binary_answers():
+    from bentos.usecase_serving import UseCaseDeclaration
+
+    spec = {"name": "tier", "entity": {"name": "customer", "key": "customer_id"}, "problem_type": "multiclass",
+            "classes": ["low", "mid", "high"], "lookup": False, "inputs": {"numeric": ["x"], "categorical": {}},
+            "features": [], "request_fields": [{"name": "x", "type": "DOUBLE", "nullable": True}]}
+    declaration = UseCaseDeclaration(spec)
+    scores = np.array([[0.2, 0.5, 0.3], [0.7, 0.2, 0.1]])
+    answers = declaration.predictions("acme", "3", ["a", "b"], ["c1", None], scores)
+    assert answers[0]["score"] == {"low": 0.2, "mid": 0.5, "high": 0.3} and answers[0]["predicted_class"] == "mid"
+    assert answers[1]["predicted_class"] == "low" and answers[1]["customer_id"] is None
+    assert declaration.logged_scores(scores).tolist() == [0.5, 0.7]
+    # no lookup: the key may be left out, a nullable field too (a missing value)
+    record = declaration.predict_model.model_validate({"tenant": "acme"})
+    assert np.isnan(declaration.encode(np.empty((0, 1)), None, [record])).all()
+    binary = UseCaseDeclaration({**spec, "problem_type": "binary", "classes": None})
+    assert binary.predictions("acme", "1", ["a"], ["c"], np.array([0.25]))[0]["score"] == 0.25
