@@ -1,7 +1,11 @@
-"""The churn prediction service: every tenant, champion + shadow challenger, hot model swaps.
+"""The prediction service: every use case and every tenant, champion + shadow challenger, hot model swaps.
 
 Start it with ``bentoml serve bentos.service:ChurnService``. It reads only the serving bundle (see
-``mlops.core.serving``): never the warehouse, never the registry.
+``mlops.core.serving``): never the warehouse, never the registry. Churn answers at ``/v1/predict``
+and ``/v1/predict_batch`` (and ``/v1/churn/...``); every use case published with
+``mlops.core.serving.publish_usecase`` at ``/v1/<use case>/predict`` and ``/v1/<use case>/predict_batch``
+(``bentos.usecase_serving``), with the same authentication, validation, shadow scoring, prediction
+log and hot swaps.
 
 Settings (environment variables, read at start-up):
 
@@ -42,6 +46,7 @@ import functools
 import gc
 import importlib.util
 import itertools
+import json
 import os
 import random
 import sys
@@ -61,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from bentos.usecase_serving import UseCaseDeclaration
 from mlops.core.environment import HomeLayout, configure_environment, write_atomic
 from mlops.core.names import CHALLENGER, CHAMPION
 from mlops.core.serving import (
@@ -74,6 +80,7 @@ from mlops.core.serving import (
 )
 
 MAX_BATCH = 10_000
+CHURN = "churn"  # served from manifest["tenants"] until it is migrated to a declared use case
 SHADOW_SAMPLE = float(os.environ.get("CHURN_SHADOW_SAMPLE", "1"))
 SHADOW_BATCH_SAMPLE = float(os.environ.get("CHURN_SHADOW_BATCH_SAMPLE", "0.1"))
 SHADOW_MAX_PENDING = int(os.environ.get("CHURN_SHADOW_MAX_PENDING", "20000"))
@@ -103,6 +110,23 @@ SHADOW_REQUESTS = bentoml.metrics.Counter(
     documentation="Requests to tenants with a challenger, by endpoint and shadow outcome "
                   "(shadowed, sampled_out, dropped)",
     labelnames=["tenant", "endpoint", "outcome"],
+)
+# The same metrics for the other use cases (``/v1/<use case>/...``), with the use case as a label.
+USECASE_LATENCY = bentoml.metrics.Histogram(
+    name="usecase_prediction_latency_seconds",
+    documentation="Scoring latency per use case, tenant, model version and role (champion or challenger)",
+    labelnames=["use_case", "tenant", "model_version", "role"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+USECASE_PREDICTIONS = bentoml.metrics.Counter(
+    name="usecase_predictions_total",
+    documentation="Predictions served per use case, tenant, model version and role",
+    labelnames=["use_case", "tenant", "model_version", "role"],
+)
+USECASE_SHADOW_REQUESTS = bentoml.metrics.Counter(
+    name="usecase_shadow_requests_total",
+    documentation="Requests to a use case's tenants with a challenger, by endpoint and shadow outcome",
+    labelnames=["use_case", "tenant", "endpoint", "outcome"],
 )
 
 
@@ -290,7 +314,8 @@ class Model:
 
 @dataclass(frozen=True)
 class TenantDeployment:
-    """Everything needed to score one tenant, immutable: a swap replaces the whole object."""
+    """Everything needed to score one tenant (of churn, or of ``use_case``), immutable: a swap replaces
+    the whole object. ``account_index`` maps the entity key (churn: the account) to its snapshot row."""
 
     tenant: str
     champion: Model
@@ -298,14 +323,20 @@ class TenantDeployment:
     snapshot_version: int
     account_index: dict[str, int]
     features: np.ndarray
+    use_case: str | None = None  # None: churn
+    declaration: UseCaseDeclaration | None = None
 
 
 def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDeployment | None,
-                    load_model=load_scorer) -> TenantDeployment:
-    """``load_model(folder, spec, sample)`` loads one model version of the manifest entry."""
+                    load_model=load_scorer, declaration: UseCaseDeclaration | None = None) -> TenantDeployment:
+    """``load_model(folder, spec, sample)`` loads one model version of the manifest entry; churn's
+    tenant without a ``declaration``, a use case's with it."""
     snapshot_version = int(entry["snapshot"]["version"])
-    if previous is not None and previous.snapshot_version == snapshot_version:
+    if (previous is not None and previous.snapshot_version == snapshot_version
+            and previous.declaration is declaration):
         index, features = previous.account_index, previous.features
+    elif declaration is not None:
+        index, features = declaration.read_snapshot(folder / entry["snapshot"]["file"])
     else:
         import pandas as pd  # in the workers only, not in the `bentoml serve` process
 
@@ -314,13 +345,20 @@ def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDepl
         frame = pd.read_parquet(folder / entry["snapshot"]["file"])
         index = {account: i for i, account in enumerate(frame["account_id"].tolist())}
         features = to_model_matrix(frame)
+    sample = features[:VERIFY_ROWS] if declaration is None else declaration.verify_sample(features, VERIFY_ROWS)
 
     def model(spec: dict | None, old: Model | None) -> Model | None:
         if spec is None:
             return None
         if old is not None and old.version == spec["version"]:
             return old
-        return Model(str(spec["version"]), load_model(folder, spec, features[:VERIFY_ROWS]))
+        booster = load_model(folder, spec, sample)
+        if declaration is not None:
+            takes = booster.num_feature() if callable(booster.num_feature) else booster.num_feature  # lightgbm's: a method
+            if takes != len(declaration.inputs.columns):
+                raise ValueError(f"model {spec['model_file']} takes {takes} features, the use case "
+                                 f"{declaration.name!r} declares {len(declaration.inputs.columns)}")
+        return Model(str(spec["version"]), booster)
 
     old_models = {}
     if previous is not None:
@@ -330,7 +368,8 @@ def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDepl
     if challenger_spec and str(challenger_spec["version"]) == champion.version:
         challenger_spec = None  # a model does not shadow itself
     challenger = model(challenger_spec, old_models.get(str(challenger_spec["version"])) if challenger_spec else None)
-    return TenantDeployment(tenant, champion, challenger, snapshot_version, index, features)
+    return TenantDeployment(tenant, champion, challenger, snapshot_version, index, features,
+                            declaration.name if declaration is not None else None, declaration)
 
 
 def new_prediction_ids(n: int) -> list[str]:
@@ -345,9 +384,17 @@ def new_prediction_ids(n: int) -> list[str]:
 
 
 @dataclass(frozen=True)
+class ServedUseCase:
+    """A use case's declaration and its tenants' deployments, swapped together."""
+
+    declaration: UseCaseDeclaration
+    tenants: dict[str, TenantDeployment]
+
+
+@dataclass(frozen=True)
 class _ShadowItem:
     deployment: TenantDeployment
-    rows: np.ndarray
+    matrix: np.ndarray  # the encoded inputs the champion scored
     ids: list[str]
     accounts: list[str]
     endpoint: str
@@ -364,7 +411,7 @@ class _ShadowItem:
     # Per-request access logging and tracing cost more than scoring itself; metrics stay on.
     logging={"access": {"enabled": False}},
     # The OpenTelemetry middleware creates spans even at sample rate 0: skip the scoring routes.
-    tracing={"sample_rate": 0.0, "excluded_urls": ["/v1/predict", "/v1/predict_batch"]},
+    tracing={"sample_rate": 0.0, "excluded_urls": ["/v1/predict", "/v1/predict_batch", r"/v1/[a-z][a-z0-9_]*/predict"]},
     endpoints={"livez": "/livez", "readyz": "/readyz"},
 )
 class ChurnService:
@@ -383,7 +430,8 @@ class ChurnService:
         self._shadow_pending = 0
         self._shadow_cond = threading.Condition()
         self._shadow_closed = False
-        self.deployments: dict[str, TenantDeployment] = {}
+        self.deployments: dict[str, TenantDeployment] = {}  # churn's, by tenant
+        self.usecases: dict[str, ServedUseCase] = {}  # the other use cases', by name
         self._keys: tuple[dict, dict] = ({}, {})  # (key file snapshot, verified-key cache), swapped together
         self._manifest_mtime: float | None = None
         self._keys_mtime: float | None = None
@@ -424,12 +472,51 @@ class ChurnService:
                                                  self._load_model),
                     tenants,
                 )
-                self.deployments = dict(zip((t for t, _ in tenants), loaded, strict=True))
+                deployments = dict(zip((t for t, _ in tenants), loaded, strict=True))
+                usecases = self._load_usecases(manifest.get("use_cases", {}), pool)
+            self.deployments, self.usecases = deployments, usecases
             self._manifest_mtime = mtime
         kmtime = keys_path.stat().st_mtime if keys_path.exists() else None
         if kmtime != self._keys_mtime:
             self._keys = (ApiKeyStore(self.folder).snapshot(), {})
             self._keys_mtime = kmtime
+
+    def _load_usecases(self, declared: dict, pool: concurrent.futures.Executor) -> dict[str, ServedUseCase]:
+        """The use cases of the manifest. One that cannot be loaded (a bad declaration, a model that does
+        not fit it) keeps its previous deployments, or is not served, and says why: the others serve on."""
+        served: dict[str, ServedUseCase] = {}
+        jobs = []
+        for name, entry in declared.items():
+            previous = self.usecases.get(name)
+            try:
+                if previous is not None and previous.declaration.spec == entry["declaration"]:
+                    declaration = previous.declaration  # unchanged: keep its request models and snapshots
+                else:
+                    declaration = UseCaseDeclaration(entry["declaration"])
+            except Exception as exc:
+                print(f"churn_service: use case {name!r} cannot be served: {exc!r}")
+                if previous is not None:
+                    served[name] = previous
+                continue
+            old = previous.tenants if previous is not None else {}
+            for tenant, tenant_entry in entry["tenants"].items():
+                jobs.append((name, tenant, pool.submit(load_deployment, self.folder, tenant, tenant_entry,
+                                                       old.get(tenant), self._load_model, declaration)))
+            served[name] = ServedUseCase(declaration, {})
+        for name, tenant, job in jobs:
+            try:
+                served[name].tenants[tenant] = job.result()
+            except Exception as exc:
+                previous = self.usecases.get(name)
+                kept = previous.tenants.get(tenant) if previous is not None else None
+                print(f"churn_service: tenant {tenant!r} of use case {name!r} cannot be loaded"
+                      f"{', still serving its previous models' if kept else ''}: {exc!r}")
+                if kept is not None:
+                    served[name].tenants[tenant] = kept
+        return served
+
+    def _all_deployments(self) -> list[TenantDeployment]:
+        return [*self.deployments.values(), *(d for u in self.usecases.values() for d in u.tenants.values())]
 
     @property
     def api_keys(self) -> dict:
@@ -460,7 +547,8 @@ class ChurnService:
             print(f"churn_service: could not write worker status: {exc!r}")
 
     def __is_ready__(self) -> bool:
-        return bool(self.deployments) and all(d.champion is not None for d in self.deployments.values())
+        deployments = self._all_deployments()
+        return bool(deployments) and all(d.champion is not None for d in deployments)
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
@@ -475,6 +563,15 @@ class ChurnService:
 
     # --- request handling ----------------------------------------------------------------
     def _authorize(self, headers, tenant: str) -> TenantDeployment:
+        """Churn's deployment of ``tenant``, for a request that carries a key of that tenant."""
+        self._check_key(headers, tenant)
+        deployment = self.deployments.get(tenant)
+        if deployment is None:
+            raise ServiceError(HTTPStatus.NOT_FOUND, f"tenant {tenant!r} has no deployed model")
+        return deployment
+
+    def _check_key(self, headers, tenant: str) -> None:
+        """401 without a valid key, 403 with a key of another tenant."""
         presented = headers.get("x-api-key")
         if not presented:
             auth = headers.get("authorization", "")
@@ -491,10 +588,6 @@ class ChurnService:
                 verified[presented] = key
         if key.tenant != tenant:
             raise ServiceError(HTTPStatus.FORBIDDEN, f"this API key belongs to another tenant, not {tenant!r}")
-        deployment = self.deployments.get(tenant)
-        if deployment is None:
-            raise ServiceError(HTTPStatus.NOT_FOUND, f"tenant {tenant!r} has no deployed model")
-        return deployment
 
     def _rows(self, deployment: TenantDeployment, account_ids: list[str]) -> np.ndarray:
         index = deployment.account_index
@@ -504,44 +597,57 @@ class ChurnService:
             missing = [a for a in account_ids if a not in index]
             shown = ", ".join(repr(a) for a in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            what = "account(s)" if deployment.declaration is None else f"{deployment.declaration.key}(s)"
+            where = "" if deployment.use_case is None else f" of use case {deployment.use_case!r}"
             raise ServiceError(HTTPStatus.NOT_FOUND,
-                               f"unknown account(s) for tenant {deployment.tenant!r}: {shown}{more}") from None
+                               f"unknown {what} for tenant {deployment.tenant!r}{where}: {shown}{more}") from None
 
-    def _score(self, deployment: TenantDeployment, model: Model, rows: np.ndarray, role: str) -> tuple[np.ndarray, float]:
+    def _score(self, deployment: TenantDeployment, model: Model, matrix: np.ndarray,
+               role: str) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        scores = self._scores(model, deployment.features.take(rows, axis=0))
+        scores = self._scores(model, matrix)
         elapsed = time.perf_counter() - start
-        latency_metric, count_metric = self._metric_children(deployment.tenant, model.version, role)
+        latency_metric, count_metric = self._metric_children(deployment.use_case, deployment.tenant, model.version,
+                                                             role)
         latency_metric.observe(elapsed)
-        count_metric.inc(len(rows))
+        count_metric.inc(len(matrix))
         return scores, elapsed * 1000
 
     @functools.lru_cache(maxsize=1024)  # noqa: B019 - the service lives as long as its process
-    def _metric_children(self, tenant: str, version: str, role: str):
-        return REQUEST_LATENCY.labels(tenant, version, role), PREDICTIONS.labels(tenant, version, role)
+    def _metric_children(self, use_case: str | None, tenant: str, version: str, role: str):
+        if use_case is None:
+            return REQUEST_LATENCY.labels(tenant, version, role), PREDICTIONS.labels(tenant, version, role)
+        return (USECASE_LATENCY.labels(use_case, tenant, version, role),
+                USECASE_PREDICTIONS.labels(use_case, tenant, version, role))
 
     @functools.lru_cache(maxsize=1024)  # noqa: B019
-    def _shadow_counter(self, tenant: str, endpoint: str, outcome: str):
-        return SHADOW_REQUESTS.labels(tenant, endpoint, outcome)
+    def _shadow_counter(self, use_case: str | None, tenant: str, endpoint: str, outcome: str):
+        if use_case is None:
+            return SHADOW_REQUESTS.labels(tenant, endpoint, outcome)
+        return USECASE_SHADOW_REQUESTS.labels(use_case, tenant, endpoint, outcome)
 
     def _scores(self, model: Model, matrix: np.ndarray) -> np.ndarray:
-        """Churn probabilities of ``matrix`` from ``model``; the GPU service overrides this."""
+        """Scores of ``matrix`` from ``model`` (churn: probabilities; multiclass: one column per class);
+        the GPU service overrides this."""
         # One thread per prediction: requests and the shadow already keep a small machine's cores busy.
         return model.booster.predict(matrix, num_threads=1)
 
     def _log(self, deployment: TenantDeployment, model: Model, role: str, ids: list[str], accounts: list[str],
              scores: np.ndarray, latency_per_row_ms: float, endpoint: str, requested_at_us) -> None:
+        """Log predictions; for a use case, ``accounts`` are the entity keys (the log's ``account_id``)."""
         rows = len(ids)
         if role == CHAMPION:
             self._predictions_served += rows
+        if deployment.declaration is not None:
+            scores = deployment.declaration.logged_scores(scores)  # multiclass: one number per prediction
         if rows == 1:  # a single prediction: a few list appends
             self.log_writer.append_one(deployment.tenant, (role, model.version, deployment.snapshot_version, endpoint),
                                        requested_at_us, latency_per_row_ms, ids[0], accounts[0], float(scores[0]),
-                                       time.monotonic())
+                                       time.monotonic(), deployment.use_case)
             return
         chunk = LogChunk(rows, role, model.version, deployment.snapshot_version, endpoint, requested_at_us,
                          latency_per_row_ms, ids, accounts, scores)
-        self.log_writer.append_chunk(deployment.tenant, chunk, time.monotonic())
+        self.log_writer.append_chunk(deployment.tenant, chunk, time.monotonic(), deployment.use_case)
 
     # --- shadow ----------------------------------------------------------------------------
     def _enqueue_shadow(self, item: _ShadowItem, sample: float) -> None:
@@ -553,9 +659,9 @@ class ChurnService:
         millisecond). Handing them to a thread made the loop and the thread trade the GIL every
         switch interval, which showed in the tail latency. Batches scored on worker threads go to
         the shadow thread, which releases the GIL while it scores."""
-        tenant, endpoint = item.deployment.tenant, item.endpoint
+        tenant, endpoint, use_case = item.deployment.tenant, item.endpoint, item.deployment.use_case
         if sample < 1.0 and random.random() >= sample:
-            self._shadow_counter(tenant, endpoint, "sampled_out").inc()
+            self._shadow_counter(use_case, tenant, endpoint, "sampled_out").inc()
             return
         try:
             loop = asyncio.get_running_loop()
@@ -578,7 +684,7 @@ class ChurnService:
         if schedule:
             loop.call_later(SHADOW_BATCH_S, self._flush_loop_shadow)
         if outcome == "dropped":  # "shadowed" is counted per micro-batch, once scored
-            self._shadow_counter(tenant, endpoint, outcome).inc()
+            self._shadow_counter(use_case, tenant, endpoint, outcome).inc()
 
     def _flush_loop_shadow(self) -> None:
         """Score the event loop's queued shadow work (also called at shutdown)."""
@@ -595,7 +701,9 @@ class ChurnService:
         for group in groups.values():
             try:
                 self._shadow(group)
-                self._shadow_counter(group[0].deployment.tenant, group[0].endpoint, "shadowed").inc(len(group))
+                deployment = group[0].deployment
+                self._shadow_counter(deployment.use_case, deployment.tenant, group[0].endpoint,
+                                     "shadowed").inc(len(group))
             except Exception as exc:  # the shadow must never take the service down
                 print(f"churn_service: shadow scoring failed: {exc!r}")
             finally:
@@ -622,9 +730,9 @@ class ChurnService:
     def _shadow(self, group: list[_ShadowItem]) -> None:
         deployment, endpoint = group[0].deployment, group[0].endpoint
         challenger = deployment.challenger
-        rows = group[0].rows if len(group) == 1 else np.concatenate([i.rows for i in group])
-        scores, latency = self._score(deployment, challenger, rows, CHALLENGER)
-        per_row = latency / len(rows)
+        matrix = group[0].matrix if len(group) == 1 else np.concatenate([i.matrix for i in group])
+        scores, latency = self._score(deployment, challenger, matrix, CHALLENGER)
+        per_row = latency / len(matrix)
         if len(group) == 1:
             requested_at = group[0].requested_at_us
             ids, accounts = group[0].ids, group[0].accounts
@@ -637,14 +745,20 @@ class ChurnService:
     # --- predictions ---------------------------------------------------------------------
     def _predict_rows(self, deployment: TenantDeployment, account_ids: list[str], rows: np.ndarray, endpoint: str,
                       requested_at_us: int) -> tuple[list[str], np.ndarray]:
-        scores, latency = self._score(deployment, deployment.champion, rows, CHAMPION)
+        return self._predict_matrix(deployment, account_ids, deployment.features.take(rows, axis=0), endpoint,
+                                    requested_at_us)
+
+    def _predict_matrix(self, deployment: TenantDeployment, account_ids: list[str], matrix: np.ndarray, endpoint: str,
+                        requested_at_us: int) -> tuple[list[str], np.ndarray]:
+        """Score encoded inputs with the champion, log, and queue the challenger's shadow scoring."""
+        scores, latency = self._score(deployment, deployment.champion, matrix, CHAMPION)
         ids = new_prediction_ids(len(account_ids))
         self._log(deployment, deployment.champion, CHAMPION, ids, account_ids, scores, latency / len(ids),
                   endpoint, requested_at_us)
         if deployment.challenger is not None:
             # Off the hot path: the response carries the champion's score alone.
             sample = SHADOW_SAMPLE if endpoint == "predict" else SHADOW_BATCH_SAMPLE
-            self._enqueue_shadow(_ShadowItem(deployment, rows, ids, account_ids, endpoint, requested_at_us), sample)
+            self._enqueue_shadow(_ShadowItem(deployment, matrix, ids, account_ids, endpoint, requested_at_us), sample)
         return ids, scores
 
     def _predict(self, tenant: str, account_ids: list[str], headers, endpoint: str):
@@ -689,6 +803,97 @@ class ChurnService:
                 for pid, a, s in zip(ids, account_ids, scores, strict=True)
             ],
         )
+
+    # --- every other use case: /v1/<use case>/predict and /v1/<use case>/predict_batch --------------
+    # The use cases are known only at run time (the manifest), so each endpoint is one API method
+    # with a path parameter: BentoML 1.4 adds an API's route to its Starlette router as it stands
+    # (``Route(route, ...)``), so ``{use_case}`` is a Starlette path parameter, read from
+    # ``ctx.request.path_params``. Unlike an ASGI sub-app (``@bentoml.asgi_app``), the routes stay
+    # API methods of this one service: listed in its OpenAPI document (the body as a JSON object;
+    # its fields depend on the use case, as the method's docstring says), with BentoML's error
+    # handling (400 for validation errors, the generic 401/403 body), metrics and context. The body
+    # is taken whole (a positional-only ``dict`` parameter: BentoML's root input) and validated
+    # here by the use case's request model, built from the manifest's declaration.
+    def _served_usecase(self, use_case: str) -> ServedUseCase:
+        served = self.usecases.get(use_case)
+        if served is None:
+            deployed = sorted({*self.usecases, *([CHURN] if self.deployments else [])})
+            raise ServiceError(HTTPStatus.NOT_FOUND,
+                               f"unknown use case {use_case!r}; deployed: {', '.join(deployed) or 'none'}")
+        return served
+
+    async def _predict_usecase(self, use_case: str, body: dict, headers, endpoint: str) -> dict[str, Any]:
+        requested_at_us = time.time_ns() // 1000
+        served = self._served_usecase(use_case)
+        declaration = served.declaration
+        if endpoint == "predict":
+            payload = declaration.predict_model.model_validate(body)
+            records = [payload]
+        else:
+            payload = declaration.batch_model.model_validate(body)
+            records = payload.instances
+        tenant = payload.tenant
+        self._check_key(headers, tenant)
+        deployment = served.tenants.get(tenant)
+        if deployment is None:
+            raise ServiceError(HTTPStatus.NOT_FOUND, f"tenant {tenant!r} has no deployed model for use case {use_case!r}")
+        keys = [getattr(r, declaration.key) for r in records]
+        rows = self._rows(deployment, keys) if declaration.lookup else None
+        # The prediction log's account_id column holds the use case's entity key ("" when a use case that
+        # looks nothing up is sent none).
+        logged_keys = keys if declaration.lookup else [k or "" for k in keys]
+
+        def score() -> tuple[list[str], np.ndarray]:
+            matrix = declaration.encode(deployment.features, rows, records)
+            return self._predict_matrix(deployment, logged_keys, matrix, endpoint, requested_at_us)
+
+        if len(records) < OFFLOAD_ROWS:
+            ids, scores = score()
+        else:  # large batches on a worker thread, as churn's: the event loop keeps serving
+            ids, scores = await asyncio.get_running_loop().run_in_executor(self._batch_pool, score)
+        version = deployment.champion.version
+        predictions = declaration.predictions(tenant, version, ids, keys, scores)
+        if endpoint == "predict":
+            return predictions[0]
+        return {"tenant": tenant, "model_version": version, "predictions": predictions}
+
+    async def _predict_churn(self, body: dict, headers, endpoint: str) -> dict[str, Any]:
+        """``/v1/churn/...``: churn's ``/v1/predict`` and ``/v1/predict_batch`` (same input and output)."""
+        if endpoint == "predict":
+            payload = PredictInput.model_validate(body)
+            account_ids = [payload.account_id]
+        else:
+            payload = PredictBatchInput.model_validate(body)
+            account_ids = payload.account_ids
+        deployment, ids, scores = await self._predict_async(payload.tenant, account_ids, headers, endpoint)
+        tenant, version = payload.tenant, deployment.champion.version
+        predictions = [{"prediction_id": pid, "tenant": tenant, "account_id": a, "score": s, "model_version": version}
+                       for pid, a, s in zip(ids, account_ids, scores.tolist(), strict=True)]
+        if endpoint == "predict":
+            return predictions[0]
+        return {"tenant": tenant, "model_version": version, "predictions": predictions}
+
+    async def _route_usecase(self, use_case: str, body: Any, headers, endpoint: str) -> dict[str, Any]:
+        if use_case == CHURN and CHURN not in self.usecases:  # churn is not yet a declared use case
+            return await self._predict_churn(body, headers, endpoint)
+        return await self._predict_usecase(use_case, body, headers, endpoint)
+
+    @bentoml.api(route="/v1/{use_case}/predict")
+    async def predict_usecase(self, body: dict[str, Any], /, ctx: bentoml.Context) -> dict[str, Any]:
+        """One prediction of a deployed use case. Body: ``tenant``, the use case's entity key (e.g.
+        ``customer_id``; when it looks features up) and its declared request fields. Answer:
+        ``{prediction_id, tenant, <entity key>, score, model_version}``; ``score`` is the predicted value
+        (regression), the probability (binary) or the probabilities by class (multiclass, with
+        ``predicted_class``). ``/v1/churn/predict`` answers as ``/v1/predict``. 404 names an unknown use
+        case and lists the deployed ones."""
+        return await self._route_usecase(_path_use_case(ctx.request), body, ctx.request.headers, "predict")
+
+    @bentoml.api(route="/v1/{use_case}/predict_batch")
+    async def predict_batch_usecase(self, body: dict[str, Any], /, ctx: bentoml.Context) -> dict[str, Any]:
+        """Up to 10,000 predictions of a deployed use case. Body: ``tenant`` and ``instances``, a list of
+        objects with the entity key and request fields. Answer: ``{tenant, model_version, predictions}``.
+        ``/v1/churn/predict_batch`` answers as ``/v1/predict_batch`` (``account_ids``)."""
+        return await self._route_usecase(_path_use_case(ctx.request), body, ctx.request.headers, "predict_batch")
 
 
 # --- fast path for the scoring routes ------------------------------------------------------------
@@ -749,12 +954,41 @@ async def _fast_predict_batch(request: Request) -> Response:
     return Response(body, media_type="application/json")
 
 
+async def _fast_predict_usecase(request: Request, use_case: str, endpoint: str) -> Response:
+    """``ChurnService.predict_usecase`` and ``predict_batch_usecase`` (same contract), with the body parsed
+    here: a body that is not JSON is a 400, as for churn (BentoML's root-input parsing answers 500)."""
+    try:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as exc:
+            raise ServiceError(HTTPStatus.BAD_REQUEST, f"the request body is not valid JSON: {exc}") from None
+        result = await _SERVICE[0]._route_usecase(use_case, body, request.headers, endpoint)
+    except (ValidationError, ServiceError) as exc:
+        return _error_response(exc)
+    return Response(pydantic_core.to_json(result), media_type="application/json")
+
+
 _FAST_ROUTES = {"/v1/predict": _fast_predict, "/v1/predict_batch": _fast_predict_batch}
+_USECASE_ENDPOINTS = ("predict", "predict_batch")
+
+
+def _path_use_case(request: Request) -> str:
+    """The ``{use_case}`` of the request's route (from its path if a middleware copied the scope)."""
+    return request.path_params.get("use_case") or request.url.path.rstrip("/").split("/")[-2]
+
+
+def _usecase_route(path: str) -> tuple[str, str] | None:
+    """(use case, endpoint) of ``/v1/<use case>/predict`` or ``/v1/<use case>/predict_batch``."""
+    parts = path.split("/")
+    if len(parts) == 4 and parts[1] == "v1" and parts[2] and parts[3] in _USECASE_ENDPOINTS:
+        return parts[2], parts[3]
+    return None
 
 
 class FastPredictMiddleware:
     """Answers POST /v1/predict and /v1/predict_batch with the contract of ``ChurnService.predict``
-    and ``predict_batch`` (same input, output and error bodies), skipping BentoML's per-request
+    and ``predict_batch`` (same input, output and error bodies), and /v1/<use case>/predict[_batch]
+    with that of ``predict_usecase`` and ``predict_batch_usecase``, skipping BentoML's per-request
     IO-descriptor machinery. The two methods stay the documented API (OpenAPI, clients); the
     middleware sits inside BentoML's metrics middleware, so /metrics still counts these requests."""
 
@@ -762,10 +996,16 @@ class FastPredictMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        handler = _FAST_ROUTES.get(scope["path"]) if scope["type"] == "http" else None
-        if handler is None or scope["method"] != "POST" or not _SERVICE:
+        if scope["type"] != "http" or scope["method"] != "POST" or not _SERVICE:
             return await self.app(scope, receive, send)
-        response = await handler(Request(scope, receive))
+        handler = _FAST_ROUTES.get(scope["path"])
+        if handler is not None:
+            response = await handler(Request(scope, receive))
+        else:
+            route = _usecase_route(scope["path"])
+            if route is None:
+                return await self.app(scope, receive, send)
+            response = await _fast_predict_usecase(Request(scope, receive), *route)
         if KEEPALIVE_REQUESTS and random.random() * KEEPALIVE_REQUESTS < 1.0:
             response.headers["connection"] = "close"  # the client reconnects, to whichever worker is free
         await response(scope, receive, send)

@@ -68,7 +68,7 @@ class ChurnServiceGPU(ChurnService.inner):
     def refresh(self) -> None:
         super().refresh()
         # Compile new models here (start-up and the manifest watcher), not on the request path.
-        for deployment in list(self.deployments.values()):
+        for deployment in self._all_deployments():  # churn's tenants and every use case's
             for model in (deployment.champion, deployment.challenger):
                 if model is not None:
                     self.scorers.get(model)
