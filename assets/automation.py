@@ -82,63 +82,71 @@ def weekly_retrain_schedule(context: dg.ScheduleEvaluationContext):
 MONITORING_ASSET = dg.AssetKey("model_monitoring")
 
 
-@dg.asset_sensor(asset_key=MONITORING_ASSET, job=retrain_job, minimum_interval_seconds=2,
-                 default_status=dg.DefaultSensorStatus.RUNNING)
-def decay_retrain_sensor(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry,
-                         monitoring_policy: MonitoringPolicy):
-    """Asset sensor on ``model_monitoring`` (every tenant partition): a materialization that carries
-    a decay alert launches ``churn_retrain`` for that tenant only. One retrain per decaying champion
-    version (run key), and none while the tenant is within its cooldown.
+def build_decay_sensor(name: str, monitoring_asset: dg.AssetKey, job, run_key_prefix: str = "decay"):
+    """An asset sensor on a use case's monitoring asset that retrains the decaying tenant (below)."""
 
-    Why ``@dg.asset_sensor`` and not ``@dg.multi_asset_sensor``: only an ``AssetSensorDefinition``
-    names the asset it watches in the definitions the UI reads (``SensorMetadataSnap.asset_keys``
-    is set for asset sensors alone; a multi-asset sensor's monitored assets are not in the
-    snapshot, and ``MultiAssetSensorDefinition`` is ``@superseded``, warning at import). The
-    asset sensor's cursor is the storage id of the last materialization it handled, the format
-    this sensor always used, so a running deployment neither replays nor skips events.
+    @dg.asset_sensor(name=name, asset_key=monitoring_asset, job=job, minimum_interval_seconds=2,
+                     default_status=dg.DefaultSensorStatus.RUNNING)
+    def decay_sensor(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry,
+                     monitoring_policy: MonitoringPolicy):
+        """Asset sensor on the monitoring asset (every tenant partition): a materialization that
+        carries a decay alert launches the retraining job for that tenant only. One retrain per
+        decaying champion version (run key), and none while the tenant is within its cooldown.
 
-    An asset sensor calls this function once per tick with the *latest* new materialization only
-    and then moves its cursor there. So that no alert is dropped when several monitoring runs
-    (other tenants, or the same tenant twice) land between two ticks, this reads every
-    materialization after the cursor up to and including ``asset_event``: the cursor is still
-    the previous one while this runs (Dagster updates it after the function returns).
-    """
-    records = _materializations_through(context.instance, context.cursor, asset_event)
-    requests, notes = [], []
-    for record in records:
-        materialization = record.asset_materialization
-        metadata = materialization.metadata
-        decay = metadata.get("decay_alert")
-        if decay is None or not decay.value:
-            continue
-        tenant = materialization.partition
-        version = str(metadata["model_version"].value)
-        recent = _recent_retrains(context.instance, tenant, monitoring_policy.retrain_cooldown_s)
-        if recent:
-            notes.append(f"{tenant}: decay alert on v{version}, retrain {recent} ran within the cooldown")
-            continue
-        alerts = metadata["decay_alerts"].value if "decay_alerts" in metadata else []
-        requests.append(dg.RunRequest(
-            run_key=f"decay:{tenant}:v{version}",
-            partition_key=tenant,
-            tags={"trigger": "decay_alert", "decaying_version": version,
-                  "alert": json.dumps(alerts)[:1000], "alert_storage_id": str(record.storage_id)},
-        ))
-    for note in notes:
-        context.log.info(note)
-    return requests or dg.SkipReason(f"no decay alert to act on in {len(records)} new monitoring result(s)")
+        Why ``@dg.asset_sensor`` and not ``@dg.multi_asset_sensor``: only an ``AssetSensorDefinition``
+        names the asset it watches in the definitions the UI reads (``SensorMetadataSnap.asset_keys``
+        is set for asset sensors alone; a multi-asset sensor's monitored assets are not in the
+        snapshot, and ``MultiAssetSensorDefinition`` is ``@superseded``, warning at import). The
+        asset sensor's cursor is the storage id of the last materialization it handled, so a running
+        deployment neither replays nor skips events.
+
+        An asset sensor calls this function once per tick with the *latest* new materialization only
+        and then moves its cursor there. So that no alert is dropped when several monitoring runs
+        (other tenants, or the same tenant twice) land between two ticks, this reads every
+        materialization after the cursor up to and including ``asset_event``: the cursor is still
+        the previous one while this runs (Dagster updates it after the function returns).
+        """
+        records = _materializations_through(context.instance, context.cursor, asset_event, monitoring_asset)
+        requests, notes = [], []
+        for record in records:
+            materialization = record.asset_materialization
+            metadata = materialization.metadata
+            decay = metadata.get("decay_alert")
+            if decay is None or not decay.value:
+                continue
+            tenant = materialization.partition
+            version = str(metadata["model_version"].value)
+            recent = _recent_retrains(context.instance, job.name, tenant, monitoring_policy.retrain_cooldown_s)
+            if recent:
+                notes.append(f"{tenant}: decay alert on v{version}, retrain {recent} ran within the cooldown")
+                continue
+            alerts = metadata["decay_alerts"].value if "decay_alerts" in metadata else []
+            requests.append(dg.RunRequest(
+                run_key=f"{run_key_prefix}:{tenant}:v{version}",
+                partition_key=tenant,
+                tags={"trigger": "decay_alert", "decaying_version": version,
+                      "alert": json.dumps(alerts)[:1000], "alert_storage_id": str(record.storage_id)},
+            ))
+        for note in notes:
+            context.log.info(note)
+        return requests or dg.SkipReason(f"no decay alert to act on in {len(records)} new monitoring result(s)")
+
+    return decay_sensor
 
 
-def _materializations_through(instance: dg.DagsterInstance, cursor: str | None,
-                              last: dg.EventLogEntry) -> list[dg.EventLogRecord]:
-    """Every ``model_monitoring`` materialization after the asset sensor's cursor (a storage id),
+decay_retrain_sensor = build_decay_sensor("decay_retrain_sensor", MONITORING_ASSET, retrain_job)
+
+
+def _materializations_through(instance: dg.DagsterInstance, cursor: str | None, last: dg.EventLogEntry,
+                              asset_key: dg.AssetKey = MONITORING_ASSET) -> list[dg.EventLogRecord]:
+    """Every materialization of the monitoring asset after the asset sensor's cursor (a storage id),
     oldest first, up to and including ``last`` (the one the asset sensor moves its cursor to)."""
     after = int(cursor) if cursor and cursor.isdigit() else None  # as the asset sensor reads it
     records: list[dg.EventLogRecord] = []
     page = None
     while True:
         result = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=MONITORING_ASSET, after_storage_id=after),
+            dg.AssetRecordsFilter(asset_key=asset_key, after_storage_id=after),
             limit=200, cursor=page, ascending=True,
         )
         for record in result.records:
@@ -150,10 +158,10 @@ def _materializations_through(instance: dg.DagsterInstance, cursor: str | None,
         page = result.cursor
 
 
-def _recent_retrains(instance: dg.DagsterInstance, tenant: str, cooldown_s: float) -> str | None:
+def _recent_retrains(instance: dg.DagsterInstance, job_name: str, tenant: str, cooldown_s: float) -> str | None:
     since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=cooldown_s)
     runs = instance.get_run_records(
-        dg.RunsFilter(job_name=retrain_job.name, tags={"dagster/partition": tenant, "trigger": "decay_alert"},
+        dg.RunsFilter(job_name=job_name, tags={"dagster/partition": tenant, "trigger": "decay_alert"},
                       created_after=since),
         limit=1,
     )

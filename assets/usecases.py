@@ -20,6 +20,7 @@ from pathlib import Path
 import dagster as dg
 import mlflow
 
+from assets.automation import build_decay_sensor
 from mlops.core import usecase_model, usecase_store
 from mlops.core.candidates import (
     failed_or_missing_gates,
@@ -30,10 +31,24 @@ from mlops.core.candidates import (
 )
 from mlops.core.hashing import content_hash
 from mlops.core.model_inputs import ModelInputs
+from mlops.core.monitoring import (
+    MonitoringReport,
+    MonitorSpec,
+    decay_alerts,
+    load_or_fit,
+    read_monitoring_alerts,
+    read_monitoring_results,
+    reference_frame,
+    run_incremental,
+    store_report,
+    usecase_analysis_frame,
+)
 from mlops.core.names import CHALLENGER, CHAMPION
+from mlops.core.prediction_log import ForeignSegmentError, archive_segments, ingest_closed_segments
 from mlops.core.pyfunc_model import model_requirements
 from mlops.core.serving import publish_usecase, serving_dir
 from mlops.core.usecase import UseCase
+from resources.monitoring import MonitoringPolicy
 from resources.registry import ModelRegistry, runtime_tags
 from resources.settings import PlatformSettings
 from resources.tenants import TENANT_PARTITIONS, TenantCatalog
@@ -268,13 +283,89 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
             "manifest": dg.MetadataValue.path(str(serving_dir(settings.root) / "manifest.json")),
         })
 
+    @dg.asset(key=key("prediction_log"), kinds={"duckdb", "parquet"},
+              description=f"The service's closed prediction-log segments of {name}, ingested exactly once.",
+              **common)
+    def prediction_log(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, settings: PlatformSettings):
+        tenant = context.partition_key
+        with warehouse.transaction(tenant) as con:
+            try:
+                ingestion = ingest_closed_segments(con, settings.root, tenant, use_case=name)
+            except ForeignSegmentError as exc:
+                raise dg.Failure(str(exc)) from exc
+        archive_segments(settings.root, tenant, ingestion.closed, use_case=name)
+        return dg.MaterializeResult(metadata={
+            "segments_ingested": dg.MetadataValue.int(ingestion.loaded),
+            "rows_ingested": dg.MetadataValue.int(ingestion.rows),
+            "rows_total": dg.MetadataValue.int(ingestion.total_rows),
+        })
+
+    @dg.asset(key=key("model_monitoring"), deps=[prediction_log, model], kinds={"nannyml", "duckdb"},
+              description=f"NannyML on {name}'s champion predictions ({uc.problem_type}): drift of every feature, "
+                          "estimated and realized performance, data quality; a decay alert triggers retraining.",
+              **common)
+    def model_monitoring(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, registry: ModelRegistry,
+                         settings: PlatformSettings, catalog: TenantCatalog, monitoring_policy: MonitoringPolicy):
+        tenant = context.partition_key
+        champion = registry.alias_version(tenant, CHAMPION, use_case=name)
+        if champion is None:
+            raise dg.Failure(f"{uc.registered_model_name(tenant)} has no champion to monitor yet")
+        version = str(champion.version)
+        spec = MonitorSpec.of(uc)
+        with warehouse.connect(tenant) as con:
+            origin = usecase_store.clock(con, uc)
+            analysis = usecase_analysis_frame(con, uc, online_dir(settings, catalog, uc, tenant), version,
+                                              monitoring_policy.analysis_window_days, origin)
+            monitor, fitted = load_or_fit(settings.root, tenant, version, monitoring_policy,
+                                          lambda: reference_frame(con, version, use_case=name), spec)
+            stored = read_monitoring_results(con, version, use_case=name)
+            raised = set(read_monitoring_alerts(con, version, use_case=name)[["metric", "chunk_key"]]
+                         .itertuples(index=False, name=None))
+        if analysis.empty:
+            return dg.MaterializeResult(metadata={"model_version": version, "analysis_rows": dg.MetadataValue.int(0),
+                                                  "decay_alert": False})
+        fresh, everything = run_incremental(monitor, analysis, stored, monitoring_policy)
+        decay = [a for a in decay_alerts(everything, monitor.consecutive, monitor.spec.decay_metrics)
+                 if (a["metric"], a["chunk"]) not in raised]
+        with warehouse.transaction(tenant) as con:
+            store_report(con, MonitoringReport(fresh, monitor.reference_roc_auc, decay), version, context.run_id,
+                         use_case=name)
+        for alert in decay:
+            warehouse.audit(tenant, actor="monitoring", action="decay_alert",
+                            subject=f"{uc.registered_model_name(tenant)}/{version}", outcome="alert", details=alert)
+        report = MonitoringReport(everything, monitor.reference_roc_auc, decay)
+        return dg.MaterializeResult(metadata={
+            "model_version": version, "monitor_fitted_now": fitted,
+            "analysis_rows": dg.MetadataValue.int(len(analysis)),
+            "chunks": dg.MetadataValue.int(int(everything["chunk_key"].nunique())),
+            "alerts": dg.MetadataValue.int(len(report.alerts)),
+            **{metric: dg.MetadataValue.float(float("nan") if report.latest(metric) is None else report.latest(metric))
+               for metric in monitor.spec.decay_metrics},
+            "decay_alert": bool(decay),
+            "decay_alerts": dg.MetadataValue.json(decay),
+        })
+
     assets = [raw_tables, features, training_set, online_snapshot, model, model_aliases, serving_manifest]
     pipeline = dg.define_asset_job(
         f"{name}_pipeline", selection=dg.AssetSelection.assets(*assets),
         description=f"{uc.title}: ingest -> features -> train -> gates -> aliases -> serving manifest, for one tenant.",
         executor_def=dg.in_process_executor,
     )
-    return dg.Definitions(assets=assets, asset_checks=[model_gates], jobs=[pipeline])
+    retrain = dg.define_asset_job(
+        f"{name}_retrain", selection=dg.AssetSelection.assets(features, training_set, model, model_aliases,
+                                                              online_snapshot, serving_manifest),
+        description=f"Retrain {name} for one tenant on its current data: features -> model -> gates -> challenger.",
+        executor_def=dg.in_process_executor,
+    )
+    monitoring = dg.define_asset_job(
+        f"{name}_monitoring", selection=dg.AssetSelection.assets(raw_tables, features, online_snapshot,
+                                                                 serving_manifest, prediction_log, model_monitoring),
+        description=f"{name}'s day for one tenant: new data -> features -> snapshot -> prediction log -> monitoring.",
+        executor_def=dg.in_process_executor,
+    )
+    return dg.Definitions(assets=[*assets, prediction_log, model_monitoring], asset_checks=[model_gates],
+                          jobs=[pipeline, retrain, monitoring], sensors=[build_decay_sensor(f"{name}_decay_sensor", key("model_monitoring"), retrain,
+                                                     run_key_prefix=f"decay:{name}")])
 
 
 def online_dir(settings: PlatformSettings, catalog: TenantCatalog, uc: UseCase, tenant: str) -> Path:

@@ -360,6 +360,6 @@ def test_prediction_log_table_per_use_case():
 
 def _result_columns() -> list[str]:
     with duckdb.connect() as con:
-        con.execute(RESULTS_DDL)
+        con.execute(RESULTS_DDL.format(table="monitoring_results"))
         names = [r[0] for r in con.execute("DESCRIBE monitoring_results").fetchall()]
     return [n for n in names if n not in ("model_version", "dagster_run_id")]

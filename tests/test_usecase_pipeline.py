@@ -87,3 +87,70 @@ def test_the_audit_log_tells_the_use_case_lifecycle(spend):
     assert set(log.loc[log["action"] == "model_trained", "subject"]) == {"spend-shopco/1"}
     with warehouse.connect(TENANT, read_only=True) as con:
         assert audit.verify_chain(con).ok
+
+
+@pytest.fixture(scope="module")
+def served(spend, tmp_path_factory):
+    """The platform's own service over the spend home: a key for the tenant, then predictions."""
+    from mlops.core.serving import ApiKeyStore, serving_dir
+    from tests.servers import bentoml_service
+
+    key = ApiKeyStore(serving_dir(spend["home"])).create(TENANT)
+    log = tmp_path_factory.mktemp("spend_service") / "serve.log"
+    with bentoml_service(spend["home"], log) as service:
+        yield {**service, "key": key}
+
+
+def test_the_service_answers_the_use_case_with_the_champion_score(spend, served):
+    import lightgbm as lgb
+    import pandas as pd
+    import requests
+
+    from mlops.core.model_inputs import ModelInputs
+    from mlops.core.usecase import load_usecase
+
+    manifest = json.loads((spend["home"] / "serving" / "manifest.json").read_text())
+    entry = manifest["use_cases"]["spend"]["tenants"][TENANT]
+    snapshot = pd.read_parquet(spend["home"] / "serving" / entry["snapshot"]["file"])
+    uc = load_usecase(spend["roots"] / "spend")
+    booster = lgb.Booster(model_file=str(spend["home"] / "serving" / entry["champion"]["model_file"]))
+    headers = {"Authorization": f"Bearer {served['key']}"}
+    for customer in snapshot["customer_id"].head(20):
+        response = requests.post(f"{served['url']}/v1/spend/predict", headers=headers, timeout=30,
+                                 json={"tenant": TENANT, "customer_id": customer})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        row = snapshot[snapshot["customer_id"] == customer]
+        expected = booster.predict(ModelInputs.of(uc).to_model_matrix(row))[0]
+        assert body["model_version"] == "1" and body["customer_id"] == customer
+        assert abs(body["score"] - expected) < 1e-9
+    batch = requests.post(f"{served['url']}/v1/spend/predict_batch", headers=headers, timeout=30,
+                          json={"tenant": TENANT, "instances": [{"customer_id": c} for c in snapshot["customer_id"]]})
+    assert batch.status_code == 200, batch.text
+    assert len(batch.json()["predictions"]) == len(snapshot)
+
+
+def test_the_prediction_log_is_ingested_and_monitored(spend, served):
+    import os
+    import signal
+
+    from mlops.core.monitoring import read_monitoring_results
+    from mlops.core.prediction_log import prediction_log_table
+
+    # Stop the service: it writes its open prediction-log segment on the way out.
+    os.killpg(served["proc"].pid, signal.SIGTERM)
+    served["proc"].wait(timeout=60)
+    defs = spend["defs"]
+    with open_instance(spend["home"]) as instance:
+        result = defs.resolve_job_def("spend_monitoring").execute_in_process(
+            instance=instance, partition_key=TENANT, raise_on_error=False)
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    warehouse = defs.resources["warehouse"]
+    with warehouse.connect(TENANT, read_only=True) as con:
+        logged = con.execute(f"SELECT count(*) FROM {prediction_log_table('spend')}").fetchone()[0]  # noqa: S608
+        results = read_monitoring_results(con, "1", use_case="spend")
+    assert logged >= 20 + 400 - 1  # 20 single predictions and a batch over the snapshot
+    assert {"univariate_drift", "multivariate_drift", "estimated_rmse"} <= set(results["metric"])
+    monitored = [e for e in result.all_events if e.is_step_materialization
+                 and e.asset_key.to_user_string() == "spend/model_monitoring"]
+    assert monitored and monitored[0].step_materialization_data.materialization.metadata["analysis_rows"].value > 0

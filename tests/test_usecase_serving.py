@@ -5,22 +5,15 @@ logging under one prediction id, and a promotion picked up without a restart or 
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 import requests
 
-from mlops.core.environment import PROJECT_ROOT, TELEMETRY_OFF
 from mlops.core.model_inputs import CHURN_INPUTS, ModelInputs
 from mlops.core.serving import (
     ApiKeyStore,
@@ -32,6 +25,7 @@ from mlops.core.serving import (
 )
 from mlops.core.usecase import load_usecase
 from mlops.core.vocabulary import PLANS, SEGMENTS
+from tests.servers import bentoml_service
 from tests.usecase_fixtures import USECASE_YAML, write_spend_usecase
 
 pytestmark = pytest.mark.slow
@@ -42,12 +36,6 @@ REQUEST_FIELDS = """serving:
     - {name: basket, type: DOUBLE, min: 0, max: 100000}
     - {name: channel, type: VARCHAR, isin: [web, app, store]}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _snapshot(usecase, n: int, seed: int) -> pd.DataFrame:
@@ -152,42 +140,9 @@ def test_publication_writes_the_bundle_and_the_declaration(bundle):
 
 @pytest.fixture(scope="module")
 def service(bundle, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("bento") / "serve.log"
-    env = {**os.environ, **TELEMETRY_OFF, "MLOPS_HOME": str(bundle["home"]), "PYTHONPATH": str(PROJECT_ROOT),
-           "CHURN_SERVICE_WORKERS": "1", "CHURN_SHADOW_BATCH_SAMPLE": "1"}
-    env.pop("MLOPS_SERVING_DIR", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "bentos.service:ChurnService",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited early:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"service not ready in 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    tree = list(psutil.Process(proc.pid).children(recursive=True))
-    yield {**bundle, "url": url, "proc": proc, "log": log}
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for leftover in alive:
-        leftover.kill()
+    with bentoml_service(bundle["home"], log, {"CHURN_SHADOW_BATCH_SAMPLE": "1"}) as served:
+        yield {**bundle, **served}
 
 
 def _post(service, route, body, key="default", raw=None):

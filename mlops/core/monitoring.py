@@ -34,7 +34,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from mlops.core.candidates import holdout_scores
+from mlops.core.candidates import holdout_scores, table_prefix
 from mlops.core.environment import HomeLayout, write_atomic
 from mlops.core.model_inputs import CATEGORICAL_FEATURES, NUMERIC_FEATURES, ModelInputs
 from mlops.core.names import CHAMPION
@@ -51,7 +51,7 @@ PERFORMANCE_METRICS = ("estimated_roc_auc", "realized_roc_auc")
 DECISION_THRESHOLD = 0.5
 
 RESULTS_DDL = """
-CREATE TABLE IF NOT EXISTS monitoring_results (
+CREATE TABLE IF NOT EXISTS {table} (
     model_version VARCHAR NOT NULL, metric VARCHAR NOT NULL, feature VARCHAR, method VARCHAR,
     chunk_key VARCHAR NOT NULL, chunk_start TIMESTAMP NOT NULL, chunk_end TIMESTAMP NOT NULL,
     period VARCHAR NOT NULL, chunk_rows BIGINT, value DOUBLE, lower_threshold DOUBLE,
@@ -59,12 +59,21 @@ CREATE TABLE IF NOT EXISTS monitoring_results (
 )
 """
 ALERTS_DDL = """
-CREATE TABLE IF NOT EXISTS monitoring_alerts (
+CREATE TABLE IF NOT EXISTS {table} (
     model_version VARCHAR NOT NULL, metric VARCHAR NOT NULL, feature VARCHAR, chunk_key VARCHAR NOT NULL,
     value DOUBLE, lower_threshold DOUBLE, upper_threshold DOUBLE, decay BOOLEAN NOT NULL,
     dagster_run_id VARCHAR NOT NULL, raised_at TIMESTAMP NOT NULL
 )
 """
+
+
+def results_table(use_case: str = "churn") -> str:
+    """Where a use case's monitoring results go: churn's ``monitoring_results``, ``<name>_monitoring_results``."""
+    return table_prefix(use_case) + "monitoring_results"
+
+
+def alerts_table(use_case: str = "churn") -> str:
+    return table_prefix(use_case) + "monitoring_alerts"
 
 
 class MonitoringPolicy(Protocol):
@@ -438,23 +447,24 @@ def _tidy_per_column(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.concat(blocks, ignore_index=True)
 
 
-def store_report(con, report: MonitoringReport, version: str, run_id: str) -> pd.DataFrame:
+def store_report(con, report: MonitoringReport, version: str, run_id: str, use_case: str = "churn") -> pd.DataFrame:
     """Write a monitoring run's results and decay alerts to the warehouse (caller's transaction).
     Chunks of the run replace earlier results of the same chunks (labels mature over time); older
     chunks keep theirs. Returns the stored rows."""
     import datetime as dt
 
+    results_t, alerts_t = results_table(use_case), alerts_table(use_case)
     results = report.results.assign(model_version=version, dagster_run_id=run_id)
-    con.execute(RESULTS_DDL)
-    con.execute(ALERTS_DDL)
+    con.execute(RESULTS_DDL.format(table=results_t))
+    con.execute(ALERTS_DDL.format(table=alerts_t))
     con.register("new_results", results)
-    con.execute("DELETE FROM monitoring_results r WHERE model_version = ? AND EXISTS (SELECT 1 FROM new_results n "
+    con.execute(f"DELETE FROM {results_t} r WHERE model_version = ? AND EXISTS (SELECT 1 FROM new_results n "  # noqa: S608
                 "WHERE n.chunk_key = r.chunk_key AND n.metric = r.metric)", [version])
-    con.execute("INSERT INTO monitoring_results BY NAME SELECT * FROM new_results")
+    con.execute(f"INSERT INTO {results_t} BY NAME SELECT * FROM new_results")  # noqa: S608 - derived name
     con.unregister("new_results")
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     for alert in report.decay:
-        con.execute("INSERT INTO monitoring_alerts VALUES (?, ?, NULL, ?, ?, ?, NULL, TRUE, ?, ?)",
+        con.execute(f"INSERT INTO {alerts_t} VALUES (?, ?, NULL, ?, ?, ?, NULL, TRUE, ?, ?)",  # noqa: S608
                     [version, alert["metric"], alert["chunk"], alert["value"], alert["threshold"], run_id, now])
     return results
 
@@ -594,9 +604,9 @@ def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_
     return frame
 
 
-def reference_frame(con, version: str) -> pd.DataFrame:
+def reference_frame(con, version: str, use_case: str = "churn") -> pd.DataFrame:
     """The reference of a model version: its training holdout, with scores and labels."""
-    return holdout_scores(con, version).rename(columns={"prediction_time": TIMESTAMP})
+    return holdout_scores(con, version, use_case=use_case).rename(columns={"prediction_time": TIMESTAMP})
 
 
 # --- fitted monitors: once per model version ------------------------------------------------
@@ -780,17 +790,17 @@ def compute_kpis(audit_log: pd.DataFrame, run_statuses: list[str], health: pd.Da
 
 
 # --- reading stored results (the drift report) ------------------------------------------------
-def read_monitoring_results(con, version: str | None = None) -> pd.DataFrame:
+def read_monitoring_results(con, version: str | None = None, use_case: str = "churn") -> pd.DataFrame:
     """Stored monitoring results (``store_report``) of one model version, or of every version if
     ``version`` is None, in chunk order. Works on a read-only connection; empty, with the table's
     columns, where monitoring has stored nothing yet."""
-    return _read_stored(con, "monitoring_results", RESULTS_DDL, version,
+    return _read_stored(con, results_table(use_case), RESULTS_DDL, version,
                         "model_version, chunk_start, metric, feature NULLS FIRST, method")
 
 
-def read_monitoring_alerts(con, version: str | None = None) -> pd.DataFrame:
+def read_monitoring_alerts(con, version: str | None = None, use_case: str = "churn") -> pd.DataFrame:
     """Stored decay alerts (the retraining triggers) of one model version, or of every version."""
-    return _read_stored(con, "monitoring_alerts", ALERTS_DDL, version, "raised_at, model_version, metric, chunk_key")
+    return _read_stored(con, alerts_table(use_case), ALERTS_DDL, version, "raised_at, model_version, metric, chunk_key")
 
 
 def _read_stored(con, table: str, ddl: str, version: str | None, order: str) -> pd.DataFrame:
@@ -799,7 +809,7 @@ def _read_stored(con, table: str, ddl: str, version: str | None, order: str) -> 
         import duckdb
 
         with duckdb.connect() as scratch:  # the table's columns and types, without writing to the warehouse
-            scratch.execute(ddl)
+            scratch.execute(ddl.format(table=table))
             return scratch.execute(f"SELECT * FROM {table}").df()  # noqa: S608 - constant table
     where, params = ("WHERE model_version = ?", [str(version)]) if version is not None else ("", [])
     return con.execute(f"SELECT * FROM {table} {where} ORDER BY {order}", params).df()  # noqa: S608 - constants

@@ -66,17 +66,18 @@ class Ingestion:
     total_rows: int
 
 
-def ingest_closed_segments(con, home: Path, tenant: str) -> Ingestion:
+def ingest_closed_segments(con, home: Path, tenant: str, use_case: str | None = None) -> Ingestion:
     """Load the tenant's closed segments not loaded before (caller's transaction).
 
     A segment's name is recorded in the same transaction as its rows, so a segment is never loaded
     twice, even if moving it aside afterwards fails; the service only ever renames complete
     segments into ``closed/``, so a segment being written is never read.
     """
-    folder = prediction_log_dir(home, tenant)
+    folder = prediction_log_dir(home, tenant, _log_folder_use_case(use_case))
+    table = prediction_log_table(use_case)
     closed = sorted((folder / "closed").glob("segment-*.parquet"))
     loaded = skipped = rows = 0
-    con.execute(PREDICTION_LOG_DDL)
+    con.execute(prediction_log_ddl(table))
     con.execute(SEGMENTS_DDL)
     done = {r[0] for r in con.execute("SELECT segment FROM ingested_log_segments").fetchall()}
     for path in closed:
@@ -88,19 +89,24 @@ def ingest_closed_segments(con, home: Path, tenant: str) -> Ingestion:
             raise ForeignSegmentError(f"segment {path.name} holds rows of another tenant; refusing to ingest it")
         frame = frame[list(PREDICTION_LOG_COLUMNS)].assign(segment=path.name)
         con.register("segment_rows", frame)
-        con.execute("INSERT INTO prediction_log BY NAME SELECT * FROM segment_rows")
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM segment_rows")  # noqa: S608 - derived name
         con.unregister("segment_rows")
         con.execute("INSERT INTO ingested_log_segments VALUES (?, ?, ?)",
                     [path.name, len(frame), dt.datetime.now(dt.UTC).replace(tzinfo=None)])
         loaded += 1
         rows += len(frame)
-    total = con.execute("SELECT count(*) FROM prediction_log").fetchone()[0]
+    total = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - derived name
     return Ingestion(closed, loaded, skipped, rows, total)
 
 
-def archive_segments(home: Path, tenant: str, segments: list[Path]) -> None:
+def archive_segments(home: Path, tenant: str, segments: list[Path], use_case: str | None = None) -> None:
     """Move ingested segments out of ``closed/`` (after the ingesting transaction committed)."""
-    archive = prediction_log_dir(home, tenant) / "ingested"
+    archive = prediction_log_dir(home, tenant, _log_folder_use_case(use_case)) / "ingested"
     archive.mkdir(parents=True, exist_ok=True)
     for path in segments:
         path.replace(archive / path.name)
+
+
+def _log_folder_use_case(use_case: str | None) -> str | None:
+    """Churn's segments lie in ``prediction_logs/<tenant>``, another use case's in ``<use case>/<tenant>``."""
+    return None if use_case in (None, CHURN_USECASE) else use_case
