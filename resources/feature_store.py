@@ -24,7 +24,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from mlops.core.environment import write_atomic
+from mlops.core.environment import atomic_path, write_atomic
 from mlops.core.hashing import content_hash
 from mlops.core.model_inputs import (  # noqa: F401 - re-exported for callers of the feature store
     CATEGORICAL_FEATURES,
@@ -34,6 +34,7 @@ from mlops.core.model_inputs import (  # noqa: F401 - re-exported for callers of
     to_model_frame,
     to_model_matrix,
 )
+from mlops.core.online import POINTER_FILE, next_snapshot_version, snapshot_file_name
 from resources.settings import PlatformSettings
 from resources.tenants import TenantCatalog
 
@@ -312,11 +313,10 @@ class FeatureStore(dg.ConfigurableResource):
         snapshot = compute_features(con, origin, -1, -1).sort_values("account_id").reset_index(drop=True)
         online = self.online_dir(tenant)
         online.mkdir(parents=True, exist_ok=True)
-        version = _next_version(online)
-        path = online / f"features-v{version:05d}.parquet"
-        tmp = online / f".{path.name}.tmp"
-        snapshot.to_parquet(tmp, index=False)
-        tmp.replace(path)
+        version = next_snapshot_version(online)
+        path = online / snapshot_file_name(version)
+        with atomic_path(path, fsync=True) as tmp:
+            snapshot.to_parquet(tmp, index=False)
         pointer = {
             "tenant": tenant,
             "version": version,
@@ -326,11 +326,11 @@ class FeatureStore(dg.ConfigurableResource):
             "rows": len(snapshot),
             "content_hash": content_hash(snapshot),
         }
-        write_atomic(online / "CURRENT.json", json.dumps(pointer, indent=2).encode())
+        write_atomic(online / POINTER_FILE, json.dumps(pointer, indent=2).encode())
         return pointer
 
     def current_snapshot_pointer(self, tenant: str) -> dict:
-        pointer = self.online_dir(tenant) / "CURRENT.json"
+        pointer = self.online_dir(tenant) / POINTER_FILE
         if not pointer.exists():
             raise FileNotFoundError(f"tenant {tenant!r} has no online feature snapshot yet")
         return json.loads(pointer.read_text())
@@ -338,11 +338,6 @@ class FeatureStore(dg.ConfigurableResource):
     def read_online_snapshot(self, tenant: str) -> pd.DataFrame:
         pointer = self.current_snapshot_pointer(tenant)
         return pd.read_parquet(self.online_dir(tenant) / pointer["path"])
-
-
-def _next_version(folder: Path) -> int:
-    versions = [int(p.stem.split("-v")[-1]) for p in folder.glob("features-v*.parquet")]
-    return max(versions, default=0) + 1
 
 
 def offline_rows_at(con: duckdb.DuckDBPyConnection, account_ids: list[str], as_of: pd.Timestamp) -> pd.DataFrame:
