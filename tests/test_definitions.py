@@ -1,7 +1,9 @@
+import ast
 import subprocess
 import sys
 
 from mlops.core.environment import PROJECT_ROOT
+from mlops.core.usecase import discover_usecases
 
 
 def test_definitions_load_without_deprecation_warnings(tmp_path):
@@ -18,7 +20,10 @@ def test_definitions_load_without_deprecation_warnings(tmp_path):
         env={"MLOPS_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "['deployment', 'features', 'ingestion', 'monitoring', 'reports', 'training']" in proc.stdout
+    # churn's groups, and one group per use case declared under the project's usecases/ (e.g. fraud)
+    groups = ast.literal_eval(proc.stdout.splitlines()[-2])
+    declared = set(discover_usecases([PROJECT_ROOT / "usecases"]))
+    assert set(groups) == {"deployment", "features", "ingestion", "monitoring", "reports", "training"} | declared
     assert "churn_pipeline" in proc.stdout
     # Loading definitions writes nothing.
     assert not (tmp_path / "home").exists()

@@ -324,3 +324,41 @@ def test_the_registered_model_scores_stored_rows_alone(spend, problem_type, tmp_
     scores = np.array(out["scores"])
     assert scores.shape == expected.shape and len(scores) == len(snapshot) > 0
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-9)
+
+
+
+def test_binary_rare_positive_gates_are_off_by_default_and_declarable(tmp_path):
+    """PR AUC and recall at a fixed precision: gates a binary use case with rare positives may declare."""
+    binary = {"problem_type: regression": "problem_type: binary", "objective: regression": "objective: binary"}
+    plain = variant(tmp_path / "plain", yaml={**binary, "gates: {min_r2: 0.2}": "gates: {}"})
+    assert um.gate_names(plain) == ("roc_auc_gate", "calibration_gate", "fairness_gate", "latency_gate",
+                                    "model_size_gate")
+    rare = variant(tmp_path / "rare", yaml={**binary, "gates: {min_r2: 0.2}":
+                                            "gates: {min_pr_auc: 0.6, min_recall_at_precision: 0.6, "
+                                            "recall_precision: 0.8}"})
+    assert um.gate_names(rare)[:3] == ("roc_auc_gate", "pr_auc_gate", "recall_at_precision_gate")
+
+    # Four positives among 100 rows; by score: positive, two negatives, positive, positive, ... positive.
+    y = np.array([0] * 96 + [1] * 4)
+    scores = np.linspace(0.0, 0.2, 100)
+    scores[[10, 20, 97, 98]] = [0.9, 0.8, 0.95, 0.1]
+    assert um.recall_at_precision(y, scores, 0.5) == 0.75  # three positives in the top five
+    assert um.recall_at_precision(y, scores, 0.8) == 0.25
+    assert np.isnan(um.recall_at_precision(np.zeros(5), np.linspace(0, 1, 5), 0.5))  # nothing to recall
+    holdout = pd.DataFrame({c: np.arange(100.0) for c in rare.features.numeric}).assign(
+        region="north", **{rare.label.column: y})
+    booster = um.train(rare, holdout)
+    outcomes = {o.gate: o for o in um.evaluate_gates(rare, holdout, scores, booster, 10)}
+    assert set(outcomes) == set(um.gate_names(rare))
+    assert not outcomes["pr_auc_gate"].passed and "0.5442 is below the floor 0.6000" in outcomes["pr_auc_gate"].reason
+    assert outcomes["recall_at_precision_gate"].value == 0.25
+    assert "recall at precision 0.8 0.2500 is below the floor 0.6000" in outcomes["recall_at_precision_gate"].reason
+    assert um.evaluate(rare, y, scores)["recall_at_precision"] == 0.25
+    assert "recall_at_precision" not in um.evaluate(plain, y, scores)
+
+    missing = variant(tmp_path / "missing", yaml={**binary, "gates: {min_r2: 0.2}": "gates: {min_recall_at_precision: 0.5}"})
+    with pytest.raises(UseCaseError, match="needs gates.recall_precision"):
+        um.gate_names(missing)
+    wrong = variant(tmp_path / "wrong", yaml={**binary, "gates: {min_r2: 0.2}": "gates: {recall_precision: 1.5}"})
+    with pytest.raises(UseCaseError, match=r"recall_precision must be in \(0, 1\]"):
+        um.gate_thresholds(wrong)

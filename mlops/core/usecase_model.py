@@ -22,6 +22,7 @@ from sklearn.metrics import (
     log_loss,
     mean_absolute_error,
     mean_squared_error,
+    precision_recall_curve,
     r2_score,
     roc_auc_score,
 )
@@ -49,8 +50,13 @@ _COMMON_GATES: dict[str, Any] = {
     "max_single_row_p99_ms": 10.0,
     "max_model_bytes": 20_000_000,
 }
+# Optional binary gates for rare positives (off unless declared): a floor on PR AUC (average
+# precision), and a floor on the recall reached at a fixed precision (``recall_precision``).
+_RARE_POSITIVE_GATES: dict[str, Any] = {"min_pr_auc": None, "min_recall_at_precision": None,
+                                        "recall_precision": None}
 GATE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "binary": {"min_roc_auc": 0.7, "max_expected_calibration_error": 0.05, **_COMMON_GATES},
+    "binary": {"min_roc_auc": 0.7, "max_expected_calibration_error": 0.05, **_RARE_POSITIVE_GATES,
+               **_COMMON_GATES},
     "regression": {"min_r2": 0.0, **_COMMON_GATES},
     "multiclass": {"min_macro_f1": 0.3, **_COMMON_GATES},
 }
@@ -119,6 +125,16 @@ def predict(uc: UseCase, booster: lgb.Booster, frame: pd.DataFrame, num_threads:
 
 
 # --- metrics ---------------------------------------------------------------------------------------
+def recall_at_precision(y_true, scores, precision: float) -> float:
+    """The largest recall of any score threshold whose precision is at least ``precision`` (0 if none)."""
+    y = np.asarray(y_true)
+    if y.sum() == 0:
+        return float("nan")
+    prec, rec, _ = precision_recall_curve(y, np.asarray(scores))
+    reached = rec[prec >= precision]
+    return float(reached.max()) if len(reached) else 0.0
+
+
 def _metric_fn(uc: UseCase):
     """The primary metric as ``f(y_true_encoded, y_pred)``; for multiclass y_pred is the class index."""
     if uc.problem_type == "binary":
@@ -138,13 +154,17 @@ def evaluate(uc: UseCase, y_true, y_pred: np.ndarray) -> dict[str, float]:
     y = label_array(uc, y_true)
     p = np.asarray(y_pred)
     if uc.problem_type == "binary":
-        return {
+        metrics = {
             "roc_auc": float(roc_auc_score(y, p)),
             "pr_auc": float(average_precision_score(y, p)),
             "brier": float(brier_score_loss(y, p)),
             "ece": expected_calibration_error(y, p),
             "base_rate": float(np.mean(y)),
         }
+        precision = gate_thresholds(uc)["recall_precision"]
+        if precision is not None:
+            metrics["recall_at_precision"] = recall_at_precision(y, p, float(precision))
+        return metrics
     if uc.problem_type == "regression":
         return {
             "rmse": float(np.sqrt(mean_squared_error(y, p))),
@@ -173,14 +193,33 @@ def gate_thresholds(uc: UseCase) -> dict[str, Any]:
     if unknown:
         raise UseCaseError(f"use case {uc.name!r}: gates {unknown} are not thresholds of a {uc.problem_type} "
                            f"use case; known: {sorted(defaults)}")
-    return {**defaults, **uc.gates}
+    limits = {**defaults, **uc.gates}
+    if uc.problem_type == "binary":
+        precision = limits["recall_precision"]
+        if precision is not None and not 0 < float(precision) <= 1:
+            raise UseCaseError(f"use case {uc.name!r}: gates.recall_precision must be in (0, 1], got {precision}")
+        if limits["min_recall_at_precision"] is not None and precision is None:
+            raise UseCaseError(f"use case {uc.name!r}: gates.min_recall_at_precision needs gates.recall_precision "
+                               "(the precision at which recall is measured)")
+    return limits
 
 
 def gate_names(uc: UseCase) -> tuple[str, ...]:
     """Every gate a version must pass, in evaluation order."""
     primary = (f"{PRIMARY_METRIC[uc.problem_type]}_gate",)
-    calibration = ("calibration_gate",) if uc.problem_type == "binary" else ()
-    return (*primary, *calibration, "fairness_gate", "latency_gate", "model_size_gate")
+    rare, calibration = (), ()
+    if uc.problem_type == "binary":
+        limits = gate_thresholds(uc)
+        rare = (*(("pr_auc_gate",) if limits["min_pr_auc"] is not None else ()),
+                *(("recall_at_precision_gate",) if limits["min_recall_at_precision"] is not None else ()))
+        calibration = ("calibration_gate",)
+    return (*primary, *rare, *calibration, "fairness_gate", "latency_gate", "model_size_gate")
+
+
+def _floor_gate(gate: str, what: str, value: float, floor: float) -> GateOutcome:
+    passed = value >= floor  # NaN fails too
+    return GateOutcome(gate, passed, value, floor,
+                       f"{what} {value:.4f} {'>=' if passed else 'is below'} the floor {floor:.4f}")
 
 
 def _primary_gate(uc: UseCase, y: np.ndarray, scores: np.ndarray, champion_scores, limits: dict) -> GateOutcome:
@@ -241,6 +280,14 @@ def evaluate_gates(uc: UseCase, holdout: pd.DataFrame, scores: np.ndarray, boost
     y = label_array(uc, holdout[uc.label.column])
     scores = np.asarray(scores)
     outcomes = [_primary_gate(uc, y, scores, champion_scores, limits)]
+    if uc.problem_type == "binary" and limits["min_pr_auc"] is not None:
+        value = float(average_precision_score(y, scores)) if y.sum() else float("nan")
+        outcomes.append(_floor_gate("pr_auc_gate", "PR AUC (average precision)", value, float(limits["min_pr_auc"])))
+    if uc.problem_type == "binary" and limits["min_recall_at_precision"] is not None:
+        precision = float(limits["recall_precision"])
+        outcomes.append(_floor_gate("recall_at_precision_gate", f"recall at precision {precision:g}",
+                                    recall_at_precision(y, scores, precision),
+                                    float(limits["min_recall_at_precision"])))
     if uc.problem_type == "binary":
         ece, limit = expected_calibration_error(y, scores), float(limits["max_expected_calibration_error"])
         passed = ece <= limit

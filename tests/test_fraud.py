@@ -1,0 +1,264 @@
+"""Payment-fraud detection, the second real use case, declared in ``usecases/fraud/``: its declaration,
+its simulator, point-in-time correctness of its training rows, its pipeline through the generated
+assets, and the "new fraud tactic" (concept drift) that a retrained model repairs."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlops.core import usecase_model as um
+from mlops.core import usecase_store as st
+from mlops.core.environment import PROJECT_ROOT
+from mlops.core.usecase import discover_usecases, load_usecase
+from resources.tenants import TenantSpec
+from tests.conftest import open_instance
+
+FOLDER = PROJECT_ROOT / "usecases" / "fraud"
+SPEC = TenantSpec(name="payco", region="eu", n_accounts=1500, seed=7, days=180)
+CHURN_TABLES = {"raw_accounts", "raw_usage_events", "raw_billing_events", "raw_support_tickets",
+                "raw_churn_events", "raw_account_attributes"}
+DAY = pd.Timedelta(days=1)
+
+
+@pytest.fixture(scope="module")
+def uc():
+    return load_usecase(FOLDER)
+
+
+@pytest.fixture(scope="module")
+def sim(uc):
+    return st.load_simulator(uc)
+
+
+@pytest.fixture(scope="module")
+def world(sim):
+    started = time.perf_counter()
+    frames = sim(SPEC)
+    return {"frames": frames, "seconds": time.perf_counter() - started}
+
+
+def warehouse(uc, frames) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    st.replace_rows(con, uc, frames, "simulator")
+    st.build_feature_table(con, uc)
+    return con
+
+
+# --- the declaration ---------------------------------------------------------------------------------
+def test_the_declaration_loads_and_is_discovered(uc):
+    found = discover_usecases([PROJECT_ROOT / "usecases"])
+    assert "fraud" in found and found["fraud"].folder == FOLDER
+    assert (uc.entity.key, uc.feature_key, uc.problem_type, uc.label.horizon_days) == (
+        "payment_id", "account_id", "binary", 45)
+    assert {"amount", "currency", "country", "payment_method", "card_age_days"} <= set(uc.request_field_names)
+    tables = {t.name for t in uc.tables}
+    assert {"raw_payments", "raw_chargebacks", "raw_fraud_accounts"} == tables and not tables & CHURN_TABLES
+    assert um.gate_names(uc) == ("roc_auc_gate", "pr_auc_gate", "recall_at_precision_gate", "calibration_gate",
+                                 "fairness_gate", "latency_gate", "model_size_gate")
+    assert um.gate_thresholds(uc)["fairness_attribute"] == "plan"
+
+
+# --- the simulator -----------------------------------------------------------------------------------
+def test_the_simulator_is_deterministic_fast_and_valid(uc, world):
+    assert world["seconds"] < 10, world["seconds"]
+    again = st.load_simulator(uc)(SPEC)  # a fresh import: no cache shared with `world`
+    for name, frame in world["frames"].items():
+        pd.testing.assert_frame_equal(frame, again[name])
+        validated = uc.table(name).pandera_schema().validate(frame)  # raises on any problem
+        assert len(validated) == len(frame) > 0
+    other = st.load_simulator(uc)(replace(SPEC, seed=8))
+    assert not other["raw_payments"]["amount"].equals(world["frames"]["raw_payments"]["amount"])
+
+
+def test_fraud_is_rare_and_every_chargeback_comes_1_to_45_days_after_its_payment(world):
+    payments, chargebacks = world["frames"]["raw_payments"], world["frames"]["raw_chargebacks"]
+    settled = payments[payments["status"] == "succeeded"]
+    # Chargebacks of the last 45 days are not all reported yet: measure the rate on older payments.
+    old = settled[settled["paid_at"] < settled["paid_at"].max() - 45 * DAY]
+    rate = old["payment_id"].isin(chargebacks["payment_id"]).mean()
+    assert 0.003 <= rate <= 0.006, rate
+    joined = chargebacks.merge(payments, on="payment_id", how="left", validate="one_to_one")
+    assert (joined["status"] == "succeeded").all()  # declined payments never settle
+    delay = joined["reported_at"] - joined["paid_at"]
+    assert delay.min() >= 1 * DAY and delay.max() <= 45 * DAY, (delay.min(), delay.max())
+
+
+def test_moving_the_clock_forward_only_adds_rows(uc, sim, world):
+    earlier = sim(replace(SPEC, today=120))
+    later = world["frames"]
+    for table in uc.tables:
+        before, after = earlier[table.name], later[table.name]
+        assert 0 < len(before) < len(after) or table.name == "raw_fraud_accounts"
+        merged = before.merge(after, how="left", indicator=True)
+        assert (merged["_merge"] == "both").all(), table.name
+    until = pd.Timestamp("2026-04-01") + 120 * DAY
+    assert earlier["raw_chargebacks"]["reported_at"].max() < until  # a chargeback shows once reported
+
+
+def test_before_drift_day_the_new_tactic_changes_nothing(sim, world):
+    drift_day = 100
+    drifted = sim(replace(SPEC, scenario="concept_drift", drift_day=drift_day))
+    none = world["frames"]
+    cut = pd.Timestamp("2026-04-01") + drift_day * DAY
+    pd.testing.assert_frame_equal(drifted["raw_fraud_accounts"], none["raw_fraud_accounts"])
+    for name, column in (("raw_payments", "paid_at"), ("raw_chargebacks", "reported_at")):
+        a, b = drifted[name], none[name]
+        pd.testing.assert_frame_equal(a[a[column] < cut].reset_index(drop=True), b[b[column] < cut].reset_index(drop=True))
+    # ...and from drift_day on, fraud comes from the new country, which it never used before.
+    def fraud_countries(frames, after: bool):
+        p = frames["raw_payments"]
+        p = p[p["payment_id"].isin(frames["raw_chargebacks"]["payment_id"]) & ((p["paid_at"] >= cut) == after)]
+        return p["country"].value_counts(normalize=True)
+    assert fraud_countries(drifted, after=True).get("PH", 0) > 0.5
+    assert fraud_countries(none, after=True).get("PH", 0) < 0.05
+    assert fraud_countries(drifted, after=False).get("PH", 0) < 0.05
+
+
+# --- point in time -----------------------------------------------------------------------------------
+def expected_features(payments: pd.DataFrame, accounts: pd.DataFrame, account: str, at: pd.Timestamp) -> dict:
+    """The account's features at ``at``, computed in pandas from its payments strictly before ``at``."""
+    mine = payments[(payments["account_id"] == account) & (payments["paid_at"] < at)]
+    home = accounts.set_index("account_id").loc[account]
+
+    def window(days):
+        return mine[mine["paid_at"] >= at - days * DAY]
+
+    w1, w7, w30 = window(1), window(7), window(30)
+    ok30 = w30[w30["status"] == "succeeded"]
+    return {
+        "payments_1d": len(w1), "payments_7d": len(w7), "payments_30d": len(w30),
+        "spend_1d": w1.loc[w1["status"] == "succeeded", "amount"].sum(),
+        "spend_7d": w7.loc[w7["status"] == "succeeded", "amount"].sum(),
+        "spend_30d": ok30["amount"].sum(),
+        "avg_amount_30d": ok30["amount"].mean() if len(ok30) else np.nan,
+        "max_amount_30d": ok30["amount"].max() if len(ok30) else np.nan,
+        "failed_share_7d": (w7["status"] == "failed").mean() if len(w7) else 0.0,
+        "failed_share_30d": (w30["status"] == "failed").mean() if len(w30) else 0.0,
+        "countries_7d": w7["country"].nunique(), "countries_30d": w30["country"].nunique(),
+        "instruments_7d": w7["instrument_id"].nunique(), "instruments_30d": w30["instrument_id"].nunique(),
+        "foreign_share_30d": (w30["country"] != home["home_country"]).mean() if len(w30) else 0.0,
+        "days_since_last_payment": (at - w30["paid_at"].max()) / DAY if len(w30) else np.nan,
+        "tenure_days": (at - home["signup_date"]) / DAY,
+        "plan": home["plan"], "home_country": home["home_country"],
+    }
+
+
+def test_training_rows_see_only_the_past_and_only_mature_labels(uc, sim):
+    spec = replace(SPEC, today=150)
+    frames = sim(spec)
+    con = warehouse(uc, frames)
+    as_of = st.clock(con, uc)
+    training = st.build_training_set(con, uc)
+    con.close()
+    payments, accounts = frames["raw_payments"], frames["raw_fraud_accounts"]
+    # Immature labels (payment + 45 days after the clock) never appear; mature ones are final.
+    assert (training["prediction_time"] + 45 * DAY <= as_of).all()
+    assert training["prediction_time"].max() > as_of - 47 * DAY  # ...and the newest mature ones do
+    truth = sim.__globals__["fraud_truth"](spec).set_index("payment_id")["is_fraud"]
+    assert (training["is_fraud"].to_numpy() == truth.loc[training["payment_id"]].to_numpy()).all()
+    # Each payment is scored with its account's row of the midnight before it (as served that day).
+    assert (training["available_at"] <= training["prediction_time"]).all()
+    assert (training["available_at"] == training["prediction_time"].dt.floor("D")).all()
+    request = payments.set_index("payment_id").loc[training["payment_id"]]
+    assert (request["account_id"].to_numpy() == training["account_id"].to_numpy()).all()
+    assert np.allclose(request["amount"], training["amount"])
+    sample = pd.concat([training[training["is_fraud"] == 1].sample(15, random_state=0),
+                        training.sample(25, random_state=1)])
+    for _, row in sample.iterrows():
+        # the row's features come from events before available_at, hence strictly before the payment
+        expected = expected_features(payments, accounts, row["account_id"], row["available_at"])
+        for column, value in expected.items():
+            if column in uc.features.categorical:
+                assert row[column] == value, (row["payment_id"], column)
+            else:
+                assert np.isclose(row[column], value, rtol=1e-9, equal_nan=True), (row["payment_id"], column,
+                                                                                    row[column], value)
+
+
+# --- the pipeline through the generated assets ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from definitions import build_definitions
+
+    home = tmp_path_factory.mktemp("fraud_home")
+    defs = build_definitions(str(home))  # the project's own usecases/ root
+    r = defs.resources
+    r["settings"].ensure_home()
+    r["registry"].ensure_experiment()
+    r["catalog"].add(SPEC)
+    with open_instance(home) as instance:
+        instance.add_dynamic_partitions("tenant", [SPEC.name])
+        result = defs.resolve_job_def("fraud_pipeline").execute_in_process(
+            instance=instance, partition_key=SPEC.name, raise_on_error=False)
+    return {"home": home, "defs": defs, "result": result}
+
+
+@pytest.mark.slow
+def test_the_fraud_pipeline_trains_gates_registers_and_publishes(uc, pipeline):
+    from resources.registry import LINEAGE_TAGS
+
+    result = pipeline["result"]
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    checks = {e.event_specific_data.check_name: e.event_specific_data.passed for e in result.all_events
+              if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    assert checks == {"training_data_integrity": True, "no_training_serving_skew": True,
+                      **{gate: True for gate in um.gate_names(uc)}}
+    model = next(e for e in result.all_events
+                 if e.is_step_materialization and e.asset_key.to_user_string() == "fraud/model")
+    meta = model.event_specific_data.materialization.metadata
+    quality = {k: round(meta[k].value, 4) for k in ("pr_auc", "roc_auc", "recall_at_precision", "base_rate")}
+    print(f"\nfraud holdout ({int(meta['holdout_rows'].value)} payments): {quality}")
+    assert quality["pr_auc"] >= 0.25 and quality["recall_at_precision"] >= 0.2 and quality["roc_auc"] >= 0.85
+
+    registry = pipeline["defs"].resources["registry"]
+    champion = registry.alias_version(SPEC.name, "champion", use_case="fraud")
+    assert champion is not None and champion.name == f"fraud-{SPEC.name}"
+    assert set(LINEAGE_TAGS) <= set(champion.tags) and champion.tags["use_case"] == "fraud"
+    assert registry.alias_version(SPEC.name, "champion") is None  # churn's model was not trained
+
+    manifest = json.loads((pipeline["home"] / "serving" / "manifest.json").read_text())
+    section = manifest["use_cases"]["fraud"]
+    assert section["tenants"][SPEC.name]["champion"]["version"] == str(champion.version)
+    assert section["declaration"]["entity"]["key"] == "payment_id"
+    assert [f["name"] for f in section["declaration"]["request_fields"]] == list(uc.request_field_names)
+    snapshot = pd.read_parquet(pipeline["home"] / "serving" / section["tenants"][SPEC.name]["snapshot"]["file"])
+    assert snapshot["account_id"].is_unique and len(snapshot) > 1000
+
+
+# --- the new fraud tactic (the oracle of issue 13) ------------------------------------------------------
+@pytest.mark.slow
+def test_a_model_from_before_the_new_tactic_decays_and_retraining_repairs_it(uc, sim):
+    """Days 0-239, the new tactic from day 120, the clock at 240 (labels mature to day 195). Model A
+    learns days 30-99; model B days 30-159 (40 days of the new tactic). Both are scored on days 160-194."""
+    spec = TenantSpec(name="payco", region="eu", n_accounts=1500, seed=7, days=240, scenario="concept_drift",
+                      drift_day=120)
+    con = warehouse(uc, sim(spec))
+    training = st.build_training_set(con, uc)
+    con.close()
+    day = (training["prediction_time"] - pd.Timestamp("2026-04-01")).dt.days
+
+    def rows(lo, hi):
+        return training[(day >= lo) & (day < hi)]
+
+    def quality(booster, lo, hi):
+        part = rows(lo, hi)
+        metrics = um.evaluate(uc, part["is_fraud"], um.predict(uc, booster, part))
+        return {k: round(metrics[k], 3) for k in ("pr_auc", "roc_auc", "recall_at_precision")} | {
+            "frauds": int(part["is_fraud"].sum())}
+
+    before = um.train(uc, rows(30, 100))
+    retrained = um.train(uc, rows(30, 160))
+    pre, post, repaired = quality(before, 100, 120), quality(before, 160, 195), quality(retrained, 160, 195)
+    print(f"\nnew fraud tactic: before-drift model on pre-drift {pre}; on post-drift {post}; "
+          f"retrained on post-drift {repaired}")
+    assert pre["pr_auc"] >= 0.6
+    assert post["pr_auc"] <= pre["pr_auc"] - 0.3  # the new tactic slips past the old model
+    assert repaired["pr_auc"] >= post["pr_auc"] + 0.3
+    assert repaired["pr_auc"] - post["pr_auc"] >= 0.7 * (pre["pr_auc"] - post["pr_auc"])  # most of it recovered
