@@ -597,7 +597,7 @@ class ChurnService:
             missing = [a for a in account_ids if a not in index]
             shown = ", ".join(repr(a) for a in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            what = "account(s)" if deployment.declaration is None else f"{deployment.declaration.key}(s)"
+            what = "account(s)" if deployment.declaration is None else f"{deployment.declaration.lookup_key}(s)"
             where = "" if deployment.use_case is None else f" of use case {deployment.use_case!r}"
             raise ServiceError(HTTPStatus.NOT_FOUND,
                                f"unknown {what} for tenant {deployment.tenant!r}{where}: {shown}{more}") from None
@@ -838,7 +838,9 @@ class ChurnService:
         if deployment is None:
             raise ServiceError(HTTPStatus.NOT_FOUND, f"tenant {tenant!r} has no deployed model for use case {use_case!r}")
         keys = [getattr(r, declaration.key) for r in records]
-        rows = self._rows(deployment, keys) if declaration.lookup else None
+        lookups = keys if declaration.lookup_key == declaration.key else [getattr(r, declaration.lookup_key)
+                                                                         for r in records]
+        rows = self._rows(deployment, lookups) if declaration.lookup else None
         # The prediction log's account_id column holds the use case's entity key ("" when a use case that
         # looks nothing up is sent none).
         logged_keys = keys if declaration.lookup else [k or "" for k in keys]

@@ -55,9 +55,12 @@ class UseCaseDeclaration:
         self.name: str = spec["name"]
         self.key: str = spec["entity"]["key"]
         self.lookup: bool = bool(spec["lookup"])
+        # The snapshot's key: the entity's, or (a payment scored with its account's features) another
+        # field the request carries beside the entity key.
+        self.lookup_key: str = spec.get("lookup_key") or self.key
         self.problem_type: str = spec["problem_type"]
         self.classes: list[str] | None = spec.get("classes")
-        self.inputs = ModelInputs(tuple(spec["inputs"]["numeric"]), spec["inputs"]["categorical"])
+        self.inputs = ModelInputs(tuple(spec["inputs"]["numeric"]), dict(spec["inputs"]["categorical"]))
         self.request_fields: list[dict] = list(spec["request_fields"])
         columns = self.inputs.columns
         # (column index in the model matrix, field name, level codes or None for a number)
@@ -65,25 +68,27 @@ class UseCaseDeclaration:
                         for f in self.request_fields]
         key_field = (EntityKey, ...) if self.lookup else (EntityKey | None, None)
         fields = {f["name"]: _field_type(f) for f in self.request_fields}
-        if self.key in fields:
-            raise ValueError(f"use case {self.name!r}: request field {self.key!r} is also the entity key")
-        self.instance_model = create_model(f"{self.name}_instance", __base__=_Request,
-                                           **{self.key: key_field}, **fields)
+        if self.key in fields or self.lookup_key in fields:
+            raise ValueError(f"use case {self.name!r}: a request field is also the entity or lookup key")
+        keys = {self.key: key_field}
+        if self.lookup_key != self.key:
+            keys = {self.key: (EntityKey, ...), self.lookup_key: key_field}
+        self.instance_model = create_model(f"{self.name}_instance", __base__=_Request, **keys, **fields)
         self.predict_model = create_model(f"{self.name}_predict", __base__=_Request,
-                                          tenant=(TenantName, ...), **{self.key: key_field}, **fields)
+                                          tenant=(TenantName, ...), **keys, **fields)
         self.batch_model = create_model(
             f"{self.name}_predict_batch", __base__=_Request, tenant=(TenantName, ...),
             instances=(Annotated[list[self.instance_model], Field(min_length=1, max_length=MAX_BATCH)], ...))
 
     # --- the online snapshot ---
     def read_snapshot(self, path) -> tuple[dict[str, int], np.ndarray]:
-        """(entity key -> row, the encoded rows), request-field columns left missing (filled per request)."""
+        """(lookup key -> row, the encoded rows), request-field columns left missing (filled per request)."""
         import pandas as pd  # in the workers only
 
         frame = pd.read_parquet(path)
         for _, name, codes in self._fields:
             frame[name] = None if codes is not None else np.nan
-        index = {str(key): i for i, key in enumerate(frame[self.key].tolist())}
+        index = {str(key): i for i, key in enumerate(frame[self.lookup_key].tolist())}
         return index, self.inputs.to_model_matrix(frame)
 
     def verify_sample(self, features: np.ndarray, rows: int) -> np.ndarray:

@@ -232,6 +232,51 @@ def test_the_fraud_pipeline_trains_gates_registers_and_publishes(uc, pipeline):
     assert snapshot["account_id"].is_unique and len(snapshot) > 1000
 
 
+@pytest.mark.slow
+def test_the_service_scores_a_payment_from_its_fields_and_its_accounts_online_aggregates(uc, pipeline, tmp_path):
+    """Request-time scoring: the request carries the payment's fields and its account; the service joins
+    the account's online aggregates. The score equals the training path's on the same row (no skew)."""
+    import lightgbm as lgb
+    import requests
+
+    from mlops.core.model_inputs import ModelInputs
+    from mlops.core.serving import ApiKeyStore, serving_dir
+    from tests.servers import bentoml_service
+
+    home = pipeline["home"]
+    entry = json.loads((home / "serving" / "manifest.json").read_text())["use_cases"]["fraud"]["tenants"][SPEC.name]
+    snapshot = pd.read_parquet(home / "serving" / entry["snapshot"]["file"])
+    booster = lgb.Booster(model_file=str(home / "serving" / entry["champion"]["model_file"]))
+    key = ApiKeyStore(serving_dir(home)).create(SPEC.name)
+    payments = [
+        {"payment_id": f"p-{i}", "account_id": account, "amount": amount, "currency": "EUR", "country": country,
+         "payment_method": "card", "card_age_days": card_age, "hour_of_day": hour}
+        for i, (account, amount, country, card_age, hour) in enumerate([
+            (snapshot["account_id"].iloc[0], 25.0, "DE", 900.0, 14.0),
+            (snapshot["account_id"].iloc[1], 1800.0, "NG", 0.0, 3.0),
+            (snapshot["account_id"].iloc[2], 12.5, "PH", 2000.0, 11.0)])
+    ]
+    with bentoml_service(home, tmp_path / "serve.log") as service:
+        headers = {"Authorization": f"Bearer {key}"}
+        scores = []
+        for payment in payments:
+            response = requests.post(f"{service['url']}/v1/fraud/predict", headers=headers, timeout=30,
+                                     json={"tenant": SPEC.name, **payment})
+            assert response.status_code == 200, response.text
+            assert response.json()["payment_id"] == payment["payment_id"]
+            scores.append(response.json()["score"])
+        missing = requests.post(f"{service['url']}/v1/fraud/predict", headers=headers, timeout=30,
+                                json={"tenant": SPEC.name, **{k: v for k, v in payments[0].items() if k != "amount"}})
+        assert missing.status_code == 400 and "amount" in missing.text
+        unknown = requests.post(f"{service['url']}/v1/fraud/predict", headers=headers, timeout=30,
+                                json={"tenant": SPEC.name, **payments[0], "account_id": "nobody"})
+        assert unknown.status_code == 404 and "nobody" in unknown.text
+    rows = pd.DataFrame(payments).merge(snapshot, on="account_id")
+    expected = booster.predict(ModelInputs.of(uc).to_model_matrix(rows))
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-9)
+    assert scores[1] > scores[0]  # a new card, a large amount, abroad at night: riskier
+
+
 # --- the new fraud tactic (the oracle of issue 13) ------------------------------------------------------
 @pytest.mark.slow
 def test_a_model_from_before_the_new_tactic_decays_and_retraining_repairs_it(uc, sim):

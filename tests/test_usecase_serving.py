@@ -134,7 +134,7 @@ def test_publication_writes_the_bundle_and_the_declaration(bundle):
     assert declaration["inputs"] == {"numeric": ["orders_7d", "spend_7d", "orders_28d", "spend_28d"],
                                      "categorical": {"region": ["north", "south", "west"]}}
     rf = manifest["use_cases"]["spend_rf"]["declaration"]
-    assert rf["inputs"]["numeric"][-1] == "basket" and rf["inputs"]["categorical"]["channel"] == ["web", "app", "store"]
+    assert rf["inputs"]["numeric"][-1] == "basket" and dict(rf["inputs"]["categorical"])["channel"] == ["web", "app", "store"]
     assert [f["name"] for f in rf["request_fields"]] == ["basket", "channel"]
 
 

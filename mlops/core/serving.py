@@ -235,10 +235,14 @@ def serving_declaration(usecase) -> dict:
         "name": usecase.name,
         "title": usecase.title,
         "entity": {"name": usecase.entity.name, "key": usecase.entity.key},
+        # the online snapshot's key: the entity's, or another entity's (a payment looks up its account)
+        "lookup_key": usecase.feature_key,
         "problem_type": usecase.problem_type,
         "classes": list(usecase.label.classes) if usecase.label.classes else None,
         "lookup": usecase.serving.lookup,
-        "inputs": {"numeric": list(inputs.numeric), "categorical": {c: list(v) for c, v in inputs.categorical.items()}},
+        # categorical as [name, levels] pairs: the manifest is written with sorted keys, and the order of
+        # the columns is the model's input order
+        "inputs": {"numeric": list(inputs.numeric), "categorical": [[c, list(v)] for c, v in inputs.categorical.items()]},
         "features": list(usecase.features.columns),  # the columns the online snapshot holds
         "request_fields": fields,
     }
