@@ -54,11 +54,11 @@ def main(ctx: click.Context, home: str | None) -> None:
 
 @main.command()
 @click.option("--tenant", "tenants", multiple=True, help="Only this tenant (repeatable). Default: every tenant.")
-@click.option("--use-case", "use_case", default="churn", show_default=True,
-              help="The use case to build (see `mlops usecase list`).")
+@click.option("--use-case", "use_cases", multiple=True,
+              help="Only this use case (repeatable; see `mlops usecase list`). Default: churn and every declared one.")
 @click.pass_obj
-def build(home: str | None, tenants: tuple[str, ...], use_case: str) -> None:
-    """Data, features and a validated champion for every tenant (the use case's pipeline job)."""
+def build(home: str | None, tenants: tuple[str, ...], use_cases: tuple[str, ...]) -> None:
+    """Data, features and a validated champion for every tenant and use case (their pipeline jobs)."""
     _quiet_libraries()
     from dagster import DagsterInstance
 
@@ -71,34 +71,36 @@ def build(home: str | None, tenants: tuple[str, ...], use_case: str) -> None:
     names = list(tenants) or sorted(catalog.all())
     for name in names:
         _known_tenant(defs.resources, name)
-    job_name = f"{use_case}_pipeline"
-    if job_name not in _job_names(defs):
-        raise click.BadParameter(f"no use case {use_case!r}: declared are {_usecase_names(defs)}",
-                                 param_hint="--use-case")
-    job = defs.resolve_job_def(job_name)
+    declared = _usecase_names(defs)
+    unknown = [u for u in use_cases if u not in declared]
+    if unknown:
+        raise click.BadParameter(f"no use case {unknown[0]!r}: declared are {declared}", param_hint="--use-case")
     failures = []
     with DagsterInstance.from_config(str(settings.dagster_home)) as instance:
         existing = set(instance.get_dynamic_partitions("tenant"))
         instance.add_dynamic_partitions("tenant", [n for n in names if n not in existing])
-        for name in names:
-            start = time.perf_counter()
-            result = job.execute_in_process(
-                instance=instance, partition_key=name, raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-            )
-            status = "ok" if result.success else "FAILED"
-            click.echo(f"[{name}] {job_name} {status} in {time.perf_counter() - start:.1f}s (run {result.run_id})")
-            if not result.success:
-                failures.append(name)
-                for event in result.all_events:
-                    if event.is_failure:
-                        click.echo(f"  {event.step_key}: {event.message}")
+        for use_case in use_cases or declared:
+            job = defs.resolve_job_def(f"{use_case}_pipeline")
+            for name in names:
+                start = time.perf_counter()
+                result = job.execute_in_process(
+                    instance=instance, partition_key=name, raise_on_error=False,
+                    run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                )
+                status = "ok" if result.success else "FAILED"
+                click.echo(f"[{name}] {job.name} {status} in {time.perf_counter() - start:.1f}s (run {result.run_id})")
+                if not result.success:
+                    failures.append(f"{use_case}/{name}")
+                    for event in result.all_events:
+                        if event.is_failure:
+                            click.echo(f"  {event.step_key}: {event.message}")
     click.echo("\nModels in the MLflow registry (aliases):")
-    for name in names:
-        champion = registry.alias_version(name, CHAMPION, use_case=use_case)
-        challenger = registry.alias_version(name, CHALLENGER, use_case=use_case)
-        click.echo(f"  {registered_model_name(name, use_case)}: champion={champion.version if champion else '-'} "
-                   f"challenger={challenger.version if challenger else '-'}")
+    for use_case in use_cases or declared:
+        for name in names:
+            champion = registry.alias_version(name, CHAMPION, use_case=use_case)
+            challenger = registry.alias_version(name, CHALLENGER, use_case=use_case)
+            click.echo(f"  {registered_model_name(name, use_case)}: champion={champion.version if champion else '-'} "
+                       f"challenger={challenger.version if challenger else '-'}")
     click.echo(f"\nState:   {settings.root}")
     click.echo("UI:      mlops ui   -> http://127.0.0.1:3000 (asset graph, checks, runs)")
     click.echo(f"MLflow:  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri} --port 5000")
@@ -111,7 +113,9 @@ def _job_names(defs) -> list[str]:
 
 
 def _usecase_names(defs) -> list[str]:
-    return sorted(name.removesuffix("_pipeline") for name in _job_names(defs) if name.endswith("_pipeline"))
+    """churn first, then the declared use cases, by name (each has a ``<name>_pipeline`` job)."""
+    names = sorted(name.removesuffix("_pipeline") for name in _job_names(defs) if name.endswith("_pipeline"))
+    return sorted(names, key=lambda n: n != "churn")
 
 
 @main.group()

@@ -132,7 +132,7 @@ def test_publication_writes_the_bundle_and_the_declaration(bundle):
     assert declaration["entity"] == {"name": "customer", "key": "customer_id"}
     assert declaration["problem_type"] == "regression" and declaration["lookup"] is True
     assert declaration["inputs"] == {"numeric": ["orders_7d", "spend_7d", "orders_28d", "spend_28d"],
-                                     "categorical": {"region": ["north", "south", "west"]}}
+                                     "categorical": [["region", ["north", "south", "west"]]]}
     rf = manifest["use_cases"]["spend_rf"]["declaration"]
     assert rf["inputs"]["numeric"][-1] == "basket" and dict(rf["inputs"]["categorical"])["channel"] == ["web", "app", "store"]
     assert [f["name"] for f in rf["request_fields"]] == ["basket", "channel"]
@@ -366,7 +366,7 @@ def test_multiclass_and_binary_answers():
     from bentos.usecase_serving import UseCaseDeclaration
 
     spec = {"name": "tier", "entity": {"name": "customer", "key": "customer_id"}, "problem_type": "multiclass",
-            "classes": ["low", "mid", "high"], "lookup": False, "inputs": {"numeric": ["x"], "categorical": {}},
+            "classes": ["low", "mid", "high"], "lookup": False, "inputs": {"numeric": ["x"], "categorical": []},
             "features": [], "request_fields": [{"name": "x", "type": "DOUBLE", "nullable": True}]}
     declaration = UseCaseDeclaration(spec)
     scores = np.array([[0.2, 0.5, 0.3], [0.7, 0.2, 0.1]])
