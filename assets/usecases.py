@@ -48,6 +48,7 @@ from mlops.core.prediction_log import ForeignSegmentError, archive_segments, ing
 from mlops.core.pyfunc_model import model_requirements
 from mlops.core.serving import publish_usecase, serving_dir
 from mlops.core.usecase import UseCase
+from resources.inbox import InboxOutcome, InboxRejection, move_aside, pending_files, read_and_validate
 from resources.monitoring import MonitoringPolicy
 from resources.registry import ModelRegistry, runtime_tags
 from resources.settings import PlatformSettings
@@ -68,28 +69,41 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
     table_keys = {table.name: key(table.name) for table in uc.tables}
     common = {"partitions_def": TENANT_PARTITIONS, "group_name": name}
 
+    first_table = next(iter(table_keys.values()))
+
     @dg.multi_asset(
         name=f"{name}_raw_tables",
-        specs=[dg.AssetSpec(k, description=f"Raw `{t}` table of use case {name} in the tenant's warehouse.",
+        specs=[dg.AssetSpec(k, description=f"Raw `{t}` table of use case {name} in the tenant's warehouse: the "
+                                           f"simulated world and files from `inbox/<tenant>/{name}/`.",
                             kinds={"duckdb"}, **common) for t, k in table_keys.items()],
+        check_specs=[dg.AssetCheckSpec("inbox_files_accepted", asset=first_table,
+                                       description=f"Every file in the tenant's {name} inbox passed its table's "
+                                                   "declared schema.")],
     )
-    def raw_tables(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, catalog: TenantCatalog):
+    def raw_tables(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, catalog: TenantCatalog,
+                   settings: PlatformSettings):
+        """The simulated world (one transaction), then each inbox file in a transaction of its own: a bad
+        file is rejected whole, with a reason naming file, column and problem, and changes nothing."""
         tenant = context.partition_key
         spec = catalog.get(tenant)
         counts = {}
-        if uc.simulator is not None:
-            frames = usecase_store.load_simulator(uc)(spec)
-            with warehouse.transaction(tenant) as con:
-                usecase_store.ensure_tables(con, uc)
-                counts = usecase_store.replace_rows(con, uc, frames, SIMULATOR_SOURCE)
-        else:
-            with warehouse.transaction(tenant) as con:
-                usecase_store.ensure_tables(con, uc)
+        with warehouse.transaction(tenant) as con:
+            usecase_store.ensure_tables(con, uc)
+            if uc.simulator is not None:
+                counts = usecase_store.replace_rows(con, uc, usecase_store.load_simulator(uc)(spec), SIMULATOR_SOURCE)
+        outcomes = ingest_usecase_inbox(uc, warehouse, settings, catalog, tenant)
+        rejected = [o for o in outcomes if not o.accepted]
         for table, asset_key in table_keys.items():
             yield dg.MaterializeResult(asset_key=asset_key, metadata={
                 "simulated_rows": dg.MetadataValue.int(counts.get(table, 0)),
+                "inbox_rows": dg.MetadataValue.int(sum(o.rows for o in outcomes if o.accepted and o.table == table)),
                 "use_case": name,
             })
+        yield dg.AssetCheckResult(
+            check_name="inbox_files_accepted", asset_key=first_table, passed=not rejected,
+            severity=dg.AssetCheckSeverity.WARN, description="; ".join(o.message for o in rejected) or None,
+            metadata={"accepted_files": dg.MetadataValue.int(sum(o.accepted for o in outcomes)),
+                      "rejected": dg.MetadataValue.md("\n".join(f"- {o.message}" for o in rejected) or "none")})
 
     @dg.asset(key=key("features"), deps=list(table_keys.values()), kinds={"duckdb"},
               description=f"Offline feature table of {name}: the declared feature view over the whole history.",
@@ -366,6 +380,30 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
     return dg.Definitions(assets=[*assets, prediction_log, model_monitoring], asset_checks=[model_gates],
                           jobs=[pipeline, retrain, monitoring], sensors=[build_decay_sensor(f"{name}_decay_sensor", key("model_monitoring"), retrain,
                                                      run_key_prefix=f"decay:{name}")])
+
+
+def ingest_usecase_inbox(uc: UseCase, warehouse: DuckDBWarehouse, settings: PlatformSettings,
+                         catalog: TenantCatalog, tenant: str) -> list[InboxOutcome]:
+    """Load every pending file of ``inbox/<tenant>/<use case>/`` into the table its name says, one
+    transaction per file; rows with a key already stored replace it."""
+    known = set(catalog.all())
+    outcomes = []
+    for path in pending_files(settings.inbox_dir(tenant) / uc.name):
+        try:
+            table, frame = read_and_validate(path, tenant, known, tables=uc.tables)
+            with warehouse.transaction(tenant) as con:
+                rows = warehouse.upsert_rows(con, table, frame, source=f"inbox:{path.name}")
+        except InboxRejection as exc:
+            move_aside(path, accepted=False, message=str(exc))
+            outcomes.append(InboxOutcome(path.name, None, False, 0, str(exc)))
+            warehouse.audit(tenant, actor="ingestion", action="inbox_file", subject=f"{uc.name}/{path.name}",
+                            outcome="rejected", details={"reason": str(exc)})
+            continue
+        move_aside(path, accepted=True)
+        outcomes.append(InboxOutcome(path.name, table.name, True, rows, f"{path.name}: {rows} rows"))
+        warehouse.audit(tenant, actor="ingestion", action="inbox_file", subject=f"{uc.name}/{path.name}",
+                        outcome="accepted", details={"table": table.name, "rows": rows})
+    return outcomes
 
 
 def online_dir(settings: PlatformSettings, catalog: TenantCatalog, uc: UseCase, tenant: str) -> Path:

@@ -65,9 +65,23 @@ def table_for(path: Path) -> RawTable:
     )
 
 
-def read_and_validate(path: Path, tenant: str, known_tenants: set[str]) -> tuple[RawTable, pd.DataFrame]:
-    """Parse and validate one inbox file; raise InboxRejection naming what is wrong."""
-    table = table_for(path)
+def usecase_table_for(path: Path, tables) -> object:
+    """The declared table (``mlops.core.usecase.TableSpec``) a use case's inbox file feeds, by the
+    longest table prefix its name starts with (``orders*.csv`` feeds ``raw_orders``)."""
+    if path.suffix.lower() not in SUFFIXES:
+        raise InboxRejection(path, None, f"unsupported file type {path.suffix!r}; use .csv or .parquet")
+    for table in sorted(tables, key=lambda t: -len(t.inbox_prefix)):
+        if path.name.lower().startswith(table.inbox_prefix):
+            return table
+    raise InboxRejection(path, None, "file name must start with one of "
+                                     f"{sorted(t.inbox_prefix for t in tables)} to say which table it feeds")
+
+
+def read_and_validate(path: Path, tenant: str, known_tenants: set[str],
+                      tables=None) -> tuple[RawTable, pd.DataFrame]:
+    """Parse and validate one inbox file; raise InboxRejection naming what is wrong. ``tables``: the
+    declared tables of a use case (its inbox is ``inbox/<tenant>/<use case>/``); churn's otherwise."""
+    table = table_for(path) if tables is None else usecase_table_for(path, tables)
     size = path.stat().st_size
     if size == 0:
         raise InboxRejection(path, None, "file is empty")

@@ -29,6 +29,14 @@ def spend(tmp_path_factory):
     r["settings"].ensure_home()
     r["registry"].ensure_experiment()
     r["catalog"].add(TenantSpec(name=TENANT, region="us", n_accounts=400, seed=5, days=150))
+    # The tenant's own files for the use case: one good delivery, one with a negative amount.
+    inbox = home / "inbox" / TENANT / "spend"
+    inbox.mkdir(parents=True)
+    (inbox / "orders_extra.csv").write_text(
+        "order_id,customer_id,ordered_at,amount,channel\n"
+        "x-1,shopco-c00001,2026-07-01 10:00:00,12.5,web\nx-2,shopco-c00002,2026-07-02 11:30:00,80,store\n")
+    (inbox / "orders_bad.csv").write_text(
+        "order_id,customer_id,ordered_at,amount,channel\nx-3,shopco-c00003,2026-07-03 09:00:00,-5,web\n")
     with open_instance(home) as instance:
         instance.add_dynamic_partitions("tenant", [TENANT])
         result = defs.resolve_job_def("spend_pipeline").execute_in_process(
@@ -50,8 +58,20 @@ def test_every_check_and_gate_ran_and_passed(spend):
         if event.event_type_value == "ASSET_CHECK_EVALUATION":
             data = event.event_specific_data
             checks[data.check_name] = data.passed
-    assert checks == {"training_data_integrity": True, "no_training_serving_skew": True, "r2_gate": True,
-                      "fairness_gate": True, "latency_gate": True, "model_size_gate": True}
+    assert checks == {"inbox_files_accepted": False, "training_data_integrity": True, "no_training_serving_skew": True,
+                      "r2_gate": True, "fairness_gate": True, "latency_gate": True, "model_size_gate": True}
+
+
+def test_inbox_files_of_the_use_case_are_validated_against_its_declared_tables(spend):
+    inbox = spend["home"] / "inbox" / TENANT / "spend"
+    assert [p.name.split("-", 1)[1] for p in (inbox / "processed").iterdir()] == ["orders_extra.csv"]
+    errors = list((inbox / "rejected").glob("*.error.txt"))
+    assert len(errors) == 1 and "orders_bad.csv: column 'amount'" in errors[0].read_text()
+    with spend["defs"].resources["warehouse"].connect(TENANT, read_only=True) as con:
+        delivered = con.execute("SELECT order_id, amount FROM raw_orders WHERE source = 'inbox:orders_extra.csv' "
+                                "ORDER BY order_id").fetchall()
+        bad = con.execute("SELECT count(*) FROM raw_orders WHERE order_id = 'x-3'").fetchone()[0]
+    assert delivered == [("x-1", 12.5), ("x-2", 80.0)] and bad == 0
 
 
 def test_the_registry_holds_the_use_case_model_with_aliases_and_lineage(spend):

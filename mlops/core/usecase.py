@@ -113,6 +113,11 @@ class TableSpec(_Spec):
         return [c.name for c in self.columns]
 
     @property
+    def optional_columns(self) -> tuple[ColumnSpec, ...]:
+        """Columns a delivered file may carry beside the declared ones: none for a declared table."""
+        return ()
+
+    @property
     def inbox_prefix(self) -> str:
         return self.file_prefix or self.name.removeprefix("raw_")
 
