@@ -7,6 +7,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
+from mlops.core.hashing import content_hash
 from resources.feature_store import (
     CATEGORICAL_FEATURES,
     FEATURE_COLUMNS,
@@ -14,7 +15,6 @@ from resources.feature_store import (
     NUMERIC_FEATURES,
     FeatureStore,
     compare_feature_rows,
-    content_hash,
     feature_origin,
     offline_rows_at,
 )

@@ -9,9 +9,10 @@ import mlflow
 
 from mlops.core import modeling
 from mlops.core.candidates import record_candidate
+from mlops.core.hashing import content_hash
 from mlops.core.names import registered_model_name
 from mlops.core.pyfunc_model import log_churn_model, model_requirements
-from resources.feature_store import FEATURE_COLUMNS, FEATURE_VIEW_VERSION, content_hash
+from resources.feature_store import FEATURE_COLUMNS, FEATURE_VIEW_VERSION
 from resources.registry import runtime_tags
 from resources.tenants import TENANT_PARTITIONS
 

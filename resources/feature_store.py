@@ -24,8 +24,6 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from mlops.core.environment import atomic_path, write_atomic
-from mlops.core.hashing import content_hash
 from mlops.core.model_inputs import (  # noqa: F401 - re-exported for callers of the feature store
     CATEGORICAL_FEATURES,
     FEATURE_COLUMNS,
@@ -34,7 +32,7 @@ from mlops.core.model_inputs import (  # noqa: F401 - re-exported for callers of
     to_model_frame,
     to_model_matrix,
 )
-from mlops.core.online import POINTER_FILE, next_snapshot_version, snapshot_file_name
+from mlops.core.online import POINTER_FILE, publish_snapshot
 from resources.settings import PlatformSettings
 from resources.tenants import TenantCatalog
 
@@ -311,23 +309,11 @@ class FeatureStore(dg.ConfigurableResource):
         """
         origin, _ = feature_origin(con)
         snapshot = compute_features(con, origin, -1, -1).sort_values("account_id").reset_index(drop=True)
-        online = self.online_dir(tenant)
-        online.mkdir(parents=True, exist_ok=True)
-        version = next_snapshot_version(online)
-        path = online / snapshot_file_name(version)
-        with atomic_path(path, fsync=True) as tmp:
-            snapshot.to_parquet(tmp, index=False)
-        pointer = {
+        return publish_snapshot(self.online_dir(tenant), snapshot, {
             "tenant": tenant,
-            "version": version,
-            "path": path.name,
             "feature_date": str(origin - dt.timedelta(days=1)),
             "feature_view_version": FEATURE_VIEW_VERSION,
-            "rows": len(snapshot),
-            "content_hash": content_hash(snapshot),
-        }
-        write_atomic(online / POINTER_FILE, json.dumps(pointer, indent=2).encode())
-        return pointer
+        })
 
     def current_snapshot_pointer(self, tenant: str) -> dict:
         pointer = self.online_dir(tenant) / POINTER_FILE

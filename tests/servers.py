@@ -32,7 +32,7 @@ def bentoml_service(home: Path, log: Path, env: dict[str, str] | None = None,
     """Serve ``bentos.service:ChurnService`` over ``home``; yields ``{"url", "proc", "log"}``."""
     port = free_port()
     environment = {**os.environ, **TELEMETRY_OFF, "MLOPS_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT),
-                   "CHURN_SERVICE_WORKERS": "1", **(env or {})}
+                   **(env or {})}
     environment.pop("MLOPS_SERVING_DIR", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -6,7 +6,7 @@ import pytest
 
 from assets.ingestion import ingest_inbox
 from definitions import build_definitions
-from resources.feature_store import content_hash
+from mlops.core.hashing import content_hash
 from resources.inbox import InboxRejection, read_and_validate
 from resources.schemas import RAW_TABLES
 from resources.tenants import TenantSpec

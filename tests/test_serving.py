@@ -4,47 +4,23 @@ ingestion exactly once, promotion under load and rollback without a restart."""
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 import requests
 
 from mlops.core.deployment import promote_challenger, rollback_champion
-from mlops.core.environment import PROJECT_ROOT, TELEMETRY_OFF
 from mlops.core.serving import ApiKeyStore, read_manifest, serving_dir
 from resources.feature_store import to_model_matrix
 from tests.conftest import TEST_TENANT
+from tests.servers import bentoml_service
 
 pytestmark = pytest.mark.slow
 TENANT = TEST_TENANT.name
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(proc, url, log) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"bentoml serve exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"service not ready in 120 s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -54,31 +30,9 @@ def service(platform_home, tmp_path_factory):
     keys = ApiKeyStore(folder)
     tenant_key, other_key, revoked_key = keys.create(TENANT), keys.create("acme"), keys.create(TENANT)
     keys.revoke(revoked_key.split("_")[1])
-    port = _free_port()
     log = tmp_path_factory.mktemp("bento") / "serve.log"
-    env = {**os.environ, **TELEMETRY_OFF, "MLOPS_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "bentos.service:ChurnService",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(proc, url, log)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    # BentoML's workers may leave the process group: remember the whole tree to clean it up.
-    tree = [proc_ for proc_ in psutil.Process(proc.pid).children(recursive=True)]
-    yield {"url": url, "key": tenant_key, "other_key": other_key, "revoked_key": revoked_key, "proc": proc,
-           "home": home, "log": log}
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for leftover in alive:
-        leftover.kill()
+    with bentoml_service(home, log) as served:
+        yield {**served, "key": tenant_key, "other_key": other_key, "revoked_key": revoked_key, "home": home}
 
 
 def _post(service, route, body, key="default", raw=None):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from resources.feature_store import content_hash
+from mlops.core.hashing import content_hash
 from resources.schemas import RAW_TABLES
 from resources.tenants import DEFAULT_TENANTS, TenantSpec
 from usecases.churn.simulator import simulate_tenant

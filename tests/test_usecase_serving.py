@@ -141,7 +141,7 @@ def test_publication_writes_the_bundle_and_the_declaration(bundle):
 @pytest.fixture(scope="module")
 def service(bundle, tmp_path_factory):
     log = tmp_path_factory.mktemp("bento") / "serve.log"
-    with bentoml_service(bundle["home"], log, {"CHURN_SHADOW_BATCH_SAMPLE": "1"}) as served:
+    with bentoml_service(bundle["home"], log, {"CHURN_SHADOW_BATCH_SAMPLE": "1", "CHURN_SERVICE_WORKERS": "1"}) as served:
         yield {**bundle, **served}
 
 

@@ -7,6 +7,7 @@ file names and versions from here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 SNAPSHOT_GLOB = "features-v*.parquet"
@@ -26,3 +27,22 @@ def snapshot_version(path: Path | str) -> int:
 
 def next_snapshot_version(folder: Path) -> int:
     return max((snapshot_version(p) for p in folder.glob(SNAPSHOT_GLOB)), default=0) + 1
+
+
+def publish_snapshot(folder: Path, snapshot, about: dict) -> dict:
+    """Write ``snapshot`` (a data frame) as the next immutable version in ``folder`` and point
+    ``CURRENT.json`` at it, atomically both; the pointer is ``about`` plus version, file name, rows and
+    content hash. One folder per use case and tenant."""
+    from mlops.core.environment import atomic_path, write_atomic
+    from mlops.core.hashing import content_hash
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    version = next_snapshot_version(folder)
+    path = folder / snapshot_file_name(version)
+    with atomic_path(path, fsync=True) as tmp:
+        snapshot.to_parquet(tmp, index=False)
+    pointer = {**about, "version": version, "path": path.name, "rows": len(snapshot),
+               "content_hash": content_hash(snapshot)}
+    write_atomic(folder / POINTER_FILE, json.dumps(pointer, indent=2).encode())
+    return pointer

@@ -20,9 +20,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from mlops.core.environment import atomic_path, write_atomic
-from mlops.core.hashing import content_hash
-from mlops.core.online import POINTER_FILE, next_snapshot_version, snapshot_file_name
+from mlops.core.online import POINTER_FILE, publish_snapshot
 from mlops.core.usecase import UseCase, UseCaseError
 
 AVAILABLE_AT = "available_at"
@@ -278,23 +276,8 @@ def compare_feature_rows(uc: UseCase, online: pd.DataFrame, offline: pd.DataFram
 def write_online_snapshot(online_dir: Path, uc: UseCase, snapshot: pd.DataFrame, as_of) -> dict:
     """Publish ``snapshot`` as a new immutable version in ``online_dir`` (one folder per use case and
     tenant) and point ``CURRENT.json`` at it; returns the pointer."""
-    online_dir = Path(online_dir)
-    online_dir.mkdir(parents=True, exist_ok=True)
-    version = next_snapshot_version(online_dir)
-    path = online_dir / snapshot_file_name(version)
-    with atomic_path(path, fsync=True) as tmp:
-        snapshot.to_parquet(tmp, index=False)
-    pointer = {
-        "use_case": uc.name,
-        "version": version,
-        "path": path.name,
-        "as_of": str(pd.Timestamp(as_of)),
-        "feature_view_version": feature_view_version(uc),
-        "rows": len(snapshot),
-        "content_hash": content_hash(snapshot),
-    }
-    write_atomic(online_dir / POINTER_FILE, json.dumps(pointer, indent=2).encode())
-    return pointer
+    return publish_snapshot(online_dir, snapshot, {"use_case": uc.name, "as_of": str(pd.Timestamp(as_of)),
+                                                   "feature_view_version": feature_view_version(uc)})
 
 
 def read_online_snapshot(online_dir: Path) -> tuple[dict, pd.DataFrame]:
