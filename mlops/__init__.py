@@ -19,3 +19,8 @@ _disable_telemetry()
 # other: one build measured 273 s instead of ~5 s. Waiting threads sleep instead. Set before
 # LightGBM loads (it reads the variable then); a value set by the user wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# MLflow talks on every logged or downloaded model (INFO lines, per-file progress bars): in the
+# platform's processes (the demo, the CLI, Dagster runs) only its errors are news. A value set by the
+# user wins.
+_os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+_os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
