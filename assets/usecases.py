@@ -6,19 +6,26 @@ prefix ``<use case>/`` (one asset group per use case in the UI):
     raw tables -> features -> training_set [training_data_integrity]
                            -> online_snapshot [no_training_serving_skew]
     training_set -> model [the problem type's gates: blocking] -> model_aliases -> serving_manifest
+    prediction_log -> model_monitoring (decay alert -> ``<use case>_decay_sensor`` -> ``<use case>_retrain``)
+    prediction_log -> shadow_comparison [promotion_gate: blocking] -> champion_promotion
 
-and the job ``<use case>_pipeline`` that materializes them for one tenant. The assets are thin: the
+the job ``<use case>_pipeline`` that materializes the first lines for one tenant, ``<use case>_retrain``
+and ``<use case>_daily_cycle`` (new data, snapshot, prediction log, monitoring, shadow comparison,
+promotion: churn's ``daily_cycle`` for the use case). The assets are thin: the
 work is ``mlops.core.usecase_store`` (data), ``mlops.core.usecase_model`` (models and gates) and
 ``mlops.core.serving`` (publication); the assets call them through the resources and attach
 metadata. Nothing here knows a particular use case: adding one is adding a folder.
 """
 
 
+import datetime as dt
+import json
 import tempfile
 from pathlib import Path
 
 import dagster as dg
 import mlflow
+import pandas as pd
 
 from assets.automation import build_decay_sensor
 from mlops.core import usecase_model, usecase_store
@@ -29,6 +36,7 @@ from mlops.core.candidates import (
     record_candidate,
     record_gate_result,
 )
+from mlops.core.deployment import promote_usecase_challenger, retire_usecase_challenger
 from mlops.core.hashing import content_hash
 from mlops.core.model_inputs import ModelInputs
 from mlops.core.monitoring import (
@@ -44,9 +52,23 @@ from mlops.core.monitoring import (
     usecase_analysis_frame,
 )
 from mlops.core.names import CHALLENGER, CHAMPION
-from mlops.core.prediction_log import ForeignSegmentError, archive_segments, ingest_closed_segments
+from mlops.core.prediction_log import (
+    ForeignSegmentError,
+    archive_segments,
+    ingest_closed_segments,
+    prediction_log_ddl,
+    prediction_log_table,
+)
 from mlops.core.pyfunc_model import model_requirements
 from mlops.core.serving import publish_usecase, serving_dir
+from mlops.core.shadow import (
+    compare_shadow,
+    promotion_decision,
+    promotion_metric,
+    shadow_ddl,
+    shadow_pairs,
+    shadow_table,
+)
 from mlops.core.usecase import UseCase
 from resources.inbox import InboxOutcome, InboxRejection, move_aside, pending_files, read_and_validate
 from resources.monitoring import MonitoringPolicy
@@ -359,6 +381,103 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
             "decay_alerts": dg.MetadataValue.json(decay),
         })
 
+    metric = promotion_metric(uc)
+    gate_key = key("shadow_comparison")
+
+    @dg.asset(key=gate_key, deps=[prediction_log, model_aliases], kinds={"nannyml", "duckdb"},
+              description=f"{name}'s champion versus its shadow challenger on the same requests: agreement, "
+                          f"latency, {metric.label} estimated and realized. Decides: promote, retire or wait.",
+              check_specs=[dg.AssetCheckSpec(
+                  "promotion_gate", asset=gate_key, blocking=True,
+                  description=f"The challenger has enough shadow predictions, meets the latency budget and is not "
+                              f"worse than the champion on {metric.label} (realized on matured labels, else "
+                              "estimated).")],
+              **common)
+    def shadow_comparison(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, registry: ModelRegistry,
+                          settings: PlatformSettings, catalog: TenantCatalog, monitoring_policy: MonitoringPolicy):
+        tenant = context.partition_key
+        policy = monitoring_policy
+        champion = registry.alias_version(tenant, CHAMPION, use_case=name)
+        challenger = registry.alias_version(tenant, CHALLENGER, use_case=name)
+        if champion is None:
+            raise dg.Failure(f"{uc.registered_model_name(tenant)} has no champion yet")
+        champ_v = str(champion.version)
+        chall_v = str(challenger.version) if challenger is not None else None
+        comparison: dict = {"champion_version": champ_v, "challenger_version": chall_v, "metric": metric.name}
+        pairs = pd.DataFrame()
+        if chall_v is None or chall_v == champ_v:
+            decision, reason = "no_challenger", f"{name} has no challenger in shadow"
+        else:
+            with warehouse.connect(tenant) as con:
+                con.execute(prediction_log_ddl(prediction_log_table(name)))
+                pairs = shadow_pairs(con, champ_v, chall_v, use_case=name)
+                if len(pairs) >= policy.shadow_min_predictions:
+                    # The champion's logged rows: the shadow pairs' features and the labelled ones.
+                    logged = usecase_analysis_frame(
+                        con, uc, online_dir(settings, catalog, uc, tenant), champ_v,
+                        policy.analysis_window_days + uc.label.horizon_days, usecase_store.clock(con, uc))
+                    references = {v: reference_frame(con, v, use_case=name) for v in (champ_v, chall_v)}
+            if len(pairs) < policy.shadow_min_predictions:
+                decision = "wait"
+                reason = f"{len(pairs)} of {policy.shadow_min_predictions} shadow predictions so far"
+            else:
+                boosters = {v: registry.load_booster(tenant, v, use_case=name) for v in (champ_v, chall_v)}
+                comparison |= compare_shadow(pairs, logged, references, boosters, spec=MonitorSpec.of(uc),
+                                             metric=metric,
+                                             score=lambda booster, rows: usecase_model.predict(uc, booster, rows))
+                decision, reason = promotion_decision(comparison, policy, metric)
+        comparison |= {"decision": decision, "reason": reason, "shadow_pairs": len(pairs)}
+        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        with warehouse.transaction(tenant) as con:
+            con.execute(shadow_ddl(name))
+            con.execute(f"INSERT INTO {shadow_table(name)} VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - derived
+                        [now, champ_v, chall_v, decision, reason, len(pairs), json.dumps(comparison, default=float),
+                         context.run_id])
+        subject = f"{uc.registered_model_name(tenant)}/{chall_v}"
+        if decision in ("promote", "retire"):
+            warehouse.audit(tenant, actor="shadow_comparison", action="promotion_gate", subject=subject,
+                            outcome="passed" if decision == "promote" else "failed",
+                            details={**comparison, "use_case": name})
+        if decision == "retire":
+            retire_usecase_challenger(uc, tenant, chall_v, registry, warehouse, reason=reason, publish=lambda:
+                                      publish_usecase_from_registry(uc, tenant, registry, settings, catalog))
+        numbers = {k: dg.MetadataValue.float(float(v)) for k, v in comparison.items()
+                   if isinstance(v, float | int) and not isinstance(v, bool) and k != "shadow_pairs"}
+        yield dg.MaterializeResult(metadata={
+            "decision": decision, "reason": reason, "use_case": name, "champion_version": champ_v,
+            "challenger_version": chall_v or "none", "shadow_pairs": dg.MetadataValue.int(len(pairs)), **numbers,
+        })
+        yield dg.AssetCheckResult(
+            check_name="promotion_gate", asset_key=gate_key, passed=decision == "promote",
+            # Waiting (or nothing in shadow) is not a failure: it does not block, and promotion does nothing.
+            severity=dg.AssetCheckSeverity.ERROR if decision in ("promote", "retire") else dg.AssetCheckSeverity.WARN,
+            description=f"{decision}: {reason}",
+            metadata={"decision": decision, "reason": reason, "challenger_version": chall_v or "none"},
+        )
+
+    @dg.asset(key=key("champion_promotion"), deps=[shadow_comparison], kinds={"mlflow", "bentoml"},
+              description=f"Moves {name}'s `champion` to the challenger that passed the promotion gate and "
+                          "republishes the serving manifest; the running service swaps models without a restart.",
+              **common)
+    def champion_promotion(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, registry: ModelRegistry,
+                           settings: PlatformSettings, catalog: TenantCatalog):
+        tenant = context.partition_key
+        with warehouse.connect(tenant) as con:
+            con.execute(shadow_ddl(name))
+            latest = con.execute(f"SELECT champion_version, challenger_version, decision, reason "  # noqa: S608
+                                 f"FROM {shadow_table(name)} ORDER BY evaluated_at DESC LIMIT 1").fetchone()
+        challenger = registry.alias_version(tenant, CHALLENGER, use_case=name)
+        if latest is None or latest[2] != "promote" or challenger is None or str(challenger.version) != latest[1]:
+            return dg.MaterializeResult(metadata={"promoted": False, "use_case": name,
+                                                  "reason": "no challenger passed the promotion gate"})
+        entry = promote_usecase_challenger(
+            uc, tenant, registry, warehouse, reason=f"promotion gate passed: {latest[3]}",
+            publish=lambda: publish_usecase_from_registry(uc, tenant, registry, settings, catalog))
+        return dg.MaterializeResult(metadata={
+            "promoted": True, "use_case": name, "from_version": latest[0], "to_version": latest[1],
+            "reason": latest[3], "serving_champion": entry[CHAMPION]["version"],
+        })
+
     assets = [raw_tables, features, training_set, online_snapshot, model, model_aliases, serving_manifest]
     pipeline = dg.define_asset_job(
         f"{name}_pipeline", selection=dg.AssetSelection.assets(*assets),
@@ -371,14 +490,17 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
         description=f"Retrain {name} for one tenant on its current data: features -> model -> gates -> challenger.",
         executor_def=dg.in_process_executor,
     )
-    monitoring = dg.define_asset_job(
-        f"{name}_monitoring", selection=dg.AssetSelection.assets(raw_tables, features, online_snapshot,
-                                                                 serving_manifest, prediction_log, model_monitoring),
-        description=f"{name}'s day for one tenant: new data -> features -> snapshot -> prediction log -> monitoring.",
+    daily_cycle = dg.define_asset_job(
+        f"{name}_daily_cycle", selection=dg.AssetSelection.assets(
+            raw_tables, features, online_snapshot, serving_manifest, prediction_log, model_monitoring,
+            shadow_comparison, champion_promotion),
+        description=f"{name}'s day for one tenant: new data -> features -> snapshot -> prediction log -> monitoring "
+                    "-> shadow comparison [promotion_gate] -> promotion.",
         executor_def=dg.in_process_executor,
     )
-    return dg.Definitions(assets=[*assets, prediction_log, model_monitoring], asset_checks=[model_gates],
-                          jobs=[pipeline, retrain, monitoring], sensors=[build_decay_sensor(f"{name}_decay_sensor", key("model_monitoring"), retrain,
+    return dg.Definitions(assets=[*assets, prediction_log, model_monitoring, shadow_comparison, champion_promotion],
+                          asset_checks=[model_gates],
+                          jobs=[pipeline, retrain, daily_cycle], sensors=[build_decay_sensor(f"{name}_decay_sensor", key("model_monitoring"), retrain,
                                                      run_key_prefix=f"decay:{name}")])
 
 

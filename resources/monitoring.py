@@ -43,6 +43,8 @@ class MonitoringPolicy(dg.ConfigurableResource):
     shadow_min_predictions: int = 500
     # Promotion: the challenger may be at most this much worse than the champion (ROC AUC).
     promotion_auc_tolerance: float = 0.02
+    # Promotion of a regression: the challenger's RMSE may be at most this fraction above the champion's.
+    promotion_rmse_tolerance: float = 0.02
     # Promotion: realized ROC AUC decides once this many shadowed predictions have labels.
     promotion_min_labelled_rows: int = 200
     # Promotion: the challenger's shadow scoring p99 must stay under this budget.

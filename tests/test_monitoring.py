@@ -299,6 +299,46 @@ def test_promotion_decision():
     assert decision == "retire" and "p99 25.00 ms" in reason
 
 
+def test_promotion_decision_for_a_regression_and_a_binary_pr_auc_use_case():
+    """The generic decision: regression compares RMSE (lower is better, tolerance relative to the
+    champion's), a binary use case that declares ``min_pr_auc`` compares PR AUC."""
+    from types import SimpleNamespace
+
+    from mlops.core.shadow import PR_AUC, RMSE, ROC_AUC, promotion_decision, promotion_metric, shadow_table
+
+    policy = MonitoringPolicy(promotion_auc_tolerance=0.02, promotion_rmse_tolerance=0.05, promotion_max_p99_ms=10,
+                              promotion_min_labelled_rows=200)
+    assert promotion_metric(SimpleNamespace(problem_type="regression", gates={})) == RMSE
+    assert promotion_metric(SimpleNamespace(problem_type="binary", gates={"min_pr_auc": 0.25})) == PR_AUC
+    assert promotion_metric(SimpleNamespace(problem_type="binary", gates={})) == ROC_AUC
+    assert promotion_metric(None) == ROC_AUC  # churn
+    assert (shadow_table(), shadow_table("fraud")) == ("shadow_comparisons", "shadow_comparisons_fraud")
+
+    spend = {"champion_realized_rmse": 20.0, "challenger_realized_rmse": 16.0, "labelled_rows": 800,
+             "champion_estimated_rmse": 15.0, "challenger_estimated_rmse": 18.0, "challenger_p99_ms": 1.0}
+    decision, reason = promotion_decision(spend, policy, RMSE)
+    assert decision == "promote" and "realized RMSE 16.0000 vs champion 20.0000 on 800" in reason
+    # within 5% of the champion's RMSE: not worse beyond the tolerance; above it: retired
+    assert promotion_decision(spend | {"challenger_realized_rmse": 20.9}, policy, RMSE)[0] == "promote"
+    decision, reason = promotion_decision(spend | {"challenger_realized_rmse": 21.5}, policy, RMSE)
+    assert decision == "retire" and "realized RMSE 21.5000 is worse than the champion's 20.0000" in reason
+    # without labels the DLE estimates decide (here: the challenger is estimated 20% worse)
+    decision, reason = promotion_decision(spend | {"labelled_rows": 10}, policy, RMSE)
+    assert decision == "retire" and "estimated RMSE 18.0000" in reason
+
+    fraud = {"champion_realized_average_precision": 0.30, "challenger_realized_average_precision": 0.62,
+             "champion_realized_roc_auc": 0.99, "challenger_realized_roc_auc": 0.90,
+             "labelled_rows": 2500, "challenger_p99_ms": 2.0}
+    decision, reason = promotion_decision(fraud, policy, PR_AUC)
+    assert decision == "promote" and "realized PR AUC 0.6200 vs champion 0.3000" in reason
+    # the same evidence judged by ROC AUC would retire it: the metric is the use case's, not churn's
+    assert promotion_decision(fraud, policy, ROC_AUC)[0] == "retire"
+    decision, reason = promotion_decision(fraud | {"challenger_realized_average_precision": 0.25}, policy, PR_AUC)
+    assert decision == "retire" and "PR AUC 0.2500 is worse" in reason
+    decision, reason = promotion_decision({"labelled_rows": 0, "challenger_p99_ms": 2.0}, policy, PR_AUC)
+    assert decision == "retire" and "no PR AUC evidence" in reason
+
+
 def test_kpis_from_audit_log_and_health_checks():
     t0 = pd.Timestamp("2026-11-01 10:00:00")
 

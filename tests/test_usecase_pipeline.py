@@ -162,7 +162,7 @@ def test_the_prediction_log_is_ingested_and_monitored(spend, served):
     served["proc"].wait(timeout=60)
     defs = spend["defs"]
     with open_instance(spend["home"]) as instance:
-        result = defs.resolve_job_def("spend_monitoring").execute_in_process(
+        result = defs.resolve_job_def("spend_daily_cycle").execute_in_process(
             instance=instance, partition_key=TENANT, raise_on_error=False)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     warehouse = defs.resources["warehouse"]
@@ -174,3 +174,43 @@ def test_the_prediction_log_is_ingested_and_monitored(spend, served):
     monitored = [e for e in result.all_events if e.is_step_materialization
                  and e.asset_key.to_user_string() == "spend/model_monitoring"]
     assert monitored and monitored[0].step_materialization_data.materialization.metadata["analysis_rows"].value > 0
+
+
+def test_a_retrained_challenger_is_compared_in_shadow_and_promoted(spend, served):
+    """The factory's shadow_comparison and champion_promotion on a regression: retrain (the same data:
+    the same model), give the challenger the champion's logged requests as shadow rows, and the
+    promotion gate compares DLE-estimated RMSE (no label has matured), passes, moves the alias and
+    republishes the use case; every step audited."""
+    from definitions import build_definitions
+    from mlops.core.prediction_log import prediction_log_table
+    from mlops.core.shadow import shadow_table
+    from resources.monitoring import MonitoringPolicy
+
+    defs = build_definitions(str(spend["home"]), usecase_paths=[str(spend["roots"])],
+                             monitoring_policy=MonitoringPolicy(shadow_min_predictions=100))
+    registry, warehouse = defs.resources["registry"], defs.resources["warehouse"]
+    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    with open_instance(spend["home"]) as instance:
+        assert defs.resolve_job_def("spend_retrain").execute_in_process(
+            instance=instance, partition_key=TENANT, run_config=quiet).success
+        challenger = str(registry.alias_version(TENANT, "challenger", use_case="spend").version)
+        assert challenger == "2"
+        table = prediction_log_table("spend")
+        with warehouse.transaction(TENANT) as con:  # the challenger shadows what the champion answered
+            con.execute(f"INSERT INTO {table} SELECT * REPLACE ('challenger' AS role, '2' AS model_version, "  # noqa: S608
+                        f"latency_ms * 1.1 AS latency_ms) FROM {table} WHERE role = 'champion' AND model_version = '1'")
+        result = defs.resolve_job_def("spend_daily_cycle").execute_in_process(
+            instance=instance, partition_key=TENANT, run_config=quiet, raise_on_error=False)
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    checks = [e.asset_check_evaluation_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    gate = [c for c in checks if c.check_name == "promotion_gate"]
+    assert len(gate) == 1 and gate[0].passed, gate
+    assert "estimated RMSE" in gate[0].description
+    assert str(registry.alias_version(TENANT, "champion", use_case="spend").version) == "2"
+    manifest = json.loads((spend["home"] / "serving" / "manifest.json").read_text())
+    assert manifest["use_cases"]["spend"]["tenants"][TENANT]["champion"]["version"] == "2"
+    with warehouse.connect(TENANT, read_only=True) as con:
+        decision = con.execute(f"SELECT decision FROM {shadow_table('spend')}").fetchall()  # noqa: S608
+        actions = [a for a, in con.execute("SELECT action FROM audit_log ORDER BY seq").fetchall()]
+    assert decision[-1] == ("promote",)
+    assert actions.index("promotion_gate") < actions.index("promotion")

@@ -81,3 +81,31 @@ def rollback_champion(tenant: str, registry, settings, warehouse, reason: str,
     warehouse.audit(tenant, actor=actor, action="rollback", subject=registered_model_name(tenant),
                     outcome="rolled_back", details={"from": current, "to": previous, "reason": reason})
     return current, previous
+
+
+# --- declared use cases: the same operations, published by the caller's ``publish`` ----------------
+def promote_usecase_challenger(usecase, tenant: str, registry, warehouse, publish, reason: str,
+                               actor: str = "deployment") -> dict:
+    """Move a use case's ``champion`` to its challenger and republish (``publish()``: the use case's
+    ``publish_usecase`` from the registry); the service swaps without a restart. Audited."""
+    name = usecase.name
+    challenger = registry.alias_version(tenant, CHALLENGER, use_case=name)
+    if challenger is None:
+        raise NothingToDeployError(f"{usecase.registered_model_name(tenant)} has no challenger to promote")
+    previous = registry.alias_version(tenant, CHAMPION, use_case=name)
+    registry.set_alias(tenant, CHAMPION, challenger.version, use_case=name)
+    entry = publish()
+    warehouse.audit(tenant, actor=actor, action="promotion",
+                    subject=f"{usecase.registered_model_name(tenant)}/{challenger.version}", outcome="promoted",
+                    details={"from": str(previous.version) if previous else None, "to": str(challenger.version),
+                             "reason": reason, "use_case": name})
+    return entry
+
+
+def retire_usecase_challenger(usecase, tenant: str, version: str, registry, warehouse, publish, reason: str) -> None:
+    """Take a use case's challenger out of shadow: its alias goes, the manifest is republished without it."""
+    registry.delete_alias(tenant, CHALLENGER, use_case=usecase.name)
+    publish()
+    warehouse.audit(tenant, actor="shadow_comparison", action="challenger_retired",
+                    subject=f"{usecase.registered_model_name(tenant)}/{version}", outcome="retired",
+                    details={"reason": reason, "use_case": usecase.name})

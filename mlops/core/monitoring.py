@@ -573,6 +573,39 @@ WHERE s.available_at >= CAST($as_of AS TIMESTAMP) - INTERVAL (WINDOW) DAY
 """
 
 
+# A use case whose features are another entity's (a payment scored with its account's row): the
+# logged entity key finds the prediction's label row, which carries the lookup key and the request
+# fields as the request did (the labels contract); the lookup key and the logged snapshot version
+# find the feature row. Only predictions the labels SQL knows are analysed (fraud: settled payments).
+USECASE_LOOKUP_ANALYSIS_SQL = """
+WITH snapshots AS (
+    SELECT * EXCLUDE (filename),
+           CAST(regexp_extract(filename, '(VERSION_REGEX)', 1) AS BIGINT) AS snapshot_version
+    FROM read_parquet($files, filename = true)
+),
+predictions AS (
+    SELECT p.prediction_id, p.account_id, p.score, p.snapshot_version
+    FROM (LOG_TABLE) p
+    WHERE p.role = $role AND p.model_version = $version
+),
+labels AS (
+    SELECT CAST(l.(KEY) AS VARCHAR) AS label_key, CAST(l.(FKEY) AS VARCHAR) AS lookup_key,
+           CAST(l.prediction_time AS TIMESTAMP) AS label_time, l.(LABEL) AS label_value(FIELDS)
+    FROM (
+(LABELS_SQL)
+    ) l
+)
+SELECT p.prediction_id, p.score, p.account_id AS (KEY), s.* EXCLUDE (snapshot_version)(LFIELDS),
+       s.available_at AS timestamp,
+       CASE WHEN l.label_time + to_days(CAST($horizon_days AS INTEGER)) <= CAST($as_of AS TIMESTAMP)
+            THEN l.label_value END AS (LABEL)
+FROM predictions p
+JOIN labels l ON l.label_key = p.account_id
+JOIN snapshots s ON CAST(s.(FKEY) AS VARCHAR) = l.lookup_key AND s.snapshot_version = p.snapshot_version
+WHERE s.available_at >= CAST($as_of AS TIMESTAMP) - INTERVAL (WINDOW) DAY
+"""
+
+
 def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_days: int, origin,
                            role: str = CHAMPION) -> pd.DataFrame:
     """``analysis_frame`` for a declared use case (``mlops.core.usecase.UseCase``): the logged
@@ -580,7 +613,12 @@ def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_
     in ``account_id``) with the snapshot row each was scored from (the use case's online folder)
     and, once mature, its label: the use case's labels SQL run at ``$as_of`` = ``origin`` (the day
     after the newest event) and ``$horizon_days``, joined on the entity key with the snapshot
-    row's ``available_at`` as prediction time, kept where ``available_at + horizon_days <= origin``."""
+    row's ``available_at`` as prediction time, kept where ``available_at + horizon_days <= origin``.
+
+    A use case scored with another entity's features (``features.key`` is not the entity key: a
+    payment with its account's row) is joined to its label row by the entity key, which gives the
+    lookup key, the request fields and ``prediction_time`` (``USECASE_LOOKUP_ANALYSIS_SQL``); its
+    label is kept where ``prediction_time + horizon_days <= origin``."""
     table = prediction_log_table(usecase.name)
     con.execute(prediction_log_ddl(table))
     versions = [r[0] for r in con.execute(
@@ -591,7 +629,12 @@ def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_
     if not files:
         return pd.DataFrame()
     labels_sql = usecase.labels_sql.strip().rstrip(";")
-    sql = (USECASE_ANALYSIS_SQL.replace("(WINDOW)", str(int(window_days)))
+    lookup = usecase.feature_key != usecase.entity.key
+    fields = list(usecase.request_field_names) if lookup else []
+    template = (USECASE_LOOKUP_ANALYSIS_SQL.replace("(FKEY)", usecase.feature_key)
+                .replace("(FIELDS)", "".join(f", l.{f}" for f in fields))
+                .replace("(LFIELDS)", "".join(f", l.{f}" for f in fields))) if lookup else USECASE_ANALYSIS_SQL
+    sql = (template.replace("(WINDOW)", str(int(window_days)))
            .replace("(VERSION_REGEX)", SNAPSHOT_VERSION_REGEX).replace("(LOG_TABLE)", table)
            .replace("(KEY)", usecase.entity.key).replace("(LABEL)", usecase.label.column)
            .replace("(LABELS_SQL)", labels_sql + "\n"))
