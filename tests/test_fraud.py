@@ -208,7 +208,7 @@ def test_the_fraud_pipeline_trains_gates_registers_and_publishes(uc, pipeline):
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     checks = {e.event_specific_data.check_name: e.event_specific_data.passed for e in result.all_events
               if e.event_type_value == "ASSET_CHECK_EVALUATION"}
-    assert checks == {"training_data_integrity": True, "no_training_serving_skew": True,
+    assert checks == {"inbox_files_accepted": True, "training_data_integrity": True, "no_training_serving_skew": True,
                       **{gate: True for gate in um.gate_names(uc)}}
     model = next(e for e in result.all_events
                  if e.is_step_materialization and e.asset_key.to_user_string() == "fraud/model")
