@@ -12,6 +12,7 @@ import pytest
 
 from assets.ingestion import ingest_inbox
 from definitions import build_definitions
+from mlops.core.hashing import content_hash
 from mlops.core.monitoring import TIMESTAMP, TenantMonitor
 from mlops.replay import replay_tenant
 from resources.feature_store import (
@@ -20,7 +21,6 @@ from resources.feature_store import (
     build_training_set,
     compare_feature_rows,
     compute_features,
-    content_hash,
     offline_rows_at,
 )
 from resources.monitoring import MonitoringPolicy
