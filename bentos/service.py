@@ -130,6 +130,22 @@ USECASE_SHADOW_REQUESTS = bentoml.metrics.Counter(
 )
 
 
+# The churn routes' contract, written once: ``predict``/``predict_batch`` declare it as their input
+# (OpenAPI documents it) and the fast path validates with the same models.
+class PredictInput(BaseModel):
+    model_config = ConfigDict(title="Input")
+
+    tenant: TenantName
+    account_id: AccountId
+
+
+class PredictBatchInput(BaseModel):
+    model_config = ConfigDict(title="Input")
+
+    tenant: TenantName
+    account_ids: Annotated[list[AccountId], Field(min_length=1, max_length=MAX_BATCH)]
+
+
 class Prediction(BaseModel):
     prediction_id: str
     tenant: str
@@ -779,20 +795,15 @@ class ChurnService:
             self._batch_pool, self._predict_rows, deployment, account_ids, rows, endpoint, requested_at_us)
         return deployment, ids, scores
 
-    @bentoml.api(route="/v1/predict")
-    def predict(self, tenant: TenantName, account_id: AccountId, ctx: bentoml.Context) -> Prediction:
+    @bentoml.api(route="/v1/predict", input_spec=PredictInput)
+    def predict(self, tenant: str, account_id: str, ctx: bentoml.Context) -> Prediction:
         """Churn probability of one account, from the tenant's online features and champion model."""
         deployment, ids, scores = self._predict(tenant, [account_id], ctx.request.headers, "predict")
         return Prediction(prediction_id=ids[0], tenant=tenant, account_id=account_id, score=float(scores[0]),
                           model_version=deployment.champion.version)
 
-    @bentoml.api(route="/v1/predict_batch")
-    def predict_batch(
-        self,
-        tenant: TenantName,
-        account_ids: Annotated[list[AccountId], Field(min_length=1, max_length=MAX_BATCH)],
-        ctx: bentoml.Context,
-    ) -> BatchPrediction:
+    @bentoml.api(route="/v1/predict_batch", input_spec=PredictBatchInput)
+    def predict_batch(self, tenant: str, account_ids: list[str], ctx: bentoml.Context) -> BatchPrediction:
         """Churn probabilities of up to 10,000 accounts in one request."""
         deployment, ids, scores = self._predict(tenant, account_ids, ctx.request.headers, "predict_batch")
         version = deployment.champion.version
@@ -899,19 +910,6 @@ class ChurnService:
 
 
 # --- fast path for the scoring routes ------------------------------------------------------------
-class PredictInput(BaseModel):
-    tenant: TenantName
-    account_id: AccountId
-
-
-class PredictBatchInput(BaseModel):
-    # Titled like the input model BentoML generates for ``predict_batch``: same error messages.
-    model_config = ConfigDict(title="Input")
-
-    tenant: TenantName
-    account_ids: Annotated[list[AccountId], Field(min_length=1, max_length=MAX_BATCH)]
-
-
 _SERVICE: list = []
 
 
