@@ -169,6 +169,25 @@ def test_bad_input_gets_a_4xx_naming_the_problem_and_the_service_keeps_serving(s
     assert ok.status_code == 200
 
 
+def test_openapi_documents_the_contract_the_fast_path_validates(service):
+    """The churn routes' input is declared once (PredictInput, PredictBatchInput): the OpenAPI
+    document shows exactly the fields and constraints the fast path validates with."""
+    from bentos.service import PredictBatchInput, PredictInput
+
+    spec = requests.get(f"{service['url']}/docs.json", timeout=10).json()
+
+    def schema_of(path: str) -> dict:
+        schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        while "$ref" in schema:
+            schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+        return schema
+
+    for path, model in (("/v1/predict", PredictInput), ("/v1/predict_batch", PredictBatchInput)):
+        documented, declared = schema_of(path), model.model_json_schema()
+        assert documented["properties"] == declared["properties"], path
+        assert set(documented["required"]) == set(declared["required"]), path
+
+
 def test_health_and_metrics(service):
     assert requests.get(f"{service['url']}/livez", timeout=5).status_code == 200
     assert requests.get(f"{service['url']}/readyz", timeout=5).status_code == 200
@@ -361,22 +380,3 @@ def test_prediction_log_writer_keeps_every_row_in_order_and_loses_none_when_a_wr
     merged = _segment_table("t4", older).to_pandas()
     assert merged[["prediction_id", "role", "model_version", "score"]].values.tolist() == [
         ["o-1", "champion", "1", 0.1], ["n-1", "challenger", "2", 0.2], ["n-2", "champion", "1", 0.3]]
-
-
-def test_openapi_documents_the_contract_the_fast_path_validates(service):
-    """The churn routes' input is declared once (PredictInput, PredictBatchInput): the OpenAPI
-    document shows exactly the fields and constraints the fast path validates with."""
-    from bentos.service import PredictBatchInput, PredictInput
-
-    spec = requests.get(f"{service['url']}/docs.json", timeout=10).json()
-
-    def schema_of(path: str) -> dict:
-        schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-        while "$ref" in schema:
-            schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
-        return schema
-
-    for path, model in (("/v1/predict", PredictInput), ("/v1/predict_batch", PredictBatchInput)):
-        documented, declared = schema_of(path), model.model_json_schema()
-        assert documented["properties"] == declared["properties"], path
-        assert set(documented["required"]) == set(declared["required"]), path
