@@ -545,7 +545,9 @@ def analysis_frame(con, online_dir: Path, version: str, window_days: int, origin
     return con.execute(sql, {"files": files, "role": role, "version": version, "origin": origin}).df()
 
 
-USECASE_ANALYSIS_SQL = """
+# The logged predictions of one model version and the snapshots they were scored from: the first
+# two CTEs of both use-case analysis queries below.
+_USECASE_LOGGED = """
 WITH snapshots AS (
     SELECT * EXCLUDE (filename),
            CAST(regexp_extract(filename, '(VERSION_REGEX)', 1) AS BIGINT) AS snapshot_version
@@ -556,6 +558,8 @@ predictions AS (
     FROM (LOG_TABLE) p
     WHERE p.role = $role AND p.model_version = $version
 ),
+"""
+USECASE_ANALYSIS_SQL = _USECASE_LOGGED + """
 labels AS (
     SELECT CAST(l.(KEY) AS VARCHAR) AS label_key, CAST(l.prediction_time AS TIMESTAMP) AS label_time,
            l.(LABEL) AS label_value
@@ -570,24 +574,14 @@ FROM predictions p
 JOIN snapshots s ON CAST(s.(KEY) AS VARCHAR) = p.account_id AND s.snapshot_version = p.snapshot_version
 LEFT JOIN labels l ON l.label_key = p.account_id AND l.label_time = s.available_at
 WHERE s.available_at >= CAST($as_of AS TIMESTAMP) - INTERVAL (WINDOW) DAY
-"""
+"""  # noqa: S608 - constant text
 
 
 # A use case whose features are another entity's (a payment scored with its account's row): the
 # logged entity key finds the prediction's label row, which carries the lookup key and the request
 # fields as the request did (the labels contract); the lookup key and the logged snapshot version
 # find the feature row. Only predictions the labels SQL knows are analysed (fraud: settled payments).
-USECASE_LOOKUP_ANALYSIS_SQL = """
-WITH snapshots AS (
-    SELECT * EXCLUDE (filename),
-           CAST(regexp_extract(filename, '(VERSION_REGEX)', 1) AS BIGINT) AS snapshot_version
-    FROM read_parquet($files, filename = true)
-),
-predictions AS (
-    SELECT p.prediction_id, p.account_id, p.score, p.snapshot_version
-    FROM (LOG_TABLE) p
-    WHERE p.role = $role AND p.model_version = $version
-),
+USECASE_LOOKUP_ANALYSIS_SQL = _USECASE_LOGGED + """
 labels AS (
     SELECT CAST(l.(KEY) AS VARCHAR) AS label_key, CAST(l.(FKEY) AS VARCHAR) AS lookup_key,
            CAST(l.prediction_time AS TIMESTAMP) AS label_time, l.(LABEL) AS label_value(FIELDS)
@@ -603,7 +597,7 @@ FROM predictions p
 JOIN labels l ON l.label_key = p.account_id
 JOIN snapshots s ON CAST(s.(FKEY) AS VARCHAR) = l.lookup_key AND s.snapshot_version = p.snapshot_version
 WHERE s.available_at >= CAST($as_of AS TIMESTAMP) - INTERVAL (WINDOW) DAY
-"""
+"""  # noqa: S608 - constant text
 
 
 def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_days: int, origin,
