@@ -39,7 +39,7 @@ from mlops.core.environment import HomeLayout, write_atomic
 from mlops.core.model_inputs import CATEGORICAL_FEATURES, NUMERIC_FEATURES, ModelInputs
 from mlops.core.names import CHAMPION
 from mlops.core.online import SNAPSHOT_VERSION_REGEX, snapshot_file_name
-from mlops.core.prediction_log import PREDICTION_LOG_DDL, prediction_log_ddl, prediction_log_table
+from mlops.core.prediction_log import PREDICTION_LOG_TABLE, prediction_log_ddl, prediction_log_table
 
 TIMESTAMP = "timestamp"
 SCORE = "score"
@@ -504,17 +504,20 @@ def run_incremental(monitor: TenantMonitor, analysis: pd.DataFrame, stored: pd.D
 
 
 # --- the data monitoring reads ------------------------------------------------------------------
-ANALYSIS_SQL = """
+# The logged predictions of one model version (``(LOG_TABLE)``) and the snapshots they were scored
+# from: the first two CTEs of every analysis query (churn's and the use cases').
+_LOGGED = """
 WITH snapshots AS (
     SELECT * EXCLUDE (filename),
            CAST(regexp_extract(filename, '(VERSION_REGEX)', 1) AS BIGINT) AS snapshot_version
     FROM read_parquet($files, filename = true)
 ),
 predictions AS (
-    SELECT p.prediction_id, p.account_id, p.score, p.snapshot_version, p.requested_at
-    FROM prediction_log p
+    SELECT p.prediction_id, p.account_id, p.score, p.snapshot_version
+    FROM (LOG_TABLE) p
     WHERE p.role = $role AND p.model_version = $version
-)
+)"""
+ANALYSIS_SQL = _LOGGED + """
 SELECT p.prediction_id, p.score, s.*  EXCLUDE (snapshot_version), s.available_at AS timestamp,
        CASE WHEN s.available_at + INTERVAL (HORIZON) DAY <= CAST($origin AS TIMESTAMP)
             THEN CAST(c.churned_at IS NOT NULL AND c.churned_at < s.available_at + INTERVAL (HORIZON) DAY AS INTEGER)
@@ -527,39 +530,34 @@ QUALIFY row_number() OVER (PARTITION BY p.prediction_id ORDER BY c.churned_at) =
 """
 
 
+def _logged_snapshot_files(con, table: str, online_dir: Path, version: str, role: str) -> list[str]:
+    """The snapshot files the logged predictions of one model version were scored from (those that exist)."""
+    con.execute(prediction_log_ddl(table))
+    versions = [r[0] for r in con.execute(
+        f"SELECT DISTINCT snapshot_version FROM {table} WHERE role = ? AND model_version = ?",  # noqa: S608 - derived name
+        [role, version]).fetchall()]
+    files = [Path(online_dir) / snapshot_file_name(v) for v in versions]
+    return [str(f) for f in files if f.exists()]
+
+
+def _analysis_sql(template: str, table: str, window_days: int) -> str:
+    return (template.replace("(WINDOW)", str(int(window_days))).replace("(VERSION_REGEX)", SNAPSHOT_VERSION_REGEX)
+            .replace("(LOG_TABLE)", table))
+
+
 def analysis_frame(con, online_dir: Path, version: str, window_days: int, origin, horizon_days: int,
                    role: str = CHAMPION) -> pd.DataFrame:
     """Logged predictions of one model version with the features they were scored from and, once
     mature (``horizon_days`` after the features, by ``origin``: the day after the newest event),
     their label: the analysis data of monitoring."""
-    con.execute(PREDICTION_LOG_DDL)
-    versions = [r[0] for r in con.execute(
-        "SELECT DISTINCT snapshot_version FROM prediction_log WHERE role = ? AND model_version = ?",
-        [role, version]).fetchall()]
-    files = [str(online_dir / snapshot_file_name(v)) for v in versions]
-    files = [f for f in files if Path(f).exists()]
+    files = _logged_snapshot_files(con, PREDICTION_LOG_TABLE, online_dir, version, role)
     if not files:
         return pd.DataFrame()
-    sql = (ANALYSIS_SQL.replace("(HORIZON)", str(int(horizon_days))).replace("(WINDOW)", str(int(window_days)))
-           .replace("(VERSION_REGEX)", SNAPSHOT_VERSION_REGEX))
+    sql = _analysis_sql(ANALYSIS_SQL, PREDICTION_LOG_TABLE, window_days).replace("(HORIZON)", str(int(horizon_days)))
     return con.execute(sql, {"files": files, "role": role, "version": version, "origin": origin}).df()
 
 
-# The logged predictions of one model version and the snapshots they were scored from: the first
-# two CTEs of both use-case analysis queries below.
-_USECASE_LOGGED = """
-WITH snapshots AS (
-    SELECT * EXCLUDE (filename),
-           CAST(regexp_extract(filename, '(VERSION_REGEX)', 1) AS BIGINT) AS snapshot_version
-    FROM read_parquet($files, filename = true)
-),
-predictions AS (
-    SELECT p.prediction_id, p.account_id, p.score, p.snapshot_version
-    FROM (LOG_TABLE) p
-    WHERE p.role = $role AND p.model_version = $version
-),
-"""
-USECASE_ANALYSIS_SQL = _USECASE_LOGGED + """
+USECASE_ANALYSIS_SQL = _LOGGED + """,
 labels AS (
     SELECT CAST(l.(KEY) AS VARCHAR) AS label_key, CAST(l.prediction_time AS TIMESTAMP) AS label_time,
            l.(LABEL) AS label_value
@@ -581,7 +579,7 @@ WHERE s.available_at >= CAST($as_of AS TIMESTAMP) - INTERVAL (WINDOW) DAY
 # logged entity key finds the prediction's label row, which carries the lookup key and the request
 # fields as the request did (the labels contract); the lookup key and the logged snapshot version
 # find the feature row. Only predictions the labels SQL knows are analysed (fraud: settled payments).
-USECASE_LOOKUP_ANALYSIS_SQL = _USECASE_LOGGED + """
+USECASE_LOOKUP_ANALYSIS_SQL = _LOGGED + """,
 labels AS (
     SELECT CAST(l.(KEY) AS VARCHAR) AS label_key, CAST(l.(FKEY) AS VARCHAR) AS lookup_key,
            CAST(l.prediction_time AS TIMESTAMP) AS label_time, l.(LABEL) AS label_value(FIELDS)
@@ -614,12 +612,7 @@ def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_
     lookup key, the request fields and ``prediction_time`` (``USECASE_LOOKUP_ANALYSIS_SQL``); its
     label is kept where ``prediction_time + horizon_days <= origin``."""
     table = prediction_log_table(usecase.name)
-    con.execute(prediction_log_ddl(table))
-    versions = [r[0] for r in con.execute(
-        f"SELECT DISTINCT snapshot_version FROM {table} WHERE role = ? AND model_version = ?",  # noqa: S608 - derived name
-        [role, version]).fetchall()]
-    files = [str(Path(online_dir) / snapshot_file_name(v)) for v in versions]
-    files = [f for f in files if Path(f).exists()]
+    files = _logged_snapshot_files(con, table, online_dir, version, role)
     if not files:
         return pd.DataFrame()
     labels_sql = usecase.labels_sql.strip().rstrip(";")
@@ -628,8 +621,7 @@ def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_
     template = (USECASE_LOOKUP_ANALYSIS_SQL.replace("(FKEY)", usecase.feature_key)
                 .replace("(FIELDS)", "".join(f", l.{f}" for f in fields))
                 .replace("(LFIELDS)", "".join(f", l.{f}" for f in fields))) if lookup else USECASE_ANALYSIS_SQL
-    sql = (template.replace("(WINDOW)", str(int(window_days)))
-           .replace("(VERSION_REGEX)", SNAPSHOT_VERSION_REGEX).replace("(LOG_TABLE)", table)
+    sql = (_analysis_sql(template, table, window_days)
            .replace("(KEY)", usecase.entity.key).replace("(LABEL)", usecase.label.column)
            .replace("(LABELS_SQL)", labels_sql + "\n"))
     params = {"files": files, "role": role, "version": str(version), "as_of": origin,
