@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,3 +68,50 @@ def bentoml_service(home: Path, log: Path, env: dict[str, str] | None = None,
         _, alive = psutil.wait_procs(tree, timeout=10)
         for leftover in alive:
             leftover.kill()
+
+
+def wait_until(predicate, what: str, timeout_s: float = 30.0, interval_s: float = 0.05):
+    """Poll ``predicate`` until it returns something other than None or False (returned), or fail
+    naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class Load:
+    """``threads`` clients posting ``body(i)`` to ``url`` until stopped; every answer is recorded as
+    (monotonic time, HTTP status, model_version), and an exception as status None: a failed request."""
+
+    def __init__(self, url: str, headers: dict, body, threads: int = 3):
+        self.url, self.headers, self.body = url, headers, body
+        self.results: list[tuple[float, int | None, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        session, i = requests.Session(), 0
+        while not self._stop.is_set():
+            try:
+                response = session.post(self.url, json=self.body(i), headers=self.headers, timeout=30)
+                self.results.append((time.monotonic(), response.status_code, response.json().get("model_version")))
+            except Exception:  # counted as a failed request, never lost
+                self.results.append((time.monotonic(), None, None))
+            i += 1
+
+    def answered_after(self, moment: float) -> list[tuple[float, int | None, str | None]]:
+        return [r for r in self.results if r[0] > moment]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()

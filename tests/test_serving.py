@@ -4,7 +4,6 @@ ingestion exactly once, promotion under load and rollback without a restart."""
 import json
 import os
 import signal
-import threading
 import time
 
 import lightgbm as lgb
@@ -17,7 +16,7 @@ from mlops.core.deployment import promote_challenger, rollback_champion
 from mlops.core.serving import ApiKeyStore, read_manifest, serving_dir
 from resources.feature_store import to_model_matrix
 from tests.conftest import TEST_TENANT
-from tests.servers import bentoml_service
+from tests.servers import Load, bentoml_service, wait_until
 
 pytestmark = pytest.mark.slow
 TENANT = TEST_TENANT.name
@@ -259,28 +258,14 @@ def test_promotion_under_load_drops_no_request_then_rollback(service, with_chall
     r = defs.resources
     _, snapshot = _snapshot(service["home"])
     accounts = snapshot["account_id"].iloc[:50].tolist()
-    results, stop = [], threading.Event()
-
-    def load():
-        session = requests.Session()
-        i = 0
-        while not stop.is_set():
-            resp = session.post(f"{service['url']}/v1/predict",
-                                json={"tenant": TENANT, "account_id": accounts[i % 50]},
-                                headers={"Authorization": f"Bearer {service['key']}"}, timeout=30)
-            results.append((time.monotonic(), resp.status_code, resp.json().get("model_version")))
-            i += 1
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    promoted_at = time.monotonic()
-    promote_challenger(TENANT, r["registry"], r["feature_store"], r["settings"], r["warehouse"], reason="test")
-    time.sleep(2.0)
-    stop.set()
-    for t in threads:
-        t.join()
+    with Load(f"{service['url']}/v1/predict", {"Authorization": f"Bearer {service['key']}"},
+              lambda i: {"tenant": TENANT, "account_id": accounts[i % 50]}, threads=4) as load:
+        wait_until(lambda: len(load.results) >= 30, "30 answers before the promotion")
+        promoted_at = time.monotonic()
+        promote_challenger(TENANT, r["registry"], r["feature_store"], r["settings"], r["warehouse"], reason="test")
+        wait_until(lambda: sum(v == challenger_version for _, _, v in load.answered_after(promoted_at)) >= 20,
+                   "20 answers of the promoted version")
+    results = load.results
     assert len(results) > 50
     assert all(status == 200 for _, status, _ in results), {s for _, s, _ in results}
     assert {v for t, _, v in results if t < promoted_at} == {"1"}
@@ -288,9 +273,10 @@ def test_promotion_under_load_drops_no_request_then_rollback(service, with_chall
     assert str(r["registry"].alias_version(TENANT, "champion").version) == challenger_version
 
     rollback_champion(TENANT, r["registry"], r["settings"], r["warehouse"], reason="test rollback")
-    time.sleep(1.5)
-    response = _post(service, "/v1/predict", {"tenant": TENANT, "account_id": accounts[0]})
-    assert response.json()["model_version"] == "1"
+    response = wait_until(  # the service polls the manifest every 0.5 s
+        lambda: (r1 := _post(service, "/v1/predict", {"tenant": TENANT, "account_id": accounts[0]})).json()
+        .get("model_version") == "1" and r1, "the rolled-back version to answer")
+    assert response.status_code == 200
     assert str(r["registry"].alias_version(TENANT, "champion").version) == "1"
     actions = r["warehouse"].audit_entries(TENANT)["action"].tolist()
     assert actions.index("promotion") < actions.index("rollback")

@@ -5,7 +5,6 @@ logging under one prediction id, and a promotion picked up without a restart or 
 
 import json
 import math
-import threading
 import time
 
 import lightgbm as lgb
@@ -25,7 +24,7 @@ from mlops.core.serving import (
 )
 from mlops.core.usecase import load_usecase
 from mlops.core.vocabulary import PLANS, SEGMENTS
-from tests.servers import bentoml_service
+from tests.servers import Load, bentoml_service, wait_until
 from tests.usecase_fixtures import USECASE_YAML, write_spend_usecase
 
 pytestmark = pytest.mark.slow
@@ -295,10 +294,15 @@ def test_champion_and_shadow_rows_share_prediction_ids_in_the_use_cases_log(serv
     batch = _post(service, "/v1/spend/predict_batch",
                   {"tenant": TENANT, "instances": [{"customer_id": c} for c in customers]}).json()
     ids += [p["prediction_id"] for p in batch["predictions"]]
-    time.sleep(3)  # segments rotate after 1 s
     folder = service["home"] / "prediction_logs" / "spend" / TENANT / "closed"
-    log = pd.concat([pd.read_parquet(p) for p in sorted(folder.glob("segment-*.parquet"))], ignore_index=True)
-    mine = log[log["prediction_id"].isin(ids)]
+
+    def logged():  # segments rotate every second; the shadow's rows follow the champion's
+        frames = [pd.read_parquet(p) for p in sorted(folder.glob("segment-*.parquet"))]
+        log = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["prediction_id", "role"])
+        mine = log[log["prediction_id"].isin(ids)]
+        return mine if len(mine) == 2 * len(ids) else None
+
+    mine = wait_until(logged, "the champion's and the shadow's rows of every prediction in closed segments")
     by_id = mine.groupby("prediction_id")["role"].apply(set)
     assert set(by_id.index) == set(ids)
     assert all(roles == {"champion", "challenger"} for roles in by_id)
@@ -314,30 +318,17 @@ def test_champion_and_shadow_rows_share_prediction_ids_in_the_use_cases_log(serv
 
 def test_promotion_is_picked_up_without_a_restart_or_a_failed_request(service):
     customers = service["spend"]["snapshot"]["customer_id"].tolist()
-    results, stop = [], threading.Event()
-
-    def load():
-        session = requests.Session()
-        i = 0
-        while not stop.is_set():
-            resp = session.post(f"{service['url']}/v1/spend/predict",
-                                json={"tenant": TENANT, "customer_id": customers[i % len(customers)]},
-                                headers={"Authorization": f"Bearer {service['key']}"}, timeout=30)
-            results.append((time.monotonic(), resp.status_code, resp.json().get("model_version")))
-            i += 1
-
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    promoted_at = time.monotonic()
-    published = service["spend"]
-    publish_usecase(service["folder"], service["usecases"]["spend"], TENANT,
-                    champion=("2", published["models"]["2"]), challenger=None, snapshot=(1, published["snap_file"]))
-    time.sleep(2.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    with Load(f"{service['url']}/v1/spend/predict", {"Authorization": f"Bearer {service['key']}"},
+              lambda i: {"tenant": TENANT, "customer_id": customers[i % len(customers)]}) as load:
+        wait_until(lambda: len(load.results) >= 20, "20 answers before the promotion")
+        promoted_at = time.monotonic()
+        published = service["spend"]
+        publish_usecase(service["folder"], service["usecases"]["spend"], TENANT,
+                        champion=("2", published["models"]["2"]), challenger=None,
+                        snapshot=(1, published["snap_file"]))
+        wait_until(lambda: sum(v == "2" for _, _, v in load.answered_after(promoted_at)) >= 20,
+                   "20 answers of the promoted version")
+    results = load.results
     assert len(results) > 30
     assert all(status == 200 for _, status, _ in results), {s for _, s, _ in results}
     assert {v for t, _, v in results if t < promoted_at} == {"1"}
@@ -353,9 +344,10 @@ def test_promotion_is_picked_up_without_a_restart_or_a_failed_request(service):
     assert rollback_usecase(service["folder"], "spend", TENANT) == ("2", "1")
     entry = read_manifest(service["folder"])["use_cases"]["spend"]["tenants"][TENANT]
     assert entry["champion"]["version"] == "1" and entry["challenger"] is None
-    time.sleep(1.5)  # the service polls the manifest every 0.5 s
-    response = _post(service, "/v1/spend/predict", {"tenant": TENANT, "customer_id": customers[3]})
-    assert response.json()["model_version"] == "1"
+    response = wait_until(  # the service polls the manifest every 0.5 s
+        lambda: (r := _post(service, "/v1/spend/predict", {"tenant": TENANT, "customer_id": customers[3]})).json()
+        .get("model_version") == "1" and r, "the rolled-back version to answer")
+    assert response.status_code == 200
     with pytest.raises(ValueError, match="no previous champion"):
         rollback_usecase(service["folder"], "spend", TENANT)
     with pytest.raises(KeyError, match="use case 'fraud' is not deployed"):
