@@ -257,12 +257,19 @@ def api_key_revoke(home: str | None, key_id: str) -> None:
     click.echo(f"revoked key {key_id}")
 
 
-@main.command()
-@click.argument("tenant")
-@click.option("--reason", default="manual promotion", show_default=True, help="Recorded in the audit log.")
-@click.option("--actor", default=lambda: os.environ.get("USER", "operator"), show_default="$USER",
-              help="Who promotes (recorded in the audit log).")
-@click.pass_obj
+def _deployment_command(action: str, who: str):
+    """A command that changes what serves for TENANT, recorded in the audit log with who and why."""
+    def decorate(fn):
+        fn = click.pass_obj(fn)
+        fn = click.option("--actor", default=lambda: os.environ.get("USER", "operator"), show_default="$USER",
+                          help=f"Who {who} (recorded in the audit log).")(fn)
+        fn = click.option("--reason", default=f"manual {action}", show_default=True,
+                          help="Recorded in the audit log.")(fn)
+        return main.command()(click.argument("tenant")(fn))
+    return decorate
+
+
+@_deployment_command("promotion", "promotes")
 def promote(home: str | None, tenant: str, reason: str, actor: str) -> None:
     """Move TENANT's champion alias to its challenger and republish; the service swaps within a second."""
     from mlops.core.deployment import NothingToDeployError, promote_challenger
@@ -277,23 +284,19 @@ def promote(home: str | None, tenant: str, reason: str, actor: str) -> None:
     click.echo(f"{tenant}: champion is now v{entry['champion']['version']}")
 
 
-@main.command()
-@click.argument("tenant")
-@click.option("--reason", default="manual rollback", show_default=True, help="Recorded in the audit log.")
-@click.option("--actor", default=lambda: os.environ.get("USER", "operator"), show_default="$USER",
-              help="Who rolls back (recorded in the audit log).")
-@click.pass_obj
+@_deployment_command("rollback", "rolls back")
 def rollback(home: str | None, tenant: str, reason: str, actor: str) -> None:
     """Serve TENANT's previous champion again (manifest and registry alias)."""
     from mlops.core.deployment import rollback_champion
+    from mlops.core.serving import NoPreviousChampionError, NotDeployedError
 
     r = _resources(home)
     _known_tenant(r, tenant)
     try:
         current, previous = rollback_champion(tenant, r["registry"], r["settings"], r["warehouse"], reason=reason,
                                               actor=actor)
-    except (KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc).strip("'\"")) from None
+    except (NotDeployedError, NoPreviousChampionError) as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"{tenant}: champion rolled back from v{current} to v{previous}")
 
 

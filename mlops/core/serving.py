@@ -76,6 +76,17 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
+class NotDeployedError(KeyError):
+    """Nothing of this tenant (or use case) is in the serving manifest."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+class NoPreviousChampionError(ValueError):
+    pass
+
+
 _manifest_lock = threading.Lock()
 
 
@@ -176,13 +187,13 @@ def _rollback(folder: Path, use_case: str | None, tenant: str) -> tuple[str, str
     with _manifest_lock:
         manifest = read_manifest(folder)
         if use_case is not None and use_case not in manifest["use_cases"]:
-            raise KeyError(f"use case {use_case!r} is not deployed")
+            raise NotDeployedError(f"use case {use_case!r} is not deployed")
         entry = _tenant_entries(manifest, use_case).get(tenant)
         if entry is None:
-            raise KeyError(f"{what} is not deployed")
+            raise NotDeployedError(f"{what} is not deployed")
         history = entry["champion_history"]
         if len(history) < 2:
-            raise ValueError(f"{what} has no previous champion to roll back to")
+            raise NoPreviousChampionError(f"{what} has no previous champion to roll back to")
         current, previous = history[-1], history[-2]
         entry[CHAMPION] = _model_entry(folder, tenant if use_case is None else f"{use_case}/{tenant}", previous)
         entry["champion_history"] = history[:-1]
