@@ -218,8 +218,12 @@ class NativeBooster:
         _check(lib, lib.LGBM_BoosterGetNumClasses(self._handle, ctypes.byref(out)))
         self.num_class = out.value
         _check(lib, lib.LGBM_BoosterGetNumFeature(self._handle, ctypes.byref(out)))
-        self.num_feature = out.value
+        self._num_feature = out.value
         self._params: dict[int, bytes] = {}
+
+    def num_feature(self) -> int:
+        """Input columns (``Booster.num_feature()``)."""
+        return self._num_feature
 
     def num_trees(self) -> int:
         out = ctypes.c_int(0)
@@ -268,7 +272,7 @@ class CompiledBooster:
         model.compile(cache=str(object_file), **load_options)  # loads the object, compiles nothing
         if model.num_model_per_iteration() != 1:
             raise ValueError("only single-output (binary) models are scored compiled")
-        self.num_feature = model.num_feature()
+        self._num_feature = model.num_feature()
         # forest_root(double *data, double *out, int32 start, int32 end): rows [start, end) of a
         # C-contiguous float64 matrix of num_feature columns.
         address = model._execution_engine.get_function_address("forest_root")
@@ -276,10 +280,14 @@ class CompiledBooster:
         self._holding_gil = ctypes.PYFUNCTYPE(*signature)(address)
         self._releasing_gil = ctypes.CFUNCTYPE(*signature)(address)
 
+    def num_feature(self) -> int:
+        """Input columns (``Booster.num_feature()``)."""
+        return self._num_feature
+
     def predict(self, matrix: np.ndarray, num_threads: int = 1) -> np.ndarray:
         matrix = np.ascontiguousarray(matrix, dtype=np.float64)
-        if matrix.ndim != 2 or matrix.shape[1] != self.num_feature:  # the compiled code reads num_feature columns
-            raise ValueError(f"expected a matrix of {self.num_feature} feature columns, got shape {matrix.shape}")
+        if matrix.ndim != 2 or matrix.shape[1] != self._num_feature:  # the compiled code reads num_feature columns
+            raise ValueError(f"expected a matrix of {self._num_feature} feature columns, got shape {matrix.shape}")
         rows = matrix.shape[0]
         if rows >= 2**31 - 1:
             raise ValueError(f"{rows} rows: score at most 2^31 - 2 rows at a time")
@@ -370,7 +378,7 @@ def load_deployment(folder: Path, tenant: str, entry: dict, previous: TenantDepl
             return old
         booster = load_model(folder, spec, sample)
         if declaration is not None:
-            takes = booster.num_feature() if callable(booster.num_feature) else booster.num_feature  # lightgbm's: a method
+            takes = booster.num_feature()
             if takes != len(declaration.inputs.columns):
                 raise ValueError(f"model {spec['model_file']} takes {takes} features, the use case "
                                  f"{declaration.name!r} declares {len(declaration.inputs.columns)}")
