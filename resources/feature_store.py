@@ -21,7 +21,6 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
-import numpy as np
 import pandas as pd
 
 from mlops.core.model_inputs import (  # noqa: F401 - re-exported for callers of the feature store
@@ -32,7 +31,7 @@ from mlops.core.model_inputs import (  # noqa: F401 - re-exported for callers of
     to_model_frame,
     to_model_matrix,
 )
-from mlops.core.online import POINTER_FILE, publish_snapshot
+from mlops.core.online import POINTER_FILE, compare_rows, publish_snapshot
 from resources.settings import PlatformSettings
 from resources.tenants import TenantCatalog
 
@@ -340,19 +339,5 @@ def offline_rows_at(con: duckdb.DuckDBPyConnection, account_ids: list[str], as_o
 
 
 def compare_feature_rows(online: pd.DataFrame, offline: pd.DataFrame, rtol: float = 1e-9) -> list[str]:
-    """Describe every disagreement between two sets of feature rows keyed by account."""
-    problems = []
-    on = online.set_index("account_id")
-    off = offline.set_index("account_id")
-    for account in on.index.difference(off.index):
-        problems.append(f"{account}: online only")
-    for account in on.index.intersection(off.index):
-        for col in FEATURE_COLUMNS:
-            a, b = on.at[account, col], off.at[account, col]
-            if col in CATEGORICAL_FEATURES:
-                same = a == b
-            else:
-                same = bool(np.isclose(float(a), float(b), rtol=rtol, equal_nan=True))
-            if not same:
-                problems.append(f"{account}.{col}: online={a!r} offline={b!r}")
-    return problems
+    """Describe every disagreement between two sets of churn feature rows keyed by account."""
+    return compare_rows(online, offline, "account_id", FEATURE_COLUMNS, CATEGORICAL_FEATURES, rtol)

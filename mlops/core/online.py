@@ -46,3 +46,24 @@ def publish_snapshot(folder: Path, snapshot, about: dict) -> dict:
                "content_hash": content_hash(snapshot)}
     write_atomic(folder / POINTER_FILE, json.dumps(pointer, indent=2).encode())
     return pointer
+
+
+def compare_rows(online, offline, key: str, columns, categorical, rtol: float = 1e-9) -> list[str]:
+    """Every disagreement between online and offline feature rows keyed by ``key``: rows on one side
+    only, and columns that differ (numbers within ``rtol``, categories exactly): the skew check."""
+    import numpy as np
+    import pandas as pd
+
+    on, off = online.set_index(key), offline.set_index(key)
+    problems = [f"{k}: online only" for k in on.index.difference(off.index)]
+    problems += [f"{k}: offline only" for k in off.index.difference(on.index)]
+    for k in on.index.intersection(off.index):
+        for col in columns:
+            a, b = on.at[k, col], off.at[k, col]
+            if col in categorical:
+                same = (a == b) or (pd.isna(a) and pd.isna(b))
+            else:
+                same = bool(np.isclose(float(a), float(b), rtol=rtol, atol=0.0, equal_nan=True))
+            if not same:
+                problems.append(f"{k}.{col}: online={a!r} offline={b!r}")
+    return problems

@@ -17,10 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pandas as pd
 
-from mlops.core.online import POINTER_FILE, publish_snapshot
+from mlops.core.online import POINTER_FILE, compare_rows, publish_snapshot
 from mlops.core.usecase import UseCase, UseCaseError
 
 AVAILABLE_AT = "available_at"
@@ -255,22 +254,8 @@ def offline_rows_at(con: duckdb.DuckDBPyConnection, uc: UseCase, keys: list[str]
 
 
 def compare_feature_rows(uc: UseCase, online: pd.DataFrame, offline: pd.DataFrame, rtol: float = 1e-9) -> list[str]:
-    """Every disagreement between two sets of feature rows keyed by the feature key: rows on one side
-    only, and declared features that differ (numbers within ``rtol``, categories exactly)."""
-    key = uc.feature_key
-    on, off = online.set_index(key), offline.set_index(key)
-    problems = [f"{k}: online only" for k in on.index.difference(off.index)]
-    problems += [f"{k}: offline only" for k in off.index.difference(on.index)]
-    for k in on.index.intersection(off.index):
-        for col in uc.features.columns:
-            a, b = on.at[k, col], off.at[k, col]
-            if col in uc.features.categorical:
-                same = (a == b) or (pd.isna(a) and pd.isna(b))
-            else:
-                same = bool(np.isclose(float(a), float(b), rtol=rtol, atol=0.0, equal_nan=True))
-            if not same:
-                problems.append(f"{k}.{col}: online={a!r} offline={b!r}")
-    return problems
+    """Every disagreement between two sets of feature rows keyed by the feature key (``compare_rows``)."""
+    return compare_rows(online, offline, uc.feature_key, uc.features.columns, uc.features.categorical, rtol)
 
 
 def write_online_snapshot(online_dir: Path, uc: UseCase, snapshot: pd.DataFrame, as_of) -> dict:
