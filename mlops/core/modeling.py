@@ -42,6 +42,7 @@ LGBM_PARAMS: dict = {
 }
 NUM_BOOST_ROUND = 250
 VALIDATION_FRACTION = 0.25
+MIN_PREDICTION_DATES = 4
 FAIRNESS_ATTRIBUTE = "segment"
 
 
@@ -52,19 +53,24 @@ class TimeSplit:
     cutoff: pd.Timestamp
 
 
-def time_split(training_set: pd.DataFrame, holdout_fraction: float = VALIDATION_FRACTION) -> TimeSplit:
-    """Train on earlier prediction dates, hold out the latest ones: no future leaks into training."""
+def time_split(training_set: pd.DataFrame, holdout_fraction: float = VALIDATION_FRACTION, *, label: str = "churned",
+               classification: bool = True, who: str = "the tenant") -> TimeSplit:
+    """Train on earlier prediction dates, hold out the latest ones: no future leaks into training.
+    At least one date is always left for training; a classification split needs two classes in each part."""
     dates = np.sort(training_set["prediction_time"].unique())
-    if len(dates) < 4:
-        raise ValueError(f"training set spans {len(dates)} prediction dates; at least 4 are needed for a time split")
-    n_holdout = max(1, round(len(dates) * holdout_fraction))
+    if len(dates) < MIN_PREDICTION_DATES:
+        raise ValueError(f"{who}: the training set spans {len(dates)} prediction dates; at least "
+                         f"{MIN_PREDICTION_DATES} are needed for a time split")
+    n_holdout = min(len(dates) - 1, max(1, round(len(dates) * holdout_fraction)))
     cutoff = pd.Timestamp(dates[-n_holdout])
-    train = training_set[training_set["prediction_time"] < cutoff]
-    holdout = training_set[training_set["prediction_time"] >= cutoff]
-    for name, part in (("train", train), ("holdout", holdout)):
-        if part["churned"].nunique() < 2:
-            raise ValueError(f"the {name} split has a single class; the tenant has too few churn events to train")
-    return TimeSplit(train.reset_index(drop=True), holdout.reset_index(drop=True), cutoff)
+    train = training_set[training_set["prediction_time"] < cutoff].reset_index(drop=True)
+    holdout = training_set[training_set["prediction_time"] >= cutoff].reset_index(drop=True)
+    if classification:
+        for name, part in (("train", train), ("holdout", holdout)):
+            if part[label].nunique() < 2:
+                raise ValueError(f"{who}: the {name} split has a single class of {label!r}; there are too few "
+                                 "examples of the other classes to train")
+    return TimeSplit(train, holdout, cutoff)
 
 
 def train_booster(train: pd.DataFrame, params: dict | None = None, rounds: int = NUM_BOOST_ROUND) -> lgb.Booster:

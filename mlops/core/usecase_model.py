@@ -30,11 +30,9 @@ from sklearn.metrics import (
 from mlops.core.candidates import GateOutcome
 from mlops.core.model_inputs import ModelInputs
 from mlops.core.modeling import TimeSplit, expected_calibration_error, single_row_latency_ms
+from mlops.core.modeling import time_split as modeling_time_split
 from mlops.core.pyfunc_model import log_feature_rows_model
 from mlops.core.usecase import UseCase, UseCaseError
-
-PREDICTION_TIME = "prediction_time"
-MIN_PREDICTION_DATES = 4
 
 # The primary metric of each problem type: higher is better for all three.
 PRIMARY_METRIC = {"binary": "roc_auc", "multiclass": "macro_f1", "regression": "r2"}
@@ -65,21 +63,8 @@ GATE_DEFAULTS: dict[str, dict[str, Any]] = {
 # --- split, train, predict -------------------------------------------------------------------------
 def time_split(uc: UseCase, training: pd.DataFrame) -> TimeSplit:
     """Train on the earlier prediction dates, hold out the latest ``model.holdout_fraction`` of them."""
-    dates = np.sort(training[PREDICTION_TIME].unique())
-    if len(dates) < MIN_PREDICTION_DATES:
-        raise ValueError(f"use case {uc.name!r}: the training set spans {len(dates)} prediction dates; at least "
-                         f"{MIN_PREDICTION_DATES} are needed for a time split")
-    n_holdout = min(len(dates) - 1, max(1, round(len(dates) * uc.model.holdout_fraction)))
-    cutoff = pd.Timestamp(dates[-n_holdout])
-    train = training[training[PREDICTION_TIME] < cutoff].reset_index(drop=True)
-    holdout = training[training[PREDICTION_TIME] >= cutoff].reset_index(drop=True)
-    if uc.problem_type != "regression":
-        for name, part in (("train", train), ("holdout", holdout)):
-            classes = part[uc.label.column].nunique()
-            if classes < 2:
-                raise ValueError(f"use case {uc.name!r}: the {name} split has a single class of "
-                                 f"{uc.label.column!r}; there are too few examples of the other classes to train")
-    return TimeSplit(train, holdout, cutoff)
+    return modeling_time_split(training, uc.model.holdout_fraction, label=uc.label.column,
+                               classification=uc.problem_type != "regression", who=f"use case {uc.name!r}")
 
 
 def label_array(uc: UseCase, labels: pd.Series | np.ndarray) -> np.ndarray:
