@@ -3,18 +3,16 @@
 ``usecase_definitions(usecase)`` gives, for one use case, tenant-partitioned assets under the key
 prefix ``<use case>/`` (one asset group per use case in the UI):
 
-    raw tables -> features -> training_set [training_data_integrity]
-                           -> online_snapshot [no_training_serving_skew]
+    raw tables [inbox_files_accepted] -> features -> training_set [training_data_integrity]
+                                                  -> online_snapshot [no_training_serving_skew]
     training_set -> model [the problem type's gates: blocking] -> model_aliases -> serving_manifest
-    prediction_log -> model_monitoring (decay alert -> ``<use case>_decay_sensor`` -> ``<use case>_retrain``)
-    prediction_log -> shadow_comparison [promotion_gate: blocking] -> champion_promotion
+    prediction_log -> model_monitoring -> shadow_comparison [promotion_gate] -> champion_promotion
 
-the job ``<use case>_pipeline`` that materializes the first lines for one tenant, ``<use case>_retrain``
-and ``<use case>_daily_cycle`` (new data, snapshot, prediction log, monitoring, shadow comparison,
-promotion: churn's ``daily_cycle`` for the use case). The assets are thin: the
-work is ``mlops.core.usecase_store`` (data), ``mlops.core.usecase_model`` (models and gates) and
-``mlops.core.serving`` (publication); the assets call them through the resources and attach
-metadata. Nothing here knows a particular use case: adding one is adding a folder.
+the jobs ``<use case>_pipeline``, ``<use case>_retrain`` and ``<use case>_daily_cycle``, and the
+asset sensor ``<use case>_decay_sensor``. The assets are thin: the work is
+``mlops.core.usecase_store`` (data), ``mlops.core.usecase_model`` (models and gates),
+``mlops.core.monitoring`` and ``mlops.core.shadow`` (monitoring, promotion) and ``mlops.core.serving``
+(publication). Nothing here knows a particular use case: adding one is adding a folder.
 """
 
 

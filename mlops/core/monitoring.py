@@ -378,7 +378,6 @@ class TenantMonitor:
         return self.report(results)
 
 
-UseCaseMonitor = TenantMonitor  # the same monitor, named for what it monitors of a declared use case
 
 
 def usecase_monitor(policy: MonitoringPolicy, reference: pd.DataFrame, usecase) -> TenantMonitor:

@@ -87,7 +87,6 @@ class FeatureRowsModel(PythonModel):
         return self.booster.predict(self.inputs.to_model_matrix(model_input))
 
 
-ChurnModel = FeatureRowsModel  # the name older model code files import
 
 
 def signature(inputs: ModelInputs = CHURN_INPUTS, n_outputs: int = 1) -> ModelSignature:
