@@ -3,11 +3,11 @@
 The closed loop: ``daily_cycle`` (per tenant) refreshes data, features and the online snapshot,
 ingests the prediction log and runs monitoring, the shadow comparison and promotion. When
 ``model_monitoring`` materializes with a decay alert, ``decay_retrain_sensor`` launches
-``churn_retrain`` for that tenant only (deterministic run key per champion version, plus a
-cooldown), whose new model goes through the gates to ``challenger`` and into shadow.
+``churn_retrain`` for that tenant only when the closed loop decided to retrain
+(``mlops.core.loop``: one episode per decay, a bounded number of retrains, then a person), whose new
+model goes through the gates to ``challenger`` and into shadow.
 """
 
-import datetime as dt
 import json
 import time
 
@@ -87,11 +87,12 @@ def build_decay_sensor(name: str, monitoring_asset: dg.AssetKey, job, run_key_pr
 
     @dg.asset_sensor(name=name, asset_key=monitoring_asset, job=job, minimum_interval_seconds=2,
                      default_status=dg.DefaultSensorStatus.RUNNING)
-    def decay_sensor(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry,
-                     monitoring_policy: MonitoringPolicy):
-        """Asset sensor on the monitoring asset (every tenant partition): a materialization that
-        carries a decay alert launches the retraining job for that tenant only. One retrain per
-        decaying champion version (run key), and none while the tenant is within its cooldown.
+    def decay_sensor(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry):
+        """Asset sensor on the monitoring asset (every tenant partition): a materialization whose
+        decay alert the closed loop answered with ``retrain`` (``loop_action``; ``mlops.core.loop``
+        decides: retrain, hold for the shadow or for new labels, or escalate to a person) launches
+        the retraining job for that tenant only. The run key names the episode and the retrain
+        (``loop_run_key``), so each decision launches one run, however often the sensor sees it.
 
         Why ``@dg.asset_sensor`` and not ``@dg.multi_asset_sensor``: only an ``AssetSensorDefinition``
         names the asset it watches in the definitions the UI reads (``SensorMetadataSnap.asset_keys``
@@ -116,20 +117,21 @@ def build_decay_sensor(name: str, monitoring_asset: dg.AssetKey, job, run_key_pr
                 continue
             tenant = materialization.partition
             version = str(metadata["model_version"].value)
-            recent = _recent_retrains(context.instance, job.name, tenant, monitoring_policy.retrain_cooldown_s)
-            if recent:
-                notes.append(f"{tenant}: decay alert on v{version}, retrain {recent} ran within the cooldown")
+            action = metadata["loop_action"].value if "loop_action" in metadata else "none"
+            if action != "retrain":
+                reason = metadata["loop_reason"].value if "loop_reason" in metadata else "no loop decision recorded"
+                notes.append(f"{tenant}: decay alert on v{version}, loop action {action!r}: {reason}")
                 continue
             alerts = metadata["decay_alerts"].value if "decay_alerts" in metadata else []
             requests.append(dg.RunRequest(
-                run_key=f"{run_key_prefix}:{tenant}:v{version}",
+                run_key=f"{run_key_prefix}:{tenant}:{metadata['loop_run_key'].value}",
                 partition_key=tenant,
                 tags={"trigger": "decay_alert", "decaying_version": version,
                       "alert": json.dumps(alerts)[:1000], "alert_storage_id": str(record.storage_id)},
             ))
         for note in notes:
             context.log.info(note)
-        return requests or dg.SkipReason(f"no decay alert to act on in {len(records)} new monitoring result(s)")
+        return requests or dg.SkipReason(f"no retrain to launch for {len(records)} new monitoring result(s)")
 
     return decay_sensor
 
@@ -156,16 +158,6 @@ def _materializations_through(instance: dg.DagsterInstance, cursor: str | None, 
         if not result.has_more:
             return records
         page = result.cursor
-
-
-def _recent_retrains(instance: dg.DagsterInstance, job_name: str, tenant: str, cooldown_s: float) -> str | None:
-    since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=cooldown_s)
-    runs = instance.get_run_records(
-        dg.RunsFilter(job_name=job_name, tags={"dagster/partition": tenant, "trigger": "decay_alert"},
-                      created_after=since),
-        limit=1,
-    )
-    return runs[0].dagster_run.run_id if runs else None
 
 
 @dg.sensor(minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)

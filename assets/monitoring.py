@@ -9,6 +9,20 @@ import pandas as pd
 
 from assets.training import png_metadata
 from mlops.core.deployment import promote_challenger, retire_challenger
+from mlops.core.loop import (
+    LoopRules,
+    active_episode,
+    after_monitoring,
+    audit_loop,
+    data_clock,
+    decay_floor,
+    episode_kpis,
+    episodes,
+    inherit_floor,
+    loop_metadata,
+    on_promotion,
+    shadow_deadline,
+)
 from mlops.core.monitoring import (
     MonitoringReport,
     analysis_frame,
@@ -26,7 +40,7 @@ from mlops.core.monitoring import (
     service_cpu_usage,
     store_report,
 )
-from mlops.core.names import CHALLENGER, CHAMPION, registered_model_name
+from mlops.core.names import CHALLENGER, CHAMPION, CHURN, registered_model_name
 from mlops.core.prediction_log import (
     PREDICTION_LOG_DDL,
     ForeignSegmentError,
@@ -94,27 +108,35 @@ def model_monitoring(
         raise dg.Failure(f"tenant {tenant!r} has no champion to monitor yet")
     version = str(champion.version)
     with warehouse.connect(tenant) as con:
+        origin = feature_origin(con)[0]
         analysis = analysis_frame(con, feature_store.online_dir(tenant), version, monitoring_policy.analysis_window_days,
-                                  origin=feature_origin(con)[0], horizon_days=LABEL_HORIZON_DAYS)
+                                  origin=origin, horizon_days=LABEL_HORIZON_DAYS)
         monitor, fitted = load_or_fit(settings.root, tenant, version, monitoring_policy,
                                       lambda: reference_frame(con, version))
         stored = read_monitoring_results(con, version)
         raised = set(read_monitoring_alerts(con, version)[["metric", "chunk_key"]].itertuples(index=False, name=None))
+        floor = decay_floor(con, CHURN, version, monitor.own_bound)
     if analysis.empty:
         context.log.info(f"{tenant}: champion v{version} has no logged predictions yet")
         return dg.MaterializeResult(metadata={"model_version": version, "analysis_rows": dg.MetadataValue.int(0),
                                               "decay_alert": False})
     fresh, everything = run_incremental(monitor, analysis, stored, monitoring_policy)
+    # Judged against the floor the version inherited (the last healthy champion's), not only its own.
+    fresh, everything = monitor.apply_bound(fresh, floor[0]), monitor.apply_bound(everything, floor[0])
     # A decay alert is raised once per alerting chunk, not again every day it stays the newest.
     decay = [a for a in decay_alerts(everything, monitoring_policy.consecutive_chunks)
              if (a["metric"], a["chunk"]) not in raised]
     report = MonitoringReport(everything, monitor.reference_roc_auc, decay)
+    challenger = registry.alias_version(tenant, CHALLENGER)
     with warehouse.transaction(tenant) as con:
         store_report(con, MonitoringReport(fresh, monitor.reference_roc_auc, decay), version, context.run_id)
+        loop = after_monitoring(
+            con, CHURN, everything, decay, now=data_clock(origin), champion_version=version, floor=floor,
+            challenger_in_shadow=challenger is not None and str(challenger.version) != version,
+            labels_through=data_clock(origin) - pd.Timedelta(days=LABEL_HORIZON_DAYS),
+            rules=LoopRules.of(monitoring_policy), realized_metric=monitor.realized_metric)
     results = everything
-    for alert in report.decay:
-        warehouse.audit(tenant, actor="monitoring", action="decay_alert",
-                        subject=f"{registered_model_name(tenant)}/{version}", outcome="alert", details=alert)
+    audit_loop(warehouse, tenant, f"{registered_model_name(tenant)}/{version}", report.decay, loop, context.log)
 
     alerts = report.alerts
     latest_chunk = results["chunk_start"].max()
@@ -141,6 +163,9 @@ def model_monitoring(
             "alerts": dg.MetadataValue.int(len(alerts)),
             "decay_alert": bool(report.decay),
             "decay_alerts": dg.MetadataValue.json(report.decay),
+            "decay_floor": dg.MetadataValue.float(floor[0]),
+            "decay_floor_source": floor[1],
+            **loop_metadata(loop),
             "alert_table": dg.MetadataValue.md(_alert_markdown(alerts)),
             "performance_plot": png_metadata(performance_plot(results, f"{title}: ROC AUC per chunk")),
             "drift_plot": png_metadata(drift_plot(results, f"{title}: drift per chunk")),
@@ -242,20 +267,25 @@ def shadow_comparison(
     else:
         with warehouse.connect(tenant) as con:
             con.execute(PREDICTION_LOG_DDL)
+            origin = feature_origin(con)[0]
+            # In a decay episode the challenger must restore performance: "not worse" is not enough.
+            episode = active_episode(con, CHURN)
             pairs = shadow_pairs(con, champ_v, chall_v)
             if len(pairs) >= policy.shadow_min_predictions:
                 # The champion's logged features: the shadow pairs' rows and the labelled ones.
                 logged = analysis_frame(con, feature_store.online_dir(tenant), champ_v,
                                         policy.analysis_window_days + LABEL_HORIZON_DAYS,
-                                        origin=feature_origin(con)[0], horizon_days=LABEL_HORIZON_DAYS)
+                                        origin=origin, horizon_days=LABEL_HORIZON_DAYS)
                 references = {v: reference_frame(con, v) for v in (champ_v, chall_v)}
+        comparison["require_improvement"] = episode is not None
         if len(pairs) < policy.shadow_min_predictions:
             decision = "wait"
             reason = f"{len(pairs)} of {policy.shadow_min_predictions} shadow predictions so far"
         else:
             comparison |= compare_shadow(pairs, logged, references,
                                          {v: registry.load_booster(tenant, v) for v in (champ_v, chall_v)})
-            decision, reason = promotion_decision(comparison, policy)
+            decision, reason = promotion_decision(comparison, policy, require_improvement=episode is not None)
+            decision, reason = shadow_deadline(decision, reason, logged, pairs, origin, policy)
     comparison |= {"decision": decision, "reason": reason, "shadow_pairs": len(pairs)}
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with warehouse.transaction(tenant) as con:
@@ -298,6 +328,7 @@ def champion_promotion(
     registry: ModelRegistry,
     feature_store: FeatureStore,
     settings: PlatformSettings,
+    monitoring_policy: MonitoringPolicy,
 ):
     """Moves ``champion`` to the challenger that passed the promotion gate and republishes the
     deployment manifest; the running service swaps models without a restart."""
@@ -309,11 +340,22 @@ def champion_promotion(
     challenger = registry.alias_version(tenant, CHALLENGER)
     if latest is None or latest[2] != "promote" or challenger is None or str(challenger.version) != latest[1]:
         return dg.MaterializeResult(metadata={"promoted": False, "reason": "no challenger passed the promotion gate"})
+    old_v, new_v = str(latest[0]), str(latest[1])
+    with warehouse.connect(tenant) as con:
+        monitors = {v: load_or_fit(settings.root, tenant, v, monitoring_policy, lambda v=v: reference_frame(con, v))[0]
+                    for v in (old_v, new_v)}
+        old_floor = decay_floor(con, CHURN, old_v, monitors[old_v].own_bound)[0]
     entry = promote_challenger(tenant, registry, feature_store, settings, warehouse,
                                reason=f"promotion gate passed: {latest[3]}")
+    with warehouse.transaction(tenant) as con:
+        # The new champion is judged against the higher of its own floor and its predecessor's.
+        floor, source = inherit_floor(con, CHURN, new_v, old_v, monitors[new_v].realized_metric,
+                                      monitors[new_v].own_bound, old_floor)
+        episode = on_promotion(con, CHURN, now=data_clock(feature_origin(con)[0]), new_version=new_v)
     return dg.MaterializeResult(metadata={
         "promoted": True, "from_version": latest[0], "to_version": latest[1], "reason": latest[3],
-        "serving_champion": entry[CHAMPION]["version"],
+        "serving_champion": entry[CHAMPION]["version"], "decay_floor": dg.MetadataValue.float(floor),
+        "decay_floor_source": source, "loop_episode": "" if episode is None else str(episode.episode),
     })
 
 
@@ -326,12 +368,33 @@ def champion_promotion(
 )
 def delivery_kpis(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, settings: PlatformSettings):
     """Delivery KPIs from the audit log and run history: time from decay alert to promotion,
-    deployments per week, rollbacks, gate failures, failed runs, and service uptime (health checks)."""
+    deployments per week, rollbacks, gate failures, failed runs, service uptime (health checks), and
+    per decay episode the time to restore: days from the estimated onset to the alert, from the alert
+    to a promoted version and to realized performance back above the floor, retrains and promotions."""
     tenant = context.partition_key
     audit_log = warehouse.audit_entries(tenant)
     runs = context.instance.get_runs(dg.RunsFilter(tags={"dagster/partition": tenant}), limit=1000)
     kpis = compute_kpis(audit_log, [r.status.value for r in runs], read_health_checks(settings.root))
+    with warehouse.connect(tenant) as con:
+        restore = episode_kpis(episodes(con, CHURN))
     return dg.MaterializeResult(metadata={
-        k: (dg.MetadataValue.float(float(v)) if isinstance(v, float) else dg.MetadataValue.int(int(v)))
-        for k, v in kpis.items() if v is not None
+        **{k: (dg.MetadataValue.float(float(v)) if isinstance(v, float) else dg.MetadataValue.int(int(v)))
+           for k, v in kpis.items() if v is not None},
+        **episode_metadata(restore),
     })
+
+
+def episode_metadata(kpis: list[dict]) -> dict:
+    """Time-to-restore KPIs as asset metadata: a table of every episode, and the latest one's figures."""
+    if not kpis:
+        return {"decay_episodes": dg.MetadataValue.int(0)}
+    latest = kpis[-1]
+    out = {"decay_episodes": dg.MetadataValue.int(len(kpis)),
+           "episodes_table": dg.MetadataValue.md(pd.DataFrame(kpis).to_markdown(index=False)),
+           "latest_episode_status": latest["status"],
+           "latest_episode_retrains": dg.MetadataValue.int(latest["retrains"]),
+           "latest_episode_promotions": dg.MetadataValue.int(latest["promotions"])}
+    for key in ("onset_to_alert_days", "alert_to_promotion_days", "alert_to_restored_days"):
+        if latest[key] is not None:
+            out[f"latest_episode_{key}"] = dg.MetadataValue.int(latest[key])
+    return out

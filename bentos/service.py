@@ -500,6 +500,7 @@ class ChurnService:
                 usecases = self._load_usecases(manifest.get("use_cases", {}), pool)
             self.deployments, self.usecases = deployments, usecases
             self._manifest_mtime = mtime
+            self._write_status()  # what this worker now serves, for whoever waits on a swap
         kmtime = keys_path.stat().st_mtime if keys_path.exists() else None
         if kmtime != self._keys_mtime:
             self._keys = (ApiKeyStore(self.folder).snapshot(), {})
@@ -558,11 +559,20 @@ class ChurnService:
                 self._write_status()
 
     def _write_status(self) -> None:
-        """This worker's CPU time and prediction count, for the cost-per-prediction metric."""
+        """This worker's CPU time and prediction count (the cost-per-prediction metric) and what it
+        serves: per use case and tenant, the champion, challenger and online snapshot versions."""
         import json
 
+        def served(deployments: dict) -> dict:
+            return {tenant: {"champion": d.champion.version if d.champion else None,
+                             "challenger": d.challenger.version if d.challenger else None,
+                             "snapshot_version": d.snapshot_version} for tenant, d in deployments.items()}
+
         status = {"pid": os.getpid(), "started_at": self._started_at, "updated_at": time.time(),
-                  "cpu_seconds": time.process_time(), "predictions": self._predictions_served}
+                  "cpu_seconds": time.process_time(), "predictions": self._predictions_served,
+                  "manifest_mtime": self._manifest_mtime,
+                  "serving": {"churn": served(self.deployments),
+                              **{name: served(u.tenants) for name, u in self.usecases.items()}}}
         try:
             folder = HomeLayout(self.home).service_status_dir
             folder.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ DEMO_START_DAY = 150  # the clock when the platform is first built: 150 days of 
 DRIFT_AFTER = 32  # concept drift starts this many simulated days after the build
 REPLAY_DAYS = 60  # give up if the loop has not closed after this many days
 FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
+SERVICE_WORKERS = 2
 
 
 def demo_tenants(small: bool = False) -> list[TenantSpec]:
@@ -121,15 +122,11 @@ def _worker_build(tenant: str) -> dict:
 
 def _worker_day(tenant: str, day: int) -> dict:
     """One tenant's daily cycle for one simulated day; returns what the timeline should show."""
-    from dagster import DagsterRunStatus, RunsFilter
-
     defs, instance = _WORKER["defs"], _WORKER["instance"]
     defs.resources["catalog"].set_today(tenant, day)
-    in_flight = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
-                 DagsterRunStatus.STARTED]
     deadline = time.monotonic() + 600
     # The tenant's warehouse admits one writer: wait for its runs in flight (a retrain, say).
-    while instance.get_run_records(RunsFilter(tags={"dagster/partition": tenant}, statuses=in_flight), limit=1):
+    while _in_flight(instance, tenant):
         if time.monotonic() > deadline:
             raise RuntimeError(f"runs of {tenant} still in flight after 600 s")
         time.sleep(0.5)
@@ -140,7 +137,7 @@ def _worker_day(tenant: str, day: int) -> dict:
     # A challenger failing the blocking promotion gate fails that step by design: it is retired.
     if not result.success and failed != ["shadow_comparison"]:
         raise RuntimeError(f"daily_cycle of {tenant} failed on day {day} in steps {failed} (run {result.run_id})")
-    events, promoted = [], False
+    events, promoted, alerted = [], False, False
     for event in result.all_events:
         if not event.is_step_materialization:
             continue
@@ -148,6 +145,7 @@ def _worker_day(tenant: str, day: int) -> dict:
         meta = {k: v.value for k, v in mat.metadata.items()}
         key = mat.asset_key.to_user_string()
         if key == "model_monitoring" and meta.get("decay_alert"):
+            alerted = True
             for alert in meta.get("decay_alerts", []):
                 events.append(("decay alert", f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
                                               f"(chunk {alert['chunk']}, v{meta['model_version']})"))
@@ -156,7 +154,23 @@ def _worker_day(tenant: str, day: int) -> dict:
         elif key == "champion_promotion" and meta.get("promoted"):
             events.append(("promoted", f"champion v{meta['from_version']} -> v{meta['to_version']}"))
             promoted = True
-    return {"events": events, "promoted": promoted}
+    outcome = {"events": events, "promoted": promoted}
+    if alerted:  # the storage id the decay sensor's cursor must pass before the day goes on
+        from dagster import AssetKey, AssetRecordsFilter
+
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey("model_monitoring"), asset_partitions=[tenant]),
+            limit=1, ascending=False).records
+        outcome["alert_storage_id"] = records[0].storage_id
+    return outcome
+
+
+def _in_flight(instance, tenant: str) -> bool:
+    from dagster import DagsterRunStatus, RunsFilter
+
+    statuses = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+                DagsterRunStatus.STARTED]
+    return bool(instance.get_run_records(RunsFilter(tags={"dagster/partition": tenant}, statuses=statuses), limit=1))
 
 
 class ClosedLoopDemo:
@@ -228,11 +242,82 @@ class ClosedLoopDemo:
             if outcome.get("promoted"):
                 self.promoted_on = self.promoted_on or self.day
                 self.promoted_tenants.append(tenant)
+            if "alert_storage_id" in outcome:
+                self.pending_alerts[tenant] = outcome["alert_storage_id"]
+
+    # --- waiting on observable state: what the platform sees must not depend on timing ----------
+    def settle_automation(self, timeout: float = 600.0) -> None:
+        """Until the decay sensor has handled today's alerts (its cursor is past their monitoring
+        materializations) and the runs it launched for those tenants have finished: a retrain then
+        always trains on the day it was triggered, and its challenger shadows that day's traffic."""
+        if not self.pending_alerts:
+            return
+        newest = max(self.pending_alerts.values())
+        deadline = time.monotonic() + timeout
+        while _sensor_cursor(self.instance, "decay_retrain_sensor") < newest:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the decay sensor did not handle alert {newest} within {timeout:.0f} s")
+            time.sleep(0.25)
+        self.watch_runs()
+        for tenant in self.pending_alerts:
+            while _in_flight(self.instance, tenant):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"runs of {tenant} still in flight after {timeout:.0f} s")
+                time.sleep(0.5)
+        self.pending_alerts.clear()
+
+    def wait_until_served(self, timeout: float = 60.0) -> None:
+        """Until every service worker serves what the manifest says for every tenant (today's
+        snapshot, its champion and challenger), read from the workers' status files: today's
+        traffic is then scored from today's features on every run alike."""
+        from mlops.core.monitoring import worker_statuses
+        from mlops.core.serving import read_manifest, serving_dir
+
+        entries = read_manifest(serving_dir(self.root))["tenants"]
+        want = {t: _served_entry(entries[t]) for t in self.tenants}
+        deadline = time.monotonic() + timeout
+        while True:
+            workers = worker_statuses(self.root, fresh_within_s=10.0)
+            served = [w.get("serving", {}).get("churn", {}) for w in workers]
+            if len(workers) >= SERVICE_WORKERS and all(s.get(t) == v for s in served for t, v in want.items()):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service workers did not load the manifest within {timeout:.0f} s: "
+                                   f"want {want}, workers serve {served}")
+            time.sleep(0.1)
+
+    def wait_for_log(self, sent: dict[str, int], timeout: float = 60.0) -> None:
+        """Until the service has written every prediction of today's traffic, and its shadow score,
+        to closed log segments: tomorrow's ingestion then sees the whole day, on every run alike."""
+        import pyarrow.parquet as pq
+
+        from mlops.core.serving import prediction_log_dir, read_manifest, serving_dir
+
+        entries = read_manifest(serving_dir(self.root))["tenants"]
+        deadline = time.monotonic() + timeout
+        for tenant, n in sent.items():
+            expected = {CHAMPION: n}
+            if _served_entry(entries[tenant])["challenger"] is not None:
+                expected[CHALLENGER] = n
+            folder = prediction_log_dir(self.root, tenant) / "closed"
+            counted: dict[str, dict[str, int]] = {}
+            while True:
+                for path in sorted(folder.glob("segment-*.parquet")):
+                    if path.name not in counted:
+                        roles = pq.read_table(path, columns=["role"]).column("role").to_pylist()
+                        counted[path.name] = {r: roles.count(r) for r in set(roles)}
+                totals = {role: sum(c.get(role, 0) for c in counted.values()) for role in expected}
+                if all(totals[role] >= want for role, want in expected.items()):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{tenant}: the service logged {totals} of today's {expected} predictions "
+                                       f"within {timeout:.0f} s")
+                time.sleep(0.1)
 
     def start_processes(self) -> None:
         env = {**os.environ, "MLOPS_HOME": str(self.root), "DAGSTER_HOME": str(self.settings.dagster_home),
                # The demo's traffic is one batch per tenant and day: shadow every batch, not a sample.
-               "CHURN_SHADOW_BATCH_SAMPLE": "1"}
+               "CHURN_SHADOW_BATCH_SAMPLE": "1", "CHURN_SERVICE_WORKERS": str(SERVICE_WORKERS)}
         logs = HomeLayout(self.root).logs_dir
         logs.mkdir(exist_ok=True)
         bin_dir = Path(sys.executable).parent
@@ -294,13 +379,8 @@ class ClosedLoopDemo:
         headers = {"Authorization": f"Bearer {self.keys[tenant]}"}
         for i in range(0, len(accounts), 1000):
             payload = {"tenant": tenant, "account_ids": accounts[i:i + 1000]}
-            for _ in range(40):
-                response = requests.post(f"{self.service_url}/v1/predict_batch", headers=headers, timeout=60,
-                                         json=payload)
-                # 404: today's new accounts are in a snapshot the service swaps in within a second.
-                if response.status_code != 404:
-                    break
-                time.sleep(0.25)
+            response = requests.post(f"{self.service_url}/v1/predict_batch", headers=headers, timeout=60,
+                                     json=payload)
             response.raise_for_status()
         return len(accounts)
 
@@ -355,6 +435,7 @@ class ClosedLoopDemo:
         self.retrained: dict[str, int] = {}
         self.first_alert: dict[str, float] = {}
         self.promoted_tenants: list[str] = []
+        self.pending_alerts: dict[str, int] = {}
         drifted = [s for s in demo_tenants(self.small) if s.scenario != "none"]
         print(f"MLOPS_HOME {self.root}; concept drift for "
               f"{', '.join(f'{s.name} from day {s.drift_day} ({SIMULATION_START + dt.timedelta(days=s.drift_day)})' for s in drifted)}",
@@ -367,17 +448,14 @@ class ClosedLoopDemo:
             for day in range(DEMO_START_DAY, DEMO_START_DAY + self.max_days):
                 self.day = day
                 self.for_each_tenant(_worker_day, day)
+                self.settle_automation()
                 self.watch_runs()
                 self.confirm_promotions()
-                # The service swaps in today's snapshot within its 0.5 s poll: let it, so today's
-                # traffic is scored (and monitored) with today's features.
-                time.sleep(1.0)
+                self.wait_until_served()
                 scored = {t: self.traffic(t) for t in self.tenants}
                 if self.day % 7 == 0:
                     self.emit("-", "traffic", ", ".join(f"{t}: {n} accounts scored" for t, n in scored.items()))
-                # No wait for the log: segments close within a second, and a segment that misses
-                # tomorrow's ingestion is ingested the day after (chunks are by feature day).
-                self.watch_runs()
+                self.wait_for_log(scored)
                 if self.promoted_on is not None and self.day >= self.promoted_on + self.stop_after_promotion_days - 1:
                     break
             for tenant in self.tenants:
@@ -403,6 +481,23 @@ class ClosedLoopDemo:
                     worker.kill()
                 for worker in workers:
                     worker.join(timeout=10)
+
+
+def _served_entry(entry: dict) -> dict:
+    """What a worker's status reports for a tenant it serves from this manifest entry."""
+    champion = str(entry[CHAMPION]["version"])
+    challenger = str(entry[CHALLENGER]["version"]) if entry.get(CHALLENGER) else None
+    return {"champion": champion, "challenger": None if challenger == champion else challenger,
+            "snapshot_version": int(entry["snapshot"]["version"])}
+
+
+def _sensor_cursor(instance, name: str) -> int:
+    """The storage id an asset sensor's cursor has reached (-1 before its first tick)."""
+    for state in instance.all_instigator_state():
+        if state.name == name and state.instigator_data is not None:
+            cursor = getattr(state.instigator_data, "cursor", None)
+            return int(cursor) if cursor and str(cursor).isdigit() else -1
+    return -1
 
 
 def _raise_interrupt(signum, frame):

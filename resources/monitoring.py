@@ -37,8 +37,14 @@ class MonitoringPolicy(dg.ConfigurableResource):
     # Multivariate drift alert: reconstruction error this much above the reference's own.
     multivariate_drift_margin: float = 0.1
     categorical_drift_methods: list[str] = Field(default_factory=lambda: ["chi2"])
-    # Closed loop: one retrain per tenant per cooldown, however many chunks keep alerting.
-    retrain_cooldown_s: float = 3600.0
+    # The closed loop (mlops.core.loop): within one decay episode, at most this many retrains, then an
+    # alert for a person; another retrain only once this many days of new labels have matured; the
+    # episode is restored after this many consecutive realized chunks at or above its floor.
+    loop_max_retrains: int = 2
+    loop_retrain_min_new_label_days: int = 7
+    loop_restore_chunks: int = 3
+    # An absolute floor on the decay metric (ROC AUC; higher is better), above each version's own.
+    loop_performance_slo: float | None = None
     # Shadow comparison: the challenger needs this many shadow predictions before a decision.
     shadow_min_predictions: int = 500
     # Promotion: the challenger may be at most this much worse than the champion (ROC AUC).
@@ -47,6 +53,12 @@ class MonitoringPolicy(dg.ConfigurableResource):
     promotion_rmse_tolerance: float = 0.02
     # Promotion: realized ROC AUC decides once this many shadowed predictions have labels.
     promotion_min_labelled_rows: int = 200
+    # Promotion after a decay alert needs evidence: the paired interval of (challenger - champion)
+    # at this confidence must lie above this improvement; a challenger still without that evidence
+    # after this many days in shadow is retired (the loop may then retrain on more labels).
+    promotion_confidence: float = 0.95
+    promotion_min_improvement: float = 0.0
+    promotion_max_shadow_days: int = 21
     # Promotion: the challenger's shadow scoring p99 must stay under this budget.
     promotion_max_p99_ms: float = 50.0
     # The serving endpoint the health sensor probes (uptime KPI).

@@ -129,6 +129,32 @@ def test_incremental_monitoring_equals_a_full_run(drifted):
     assert a["alert"].tolist() == b["alert"].tolist()
 
 
+def test_rows_logged_late_are_monitored_as_if_they_had_come_on_time(drifted):
+    """Half of a day's predictions reach the warehouse a day late (a log segment that missed the
+    ingestion): the chunk is computed again with all its rows, so the results depend on the data
+    alone, not on when it arrived."""
+    from mlops.core.monitoring import run_incremental
+
+    policy = MonitoringPolicy()
+    monitor = TenantMonitor(policy, drifted.reference)
+    today = START + 20
+    complete = drifted.analysis_as_of(today)
+    newest = complete[TIMESTAMP].max()
+    day = complete[complete[TIMESTAMP] == newest]
+    partial = complete.drop(index=day.index[: len(day) // 2])
+    _, stored = run_incremental(monitor, partial, pd.DataFrame(), policy)
+    estimated = stored[(stored["metric"] == "estimated_roc_auc") & (stored["chunk_start"] == newest)]
+    assert estimated["chunk_rows"].tolist() == [len(day) - len(day) // 2]
+    fresh, stored = run_incremental(monitor, complete, stored, policy)
+    assert set(fresh["chunk_start"]) == {newest}, "only the chunk that gained rows is computed again"
+    full = monitor.run(complete).results
+    key = ["metric", "feature", "chunk_key"]
+    a = stored.sort_values(key, na_position="first").reset_index(drop=True)
+    b = full.sort_values(key, na_position="first").reset_index(drop=True)
+    assert a[key].astype(str).equals(b[key].astype(str))
+    np.testing.assert_allclose(a["value"].to_numpy(dtype=float), b["value"].to_numpy(dtype=float), equal_nan=True)
+
+
 def test_data_quality_is_reported(drifted):
     analysis = drifted.analysis_as_of(DRIFT + 2).copy()
     day = analysis[TIMESTAMP].max()
@@ -153,12 +179,14 @@ def test_decay_alert_needs_consecutive_chunks():
 
 
 # --- the retraining sensor ---------------------------------------------------------------------
-def _report(instance, tenant: str, version: str, decay: bool) -> int:
-    """A monitoring result for one tenant; returns its storage id."""
+def _report(instance, tenant: str, version: str, decay: bool, action: str = "retrain", run_key: str = "e1.r1") -> int:
+    """A monitoring result for one tenant and the loop's decision on it; returns its storage id."""
+    metadata = {"decay_alert": decay, "model_version": version,
+                "decay_alerts": dg.MetadataValue.json([{"metric": "realized_roc_auc"}] if decay else [])}
+    if decay:
+        metadata |= {"loop_action": action, "loop_reason": f"the loop said {action}", "loop_run_key": run_key}
     instance.report_runless_asset_event(dg.AssetMaterialization(
-        asset_key="model_monitoring", partition=tenant,
-        metadata={"decay_alert": decay, "model_version": version,
-                  "decay_alerts": dg.MetadataValue.json([{"metric": "realized_roc_auc"}] if decay else [])}))
+        asset_key="model_monitoring", partition=tenant, metadata=metadata))
     return instance.fetch_materializations(dg.AssetKey("model_monitoring"), limit=1).records[0].storage_id
 
 
@@ -176,9 +204,8 @@ def evaluate(tmp_path, monkeypatch):
             monkeypatch.delenv(key, raising=False)
     defs = build_definitions(str(tmp_path / "home"))
 
-    def tick(instance, cursor, policy):
-        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
-                                          resources={"monitoring_policy": policy})
+    def tick(instance, cursor):
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
         with dg.partition_loading_context(dynamic_partitions_store=instance):  # as the daemon does
             return decay_retrain_sensor.evaluate_tick(context)
 
@@ -191,18 +218,16 @@ def test_decay_sensor_is_an_asset_sensor_on_model_monitoring():
     assert decay_retrain_sensor.job_name == retrain_job.name
     assert decay_retrain_sensor.minimum_interval_seconds == 2
     assert decay_retrain_sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert decay_retrain_sensor.required_resource_keys == {"monitoring_policy"}
+    assert decay_retrain_sensor.required_resource_keys == set()
 
 
-def test_decay_sensor_retrains_only_the_alerting_tenant_once_per_cooldown(evaluate):
-    policy = MonitoringPolicy(retrain_cooldown_s=3600)
+def test_decay_sensor_retrains_only_what_the_loop_decided_once_per_decision(evaluate):
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("tenant", ["a", "b"])
         alert_id = _report(instance, "a", "3", decay=True)
         last_id = _report(instance, "b", "1", decay=False)
-        result = evaluate(instance, None, policy)
-        assert [(r.partition_key, r.run_key) for r in result.run_requests] == [("a", "decay:a:v3")]
-        # The cooldown finds earlier retrains by the partition tag resolved here.
+        result = evaluate(instance, None)
+        assert [(r.partition_key, r.run_key) for r in result.run_requests] == [("a", "decay:a:e1.r1")]
         assert result.run_requests[0].tags == {
             "trigger": "decay_alert", "decaying_version": "3",
             "alert": json.dumps([{"metric": "realized_roc_auc"}]), "alert_storage_id": str(alert_id),
@@ -210,45 +235,44 @@ def test_decay_sensor_retrains_only_the_alerting_tenant_once_per_cooldown(evalua
             "dagster/sensor_name": "decay_retrain_sensor"}
         assert result.cursor == str(last_id)
 
-        # The retrain the request launched exists; the next day's alert for the same incident
-        # (and even for a newer version) falls in the cooldown.
-        instance.add_run(dg.DagsterRun(job_name=retrain_job.name, run_id=str(uuid.uuid4()),
-                                       tags={"dagster/partition": "a", "trigger": "decay_alert"}))
-        _report(instance, "a", "3", decay=True)
-        _report(instance, "a", "4", decay=True)
-        second = evaluate(instance, result.cursor, policy)
-        assert second.run_requests == [] and "no decay alert to act on in 2" in second.skip_message
+        # The next days' alerts of the same episode: the loop holds (a challenger in shadow, too few
+        # new labels) or escalates to a person; none of them launches a run.
+        _report(instance, "a", "3", decay=True, action="hold")
+        _report(instance, "a", "3", decay=True, action="escalate")
+        second = evaluate(instance, result.cursor)
+        assert second.run_requests == [] and "no retrain to launch for 2" in second.skip_message
 
-        # The cooldown is per tenant: b's alert in the same window still retrains b.
+        # Another tenant's decision is its own.
         _report(instance, "b", "1", decay=True)
-        third = evaluate(instance, second.cursor, policy)
-        assert [r.run_key for r in third.run_requests] == ["decay:b:v1"]
+        third = evaluate(instance, second.cursor)
+        assert [r.run_key for r in third.run_requests] == ["decay:b:e1.r1"]
 
-        # Without a cooldown, the run key still makes one incident (one decaying version) one retrain.
-        again = evaluate(instance, result.cursor, MonitoringPolicy(retrain_cooldown_s=0))
-        assert sorted({r.run_key for r in again.run_requests}) == ["decay:a:v3", "decay:a:v4", "decay:b:v1"]
+        # The run key is the decision: replaying every event launches each decided retrain once
+        # (Dagster drops run requests whose key it has seen), a second retrain of the episode apart.
+        _report(instance, "a", "3", decay=True, run_key="e1.r2")
+        again = evaluate(instance, None)
+        assert sorted(r.run_key for r in again.run_requests) == ["decay:a:e1.r1", "decay:a:e1.r2", "decay:b:e1.r1"]
 
 
 def test_decay_sensor_sees_every_alert_between_two_ticks(evaluate):
     """An asset sensor is called with the latest materialization only; the alerts before it must
     not be lost, even when the latest one alerts nothing."""
-    policy = MonitoringPolicy(retrain_cooldown_s=3600)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("tenant", ["a", "b", "c"])
         start = _report(instance, "c", "1", decay=False)
-        first = evaluate(instance, None, policy)
+        first = evaluate(instance, None)
         assert first.run_requests == [] and first.cursor == str(start)
 
         a_id = _report(instance, "a", "2", decay=True)
         b_id = _report(instance, "b", "5", decay=True)
         last_id = _report(instance, "c", "1", decay=False)
-        second = evaluate(instance, first.cursor, policy)
+        second = evaluate(instance, first.cursor)
         assert [(r.partition_key, r.run_key, r.tags["alert_storage_id"]) for r in second.run_requests] == [
-            ("a", "decay:a:v2", str(a_id)), ("b", "decay:b:v5", str(b_id))]
+            ("a", "decay:a:e1.r1", str(a_id)), ("b", "decay:b:e1.r1", str(b_id))]
         assert second.cursor == str(last_id)
 
         # The cursor moved past them: a tick with nothing new launches nothing.
-        third = evaluate(instance, second.cursor, policy)
+        third = evaluate(instance, second.cursor)
         assert third.run_requests == [] and third.cursor == second.cursor
 
 
@@ -259,8 +283,8 @@ def test_decay_sensor_ignores_results_without_a_decay_alert(evaluate):
         # A materialization with no decay_alert entry at all (reported by hand, say) is no alert either.
         instance.report_runless_asset_event(dg.AssetMaterialization(
             asset_key="model_monitoring", partition="a", metadata={"model_version": "1"}))
-        result = evaluate(instance, None, MonitoringPolicy(retrain_cooldown_s=0))
-        assert result.run_requests == [] and "no decay alert to act on in 2" in result.skip_message
+        result = evaluate(instance, None)
+        assert result.run_requests == [] and "no retrain to launch for 2" in result.skip_message
 
 
 def test_decay_sensor_reads_up_to_the_event_the_asset_sensor_hands_it():

@@ -326,6 +326,29 @@ class TenantMonitor:
                        if categorical else None)
 
     @property
+    def own_bound(self) -> float:
+        """The decay rule's bound from this version's own reference: the ROC AUC floor (reference minus
+        ``max_auc_drop``) or, for regression, the RMSE ceiling. ``apply_bound`` may tighten it."""
+        return self.rmse_ceiling if self.spec.problem_type == "regression" else self.auc_floor
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.spec.problem_type != "regression"
+
+    def apply_bound(self, results: pd.DataFrame, bound: float) -> pd.DataFrame:
+        """``results`` with the decay metrics judged against ``bound`` instead of the version's own
+        (a floor inherited from the champion it replaced: ``mlops.core.loop``)."""
+        if results.empty or bound == self.own_bound:
+            return results
+        results = results.copy()
+        rows = results["metric"].isin(list(self.spec.decay_metrics))
+        side = "lower_threshold" if self.higher_is_better else "upper_threshold"
+        results.loc[rows, side] = bound
+        values = results.loc[rows, "value"]
+        results.loc[rows, "alert"] = (values < bound) if self.higher_is_better else (values > bound)
+        return results
+
+    @property
     def estimated_metric(self) -> str:
         """The metric every run computes for every chunk (incremental runs key new chunks by it)."""
         return f"estimated_{self.spec.decay_metric}"
@@ -398,6 +421,19 @@ def decay_alerts(results: pd.DataFrame, consecutive: int, metrics: Mapping[str, 
             found.append({"metric": metric, "chunk": str(last["chunk_key"]), "value": float(last["value"]),
                           "threshold": float(last[side]), "consecutive_chunks": consecutive})
     return found
+
+
+def onset_estimate(results: pd.DataFrame, metric: str) -> pd.Timestamp | None:
+    """Where the change began as monitoring sees it: the start of the earliest chunk of the newest
+    unbroken run of alerting chunks of ``metric`` (chunks without a value are skipped)."""
+    rows = results[(results["metric"] == metric) & results["value"].notna()].sort_values("chunk_start")
+    flags = rows["alert"].to_numpy(dtype=bool)
+    if not len(flags) or not flags[-1]:
+        return None
+    start = len(flags) - 1
+    while start > 0 and flags[start - 1]:
+        start -= 1
+    return pd.Timestamp(rows["chunk_start"].iloc[start])
 
 
 def _chunk_columns(frame: pd.DataFrame, prefix: tuple) -> pd.DataFrame:
@@ -475,15 +511,21 @@ def chunk_keys(frame: pd.DataFrame, policy: MonitoringPolicy) -> pd.Series:
 
 def run_incremental(monitor: TenantMonitor, analysis: pd.DataFrame, stored: pd.DataFrame,
                     policy: MonitoringPolicy) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Only what changed since the last run: every metric for chunks never computed, and realized
-    performance for chunks whose labels have matured since. NannyML computes each chunk against the
+    """Only what changed since the last run: every metric for chunks never computed (or that gained
+    rows since), and realized performance for chunks whose labels have matured since. NannyML computes each chunk against the
     fitted reference alone, so this equals a full recomputation. Returns (new results, all results).
     Size-based chunks are not stable across runs: they are recomputed over the whole window."""
     if policy.chunk_size > 0 or stored.empty:
         fresh = monitor.run(analysis).results
         return fresh, fresh
     keys = chunk_keys(analysis, policy)
-    computed = set(stored.loc[stored["metric"] == monitor.estimated_metric, "chunk_key"])
+    # A chunk is computed when its stored rows are all the rows it has now: predictions logged
+    # late (a segment ingested a day after the others) make it new again, so that what monitoring
+    # reports depends on the data alone, never on when it arrived.
+    estimated = stored[stored["metric"] == monitor.estimated_metric]
+    stored_rows = dict(zip(estimated["chunk_key"], estimated["chunk_rows"], strict=True))
+    counts = keys.value_counts()
+    computed = {k for k, n in counts.items() if stored_rows.get(k) == n}
     realized = set(stored.loc[(stored["metric"] == monitor.realized_metric) & stored["value"].notna(), "chunk_key"])
     parts = []
     new_rows = analysis[~keys.isin(computed)]
@@ -738,22 +780,30 @@ def service_status_dir(root: Path) -> Path:
     return HomeLayout(Path(root)).service_status_dir
 
 
-def service_cpu_usage(root: Path) -> dict | None:
-    """CPU seconds and predictions of the service's workers, summed over their status files
-    (each worker rewrites its own file every few seconds)."""
-    files = sorted(service_status_dir(root).glob("worker-*.json"))
-    if not files:
-        return None
-    totals = {"cpu_seconds": 0.0, "predictions": 0, "workers": 0}
-    for path in files:
+def worker_statuses(root: Path, fresh_within_s: float | None = None) -> list[dict]:
+    """The status file of every service worker (each rewrites its own every few seconds and on each
+    manifest swap: CPU time, predictions, and what it serves); with ``fresh_within_s``, only those
+    updated that recently (a worker that exited leaves its last file behind)."""
+    import time
+
+    statuses = []
+    for path in sorted(service_status_dir(root).glob("worker-*.json")):
         try:
             status = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        totals["cpu_seconds"] += float(status.get("cpu_seconds", 0.0))
-        totals["predictions"] += int(status.get("predictions", 0))
-        totals["workers"] += 1
-    return totals
+        if fresh_within_s is None or time.time() - float(status.get("updated_at", 0.0)) <= fresh_within_s:
+            statuses.append(status)
+    return statuses
+
+
+def service_cpu_usage(root: Path) -> dict | None:
+    """CPU seconds and predictions of the service's workers, summed over their status files."""
+    statuses = worker_statuses(root)
+    if not statuses:
+        return None
+    return {"cpu_seconds": sum(float(s.get("cpu_seconds", 0.0)) for s in statuses),
+            "predictions": sum(int(s.get("predictions", 0)) for s in statuses), "workers": len(statuses)}
 
 
 def health_checks_path(root: Path) -> Path:

@@ -1,0 +1,139 @@
+"""The closed loop's rules (mlops.core.loop) on a real DuckDB file: one episode per decay, a bounded
+number of retrains spaced by matured labels, then one escalation to a person; a floor that does not
+fall with a promotion; restoration judged on realized chunks; time-to-restore figures."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import duckdb
+import pandas as pd
+import pytest
+
+from mlops.core import loop
+from mlops.core.monitoring import CHURN_SPEC, TenantMonitor, onset_estimate
+
+RULES = loop.LoopRules(max_retrains=2, retrain_min_new_label_days=7, restore_chunks=3)
+ALERT = {"metric": "realized_roc_auc", "chunk": "2026-09-20", "value": 0.70, "threshold": 0.76}
+DAY0 = pd.Timestamp("2026-10-01")
+
+
+@pytest.fixture()
+def con(tmp_path):
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as connection:
+        yield connection
+
+
+def decide(con, day: int, *, shadow: bool = False, value: float = 0.70):
+    now = DAY0 + pd.Timedelta(days=day)
+    return loop.on_decay_alert(con, "churn", {**ALERT, "value": value}, now=now, champion_version="1",
+                               floor=(0.76, "v1 reference"), challenger_in_shadow=shadow,
+                               labels_through=now - pd.Timedelta(days=30), rules=RULES)
+
+
+def test_an_episode_retrains_at_most_twice_on_new_labels_then_calls_a_person_once(con):
+    first = decide(con, 0)
+    assert (first.action, first.episode.episode, first.episode.retrains) == ("retrain", 1, 1)
+    assert decide(con, 1, shadow=True).action == "hold"  # the shadow decides first
+    held = decide(con, 3)  # the challenger was retired; only 3 days of new labels since the retrain
+    assert held.action == "hold" and "3 day(s) of new labels" in held.reason
+    second = decide(con, 7)
+    assert (second.action, second.episode.retrains) == ("retrain", 2)
+    escalated = decide(con, 20)
+    assert escalated.action == "escalate" and "2 retrain(s)" in escalated.reason
+    assert escalated.episode.status == loop.ESCALATED
+    assert json.loads(escalated.episode.evidence)["escalation"]["retrains"] == 2
+    after = decide(con, 30)
+    assert after.action == "none" and "escalated to a person" in after.reason
+    frame = loop.episodes(con, "churn")
+    assert frame[["episode", "status", "retrains"]].values.tolist() == [[1, "escalated", 2]]
+
+    # A person closes it; the next decay opens a new episode with its own retrain budget.
+    assert loop.close_episode(con, "churn", now=DAY0 + pd.Timedelta(days=31), note="accepted").status == loop.CLOSED
+    fresh = decide(con, 40)
+    assert (fresh.action, fresh.episode.episode, fresh.episode.retrains) == ("retrain", 2, 1)
+
+
+def test_the_floor_does_not_fall_with_a_worse_model(con):
+    # v2 (own floor 0.70) replaces v1 (floor 0.76): it inherits 0.76.
+    assert loop.inherit_floor(con, "churn", "2", "1", "realized_roc_auc", 0.70, 0.76) == (0.76, "inherited from v1")
+    assert loop.decay_floor(con, "churn", "2", own=0.70) == (0.76, "inherited from v1")
+    # v3 is better than the floor it would inherit: its own counts.
+    assert loop.inherit_floor(con, "churn", "3", "2", "realized_roc_auc", 0.80, 0.76) == (0.80, "v3 reference")
+    assert loop.decay_floor(con, "churn", "3", own=0.80) == (0.80, "v3 reference")
+    # A version never promoted has its own floor; an SLO raises every own floor.
+    assert loop.decay_floor(con, "churn", "9", own=0.71) == (0.71, "v9 reference")
+    assert loop.own_floor(0.84, 0.08, loop.LoopRules(performance_slo=0.80)) == 0.80
+
+
+def _results(values: list[float | None], start: str = "2026-10-02") -> pd.DataFrame:
+    days = pd.date_range(start, periods=len(values), freq="D")
+    return pd.DataFrame({"metric": "realized_roc_auc", "chunk_key": days.strftime("%Y-%m-%d"), "chunk_start": days,
+                         "value": values, "alert": [v is not None and v < 0.76 for v in values]})
+
+
+def test_an_episode_is_restored_by_realized_chunks_after_it_opened(con):
+    decide(con, 0)
+    assert loop.on_promotion(con, "churn", now=DAY0 + pd.Timedelta(days=10), new_version="2").promotions == 1
+    now = DAY0 + pd.Timedelta(days=60)
+    # Two good chunks are not yet three; a bad one among them is no restoration either.
+    assert loop.check_restored(con, "churn", _results([0.80, 0.81]), "realized_roc_auc", now=now, rules=RULES) is None
+    assert loop.check_restored(con, "churn", _results([0.80, 0.70, 0.81]), "realized_roc_auc", now=now,
+                               rules=RULES) is None
+    # Chunks from before the episode opened do not count.
+    assert loop.check_restored(con, "churn", _results([0.8, 0.8, 0.8], start="2026-09-01"), "realized_roc_auc",
+                               now=now, rules=RULES) is None
+    restored = loop.check_restored(con, "churn", _results([0.70, 0.79, 0.80, 0.81, None]), "realized_roc_auc",
+                                   now=now, rules=RULES)
+    assert restored is not None and restored.status == loop.RESTORED
+    (kpi,) = loop.episode_kpis(loop.episodes(con, "churn"))
+    assert kpi | {"opened_at": None} == {
+        "use_case": "churn", "episode": 1, "status": "restored", "opened_at": None, "onset_to_alert_days": None,
+        "alert_to_promotion_days": 10, "alert_to_restored_days": 60, "retrains": 1, "promotions": 1,
+        "escalated": False}
+    assert loop.active_episode(con, "churn") is None
+
+
+def test_after_monitoring_decides_once_per_run_and_names_the_run_key(con):
+    results = _results([0.80, 0.70, 0.69])
+    out = loop.after_monitoring(con, "churn", results, [ALERT], now=DAY0, champion_version="1",
+                                floor=(0.76, "v1 reference"), challenger_in_shadow=False,
+                                labels_through=DAY0 - pd.Timedelta(days=30), rules=RULES,
+                                realized_metric="realized_roc_auc")
+    assert (out["action"], out["episode"], out["run_key"]) == ("retrain", 1, "e1.r1")
+    episode = loop.active_episode(con, "churn")
+    assert episode.onset_estimate == pd.Timestamp("2026-10-03")  # the first chunk of the alerting run
+    quiet = loop.after_monitoring(con, "churn", results, [], now=DAY0, champion_version="1",
+                                  floor=(0.76, "v1 reference"), challenger_in_shadow=False,
+                                  labels_through=DAY0, rules=RULES, realized_metric="realized_roc_auc")
+    assert quiet["action"] == "none" and loop.active_episode(con, "churn").retrains == 1
+
+
+def test_onset_estimate_is_the_start_of_the_newest_run_of_alerts():
+    frame = _results([0.70, 0.80, 0.70, None, 0.71, 0.72])
+    assert onset_estimate(frame, "realized_roc_auc") == pd.Timestamp("2026-10-04")
+    assert onset_estimate(_results([0.70, 0.80]), "realized_roc_auc") is None
+
+
+def test_a_challenger_without_evidence_is_retired_after_its_shadow_deadline():
+    policy = SimpleNamespace(promotion_max_shadow_days=21)
+    logged = pd.DataFrame({"prediction_id": ["a", "b"], "timestamp": pd.to_datetime(["2026-10-01", "2026-10-05"])})
+    pairs = pd.DataFrame({"prediction_id": ["a", "b"]})
+    assert loop.shadow_deadline("wait", "no evidence yet", logged, pairs, "2026-10-20", policy) == (
+        "wait", "no evidence yet")
+    decision, reason = loop.shadow_deadline("wait", "interval contains 0", logged, pairs, "2026-10-25", policy)
+    assert decision == "retire" and "24 days in shadow (limit 21)" in reason
+    assert loop.shadow_deadline("promote", "ok", logged, pairs, "2026-12-25", policy) == ("promote", "ok")
+
+
+def test_an_inherited_floor_judges_the_decay_metrics_only():
+    results = pd.concat([_results([0.74, 0.78]), _results([0.74, 0.78]).assign(metric="univariate_drift")])
+    results["lower_threshold"] = 0.70
+    monitor = SimpleNamespace(own_bound=0.70, higher_is_better=True, spec=CHURN_SPEC)
+    judged = TenantMonitor.apply_bound(monitor, results, 0.76)
+    decay = judged[judged["metric"] == "realized_roc_auc"]
+    assert decay["alert"].tolist() == [True, False] and set(decay["lower_threshold"]) == {0.76}
+    other = judged[judged["metric"] == "univariate_drift"]
+    assert other["lower_threshold"].tolist() == [0.70, 0.70]
+    assert TenantMonitor.apply_bound(monitor, results, 0.70) is results
