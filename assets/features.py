@@ -14,6 +14,7 @@ from resources.feature_store import (
     FEATURE_VIEW_VERSION,
     NUMERIC_FEATURES,
     FeatureStore,
+    build_provisional_set,
     compare_feature_rows,
     feature_origin,
     offline_rows_at,
@@ -95,9 +96,12 @@ def churn_training_set(
     feature_store: FeatureStore,
     gates: GatePolicy,
 ):
-    """Mature churn labels joined point-in-time (DuckDB ASOF) to the offline features."""
+    """Mature churn labels joined point-in-time (DuckDB ASOF) to the offline features; alongside,
+    the early (censoring-aware) labels of the weeks whose window is still open
+    (``churn_provisional_set``), which a retrain in a decay episode learns from."""
     with warehouse.transaction(context.partition_key) as con:
         training = feature_store.build_training_set(con)
+        early = build_provisional_set(con)
         origin, _ = feature_origin(con)
     version = content_hash(training)
     yield dg.MaterializeResult(
@@ -106,6 +110,8 @@ def churn_training_set(
             "accounts": dg.MetadataValue.int(training["account_id"].nunique()),
             "prediction_dates": dg.MetadataValue.int(training["prediction_time"].nunique()),
             "churn_rate": dg.MetadataValue.float(float(training["churned"].mean()) if len(training) else 0.0),
+            "early_label_rows": dg.MetadataValue.int(len(early)),
+            "early_churns_so_far": dg.MetadataValue.int(int(early["churned"].sum()) if len(early) else 0),
             "dataset_version": version,
             "feature_view_version": FEATURE_VIEW_VERSION,
         }

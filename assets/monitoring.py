@@ -16,27 +16,26 @@ from mlops.core.loop import (
     audit_loop,
     data_clock,
     decay_floor,
+    decide_promotion,
     episode_kpis,
     episodes,
     inherit_floor,
     loop_metadata,
     on_promotion,
-    shadow_deadline,
 )
 from mlops.core.monitoring import (
     MonitoringReport,
     analysis_frame,
     compute_kpis,
-    decay_alerts,
     drift_plot,
     load_or_fit,
+    monitoring_step,
     operational_summary,
     performance_plot,
     read_health_checks,
     read_monitoring_alerts,
     read_monitoring_results,
     reference_frame,
-    run_incremental,
     service_cpu_usage,
     store_report,
 )
@@ -47,8 +46,8 @@ from mlops.core.prediction_log import (
     archive_segments,
     ingest_closed_segments,
 )
-from mlops.core.shadow import SHADOW_DDL, compare_shadow, promotion_decision, shadow_pairs
-from resources.feature_store import LABEL_HORIZON_DAYS, FeatureStore, feature_origin
+from mlops.core.shadow import SHADOW_DDL, shadow_pairs
+from resources.feature_store import LABEL_HORIZON_DAYS, MIN_OBSERVED_DAYS, FeatureStore, feature_origin
 from resources.monitoring import MonitoringPolicy
 from resources.registry import ModelRegistry
 from resources.settings import PlatformSettings
@@ -120,12 +119,9 @@ def model_monitoring(
         context.log.info(f"{tenant}: champion v{version} has no logged predictions yet")
         return dg.MaterializeResult(metadata={"model_version": version, "analysis_rows": dg.MetadataValue.int(0),
                                               "decay_alert": False})
-    fresh, everything = run_incremental(monitor, analysis, stored, monitoring_policy)
-    # Judged against the floor the version inherited (the last healthy champion's), not only its own.
-    fresh, everything = monitor.apply_bound(fresh, floor[0]), monitor.apply_bound(everything, floor[0])
-    # A decay alert is raised once per alerting chunk, not again every day it stays the newest.
-    decay = [a for a in decay_alerts(everything, monitoring_policy.consecutive_chunks)
-             if (a["metric"], a["chunk"]) not in raised]
+    # Judged against the floor the version inherited (the last healthy champion's), not only its own;
+    # a decay alert is raised once per alerting chunk, not again every day it stays the newest.
+    fresh, everything, decay = monitoring_step(monitor, analysis, stored, raised, floor[0], monitoring_policy)
     report = MonitoringReport(everything, monitor.reference_roc_auc, decay)
     challenger = registry.alias_version(tenant, CHALLENGER)
     with warehouse.transaction(tenant) as con:
@@ -273,19 +269,21 @@ def shadow_comparison(
             pairs = shadow_pairs(con, champ_v, chall_v)
             if len(pairs) >= policy.shadow_min_predictions:
                 # The champion's logged features: the shadow pairs' rows and the labelled ones.
+                # Early labels (churned so far) are evidence too: a decay episode cannot wait a month.
                 logged = analysis_frame(con, feature_store.online_dir(tenant), champ_v,
                                         policy.analysis_window_days + LABEL_HORIZON_DAYS,
-                                        origin=origin, horizon_days=LABEL_HORIZON_DAYS)
+                                        origin=origin, horizon_days=LABEL_HORIZON_DAYS,
+                                        early_after_days=MIN_OBSERVED_DAYS if episode is not None else None)
                 references = {v: reference_frame(con, v) for v in (champ_v, chall_v)}
         comparison["require_improvement"] = episode is not None
         if len(pairs) < policy.shadow_min_predictions:
             decision = "wait"
             reason = f"{len(pairs)} of {policy.shadow_min_predictions} shadow predictions so far"
         else:
-            comparison |= compare_shadow(pairs, logged, references,
-                                         {v: registry.load_booster(tenant, v) for v in (champ_v, chall_v)})
-            decision, reason = promotion_decision(comparison, policy, require_improvement=episode is not None)
-            decision, reason = shadow_deadline(decision, reason, logged, pairs, origin, policy)
+            evidence, decision, reason = decide_promotion(
+                pairs, logged, references, {v: registry.load_booster(tenant, v) for v in (champ_v, chall_v)}, policy,
+                require_improvement=episode is not None, origin=origin)
+            comparison |= evidence
     comparison |= {"decision": decision, "reason": reason, "shadow_pairs": len(pairs)}
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     with warehouse.transaction(tenant) as con:
@@ -376,7 +374,7 @@ def delivery_kpis(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse,
     runs = context.instance.get_runs(dg.RunsFilter(tags={"dagster/partition": tenant}), limit=1000)
     kpis = compute_kpis(audit_log, [r.status.value for r in runs], read_health_checks(settings.root))
     with warehouse.connect(tenant) as con:
-        restore = episode_kpis(episodes(con, CHURN))
+        restore = episode_kpis(episodes(con))  # every use case of the tenant
     return dg.MaterializeResult(metadata={
         **{k: (dg.MetadataValue.float(float(v)) if isinstance(v, float) else dg.MetadataValue.int(int(v)))
            for k, v in kpis.items() if v is not None},

@@ -10,9 +10,11 @@ import mlflow
 from mlops.core import modeling
 from mlops.core.candidates import record_candidate
 from mlops.core.hashing import content_hash
-from mlops.core.names import registered_model_name
+from mlops.core.loop import active_episode
+from mlops.core.names import CHURN, registered_model_name
 from mlops.core.pyfunc_model import log_churn_model, model_requirements
-from resources.feature_store import FEATURE_COLUMNS, FEATURE_VIEW_VERSION
+from mlops.core.retraining import retrain_for_episode
+from resources.feature_store import FEATURE_COLUMNS, FEATURE_VIEW_VERSION, LABEL_HORIZON_DAYS
 from resources.registry import runtime_tags
 from resources.tenants import TENANT_PARTITIONS
 
@@ -34,12 +36,24 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 
     with warehouse.connect(tenant) as con:
         training = con.execute("SELECT * FROM churn_training_set ORDER BY prediction_time, account_id").df()
+        episode = active_episode(con, CHURN)
+        early = None
+        if episode is not None and _table_exists(con, "churn_provisional_set"):
+            early = con.execute("SELECT * FROM churn_provisional_set ORDER BY prediction_time, account_id").df()
     if training.empty:
         raise dg.Failure(f"tenant {tenant!r}: churn_training_set is empty; nothing to train on")
     dataset_version = content_hash(training)
-    split = modeling.time_split(training)
-    booster = modeling.train_booster(split.train)
-    holdout_scores = modeling.score(booster, split.holdout)
+    retrain = None
+    if episode is None:
+        split = modeling.time_split(training)
+        booster = modeling.train_booster(split.train)
+        holdout_scores = modeling.score(booster, split.holdout)
+    else:
+        # A decay episode: learn the changed concept from early labels and the change point.
+        retrain = fit_churn_for_episode(training, early, episode.onset_estimate, who=f"tenant {tenant!r}")
+        split, booster, holdout_scores = retrain.split, retrain.booster, retrain.holdout_scores
+        context.log.info(f"{tenant}: episode {episode.episode} retrain chose {retrain.candidate.name!r}: "
+                         f"{retrain.comparison}")
     y_holdout = split.holdout["churned"].to_numpy()
     metrics = modeling.evaluate(y_holdout, holdout_scores)
     importance = modeling.top_features(booster)
@@ -55,7 +69,9 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     }
     run_id = mlflow.active_run().info.run_id
     mlf.log_params({**modeling.LGBM_PARAMS, "num_boost_round": modeling.NUM_BOOST_ROUND,
-                    "holdout_cutoff": str(split.cutoff.date()), "features": ",".join(FEATURE_COLUMNS)})
+                    "holdout_cutoff": str(split.cutoff.date()), "features": ",".join(FEATURE_COLUMNS),
+                    **({"episode_training": retrain.candidate.name, "early_label_rows": retrain.early_rows,
+                        "change_point": str(retrain.change_point)} if retrain is not None else {})})
     mlf.log_metrics({**metrics, "train_rows": len(split.train), "holdout_rows": len(split.holdout)})
     mlf.set_tags(lineage)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,10 +115,25 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
             "expected_calibration_error": dg.MetadataValue.float(metrics["ece"]),
             "model_bytes": dg.MetadataValue.int(model_bytes),
             "top_features": dg.MetadataValue.md(importance.to_markdown(index=False, floatfmt=".3f")),
+            "episode_training": dg.MetadataValue.json(retrain.summary() if retrain is not None else {}),
             "roc_curve": png_metadata(roc_png),
             "calibration_curve": png_metadata(calibration_png),
         }
     )
+
+
+def fit_churn_for_episode(training, early, change_point, who: str):
+    """Churn's retrain in a decay episode (``mlops.core.retraining``) with churn's trainer and metric."""
+    from sklearn.metrics import roc_auc_score
+
+    return retrain_for_episode(
+        training, early, change_point, horizon_days=LABEL_HORIZON_DAYS,
+        fit=lambda rows, weight: modeling.train_booster(rows, weight=weight), score=modeling.score,
+        metric=roc_auc_score, who=who)
+
+
+def _table_exists(con, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0])
 
 
 def png_metadata(png: bytes) -> dg.MetadataValue:

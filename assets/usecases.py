@@ -36,16 +36,27 @@ from mlops.core.candidates import (
 )
 from mlops.core.deployment import promote_usecase_challenger, retire_usecase_challenger
 from mlops.core.hashing import content_hash
+from mlops.core.loop import (
+    LoopRules,
+    active_episode,
+    after_monitoring,
+    audit_loop,
+    data_clock,
+    decay_floor,
+    decide_promotion,
+    inherit_floor,
+    loop_metadata,
+    on_promotion,
+)
 from mlops.core.model_inputs import ModelInputs
 from mlops.core.monitoring import (
     MonitoringReport,
     MonitorSpec,
-    decay_alerts,
     load_or_fit,
+    monitoring_step,
     read_monitoring_alerts,
     read_monitoring_results,
     reference_frame,
-    run_incremental,
     store_report,
     usecase_analysis_frame,
 )
@@ -60,8 +71,6 @@ from mlops.core.prediction_log import (
 from mlops.core.pyfunc_model import model_requirements
 from mlops.core.serving import publish_usecase, serving_dir
 from mlops.core.shadow import (
-    compare_shadow,
-    promotion_decision,
     promotion_metric,
     shadow_ddl,
     shadow_pairs,
@@ -355,18 +364,23 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
             stored = read_monitoring_results(con, version, use_case=name)
             raised = set(read_monitoring_alerts(con, version, use_case=name)[["metric", "chunk_key"]]
                          .itertuples(index=False, name=None))
+            floor = decay_floor(con, name, version, monitor.own_bound)
         if analysis.empty:
             return dg.MaterializeResult(metadata={"model_version": version, "analysis_rows": dg.MetadataValue.int(0),
                                                   "decay_alert": False})
-        fresh, everything = run_incremental(monitor, analysis, stored, monitoring_policy)
-        decay = [a for a in decay_alerts(everything, monitor.consecutive, monitor.spec.decay_metrics)
-                 if (a["metric"], a["chunk"]) not in raised]
+        # Judged against the floor the version inherited (the last healthy champion's), not only its own.
+        fresh, everything, decay = monitoring_step(monitor, analysis, stored, raised, floor[0], monitoring_policy)
+        challenger = registry.alias_version(tenant, CHALLENGER, use_case=name)
         with warehouse.transaction(tenant) as con:
             store_report(con, MonitoringReport(fresh, monitor.reference_roc_auc, decay), version, context.run_id,
                          use_case=name)
-        for alert in decay:
-            warehouse.audit(tenant, actor="monitoring", action="decay_alert",
-                            subject=f"{uc.registered_model_name(tenant)}/{version}", outcome="alert", details=alert)
+            loop = after_monitoring(
+                con, name, everything, decay, now=data_clock(origin), champion_version=version, floor=floor,
+                challenger_in_shadow=challenger is not None and str(challenger.version) != version,
+                labels_through=data_clock(origin) - pd.Timedelta(days=uc.label.horizon_days),
+                rules=LoopRules.of(monitoring_policy), realized_metric=monitor.realized_metric,
+                higher_is_better=monitor.higher_is_better)
+        audit_loop(warehouse, tenant, f"{uc.registered_model_name(tenant)}/{version}", decay, loop, context.log)
         report = MonitoringReport(everything, monitor.reference_roc_auc, decay)
         return dg.MaterializeResult(metadata={
             "model_version": version, "monitor_fitted_now": fitted,
@@ -377,6 +391,9 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
                for metric in monitor.spec.decay_metrics},
             "decay_alert": bool(decay),
             "decay_alerts": dg.MetadataValue.json(decay),
+            "decay_floor": dg.MetadataValue.float(floor[0]),
+            "decay_floor_source": floor[1],
+            **loop_metadata(loop),
         })
 
     metric = promotion_metric(uc)
@@ -408,22 +425,27 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
         else:
             with warehouse.connect(tenant) as con:
                 con.execute(prediction_log_ddl(prediction_log_table(name)))
+                origin = usecase_store.clock(con, uc)
+                # In a decay episode the challenger must restore performance: "not worse" is not enough.
+                episode = active_episode(con, name)
                 pairs = shadow_pairs(con, champ_v, chall_v, use_case=name)
                 if len(pairs) >= policy.shadow_min_predictions:
                     # The champion's logged rows: the shadow pairs' features and the labelled ones.
                     logged = usecase_analysis_frame(
                         con, uc, online_dir(settings, catalog, uc, tenant), champ_v,
-                        policy.analysis_window_days + uc.label.horizon_days, usecase_store.clock(con, uc))
+                        policy.analysis_window_days + uc.label.horizon_days, origin)
                     references = {v: reference_frame(con, v, use_case=name) for v in (champ_v, chall_v)}
+            comparison["require_improvement"] = episode is not None
             if len(pairs) < policy.shadow_min_predictions:
                 decision = "wait"
                 reason = f"{len(pairs)} of {policy.shadow_min_predictions} shadow predictions so far"
             else:
                 boosters = {v: registry.load_booster(tenant, v, use_case=name) for v in (champ_v, chall_v)}
-                comparison |= compare_shadow(pairs, logged, references, boosters, spec=MonitorSpec.of(uc),
-                                             metric=metric,
-                                             score=lambda booster, rows: usecase_model.predict(uc, booster, rows))
-                decision, reason = promotion_decision(comparison, policy, metric)
+                evidence, decision, reason = decide_promotion(
+                    pairs, logged, references, boosters, policy, require_improvement=episode is not None,
+                    origin=origin, spec=MonitorSpec.of(uc), metric=metric,
+                    score=lambda booster, rows: usecase_model.predict(uc, booster, rows))
+                comparison |= evidence
         comparison |= {"decision": decision, "reason": reason, "shadow_pairs": len(pairs)}
         now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
         with warehouse.transaction(tenant) as con:
@@ -458,7 +480,7 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
                           "republishes the serving manifest; the running service swaps models without a restart.",
               **common)
     def champion_promotion(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, registry: ModelRegistry,
-                           settings: PlatformSettings, catalog: TenantCatalog):
+                           settings: PlatformSettings, catalog: TenantCatalog, monitoring_policy: MonitoringPolicy):
         tenant = context.partition_key
         with warehouse.connect(tenant) as con:
             con.execute(shadow_ddl(name))
@@ -468,12 +490,25 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
         if latest is None or latest[2] != "promote" or challenger is None or str(challenger.version) != latest[1]:
             return dg.MaterializeResult(metadata={"promoted": False, "use_case": name,
                                                   "reason": "no challenger passed the promotion gate"})
+        old_v, new_v = str(latest[0]), str(latest[1])
+        spec = MonitorSpec.of(uc)
+        with warehouse.connect(tenant) as con:
+            monitors = {v: load_or_fit(settings.root, tenant, v, monitoring_policy,
+                                       lambda v=v: reference_frame(con, v, use_case=name), spec)[0]
+                        for v in (old_v, new_v)}
+            old_floor = decay_floor(con, name, old_v, monitors[old_v].own_bound)[0]
         entry = promote_usecase_challenger(
             uc, tenant, registry, warehouse, reason=f"promotion gate passed: {latest[3]}",
             publish=lambda: publish_usecase_from_registry(uc, tenant, registry, settings, catalog))
+        with warehouse.transaction(tenant) as con:
+            floor, source = inherit_floor(con, name, new_v, old_v, monitors[new_v].realized_metric,
+                                          monitors[new_v].own_bound, old_floor)
+            episode = on_promotion(con, name, now=data_clock(usecase_store.clock(con, uc)), new_version=new_v)
         return dg.MaterializeResult(metadata={
             "promoted": True, "use_case": name, "from_version": latest[0], "to_version": latest[1],
             "reason": latest[3], "serving_champion": entry[CHAMPION]["version"],
+            "decay_floor": dg.MetadataValue.float(floor), "decay_floor_source": source,
+            "loop_episode": "" if episode is None else str(episode.episode),
         })
 
     assets = [raw_tables, features, training_set, online_snapshot, model, model_aliases, serving_manifest]

@@ -224,6 +224,31 @@ LEFT JOIN raw_churn_events c USING (account_id)
 WHERE c.churned_at IS NULL OR c.churned_at >= p.prediction_time
 """.replace("(MIN_HISTORY)", str(MIN_HISTORY_DAYS)).replace("(HORIZON)", str(LABEL_HORIZON_DAYS))
 
+# Early labels (censoring-aware): at the week boundaries whose label window has not closed yet but
+# that have been observed for at least (MIN_OBSERVED) days, a churn that already happened is a known
+# positive; every other account is a provisional negative ("not churned so far"). A retrain in a
+# decay episode learns the new concept from them weeks before the full window closes.
+PROVISIONAL_LABELS_SQL = """
+WITH bounds AS (
+    SELECT CAST(min(event_date) AS DATE) AS first_day, CAST(max(event_date) AS DATE) + 1 AS origin FROM raw_usage_events
+),
+prediction_dates AS (
+    SELECT CAST(origin - CAST(7 * k AS INTEGER) AS TIMESTAMP) AS prediction_time,
+           CAST(origin AS TIMESTAMP) AS observed_until
+    FROM bounds, range(1, 10) t(k)
+    WHERE origin - CAST(7 * k AS INTEGER) >= first_day + (MIN_HISTORY)
+      AND origin - CAST(7 * k AS INTEGER) + (HORIZON) > origin
+      AND origin - CAST(7 * k AS INTEGER) + (MIN_OBSERVED) <= origin
+)
+SELECT a.account_id, p.prediction_time,
+       CAST(c.churned_at IS NOT NULL AND c.churned_at < p.observed_until AS INTEGER) AS churned
+FROM prediction_dates p
+JOIN raw_accounts a ON a.signup_date < p.prediction_time
+LEFT JOIN raw_churn_events c USING (account_id)
+WHERE c.churned_at IS NULL OR c.churned_at >= p.prediction_time
+""".replace("(MIN_HISTORY)", str(MIN_HISTORY_DAYS)).replace("(HORIZON)", str(LABEL_HORIZON_DAYS))
+MIN_OBSERVED_DAYS = 7
+
 # The point-in-time join: a label at prediction_time sees only rows available at or before it.
 TRAINING_SET_SQL = """
 SELECT l.account_id, l.prediction_time, l.churned, f.* EXCLUDE (account_id)
@@ -279,6 +304,17 @@ def build_training_set(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     )
     con.execute("CREATE OR REPLACE TABLE churn_labels AS " + LABELS_SQL)
     return con.execute("SELECT * FROM churn_training_set").df()
+
+
+def build_provisional_set(con: duckdb.DuckDBPyConnection, min_observed_days: int = MIN_OBSERVED_DAYS) -> pd.DataFrame:
+    """Early (censoring-aware) labels joined point-in-time to the offline features, with the days
+    each was observed (``observed_days``); stored as ``churn_provisional_set``."""
+    labels = PROVISIONAL_LABELS_SQL.replace("(MIN_OBSERVED)", str(int(min_observed_days)))
+    con.execute("CREATE OR REPLACE TABLE churn_provisional_set AS WITH churn_labels AS (" + labels + ") "
+                + TRAINING_SET_SQL)
+    frame = con.execute("SELECT * FROM churn_provisional_set").df()
+    origin = feature_origin(con)[0]
+    return frame.assign(observed_days=(pd.Timestamp(origin) - frame["prediction_time"]).dt.days)
 
 
 class FeatureStore(dg.ConfigurableResource):

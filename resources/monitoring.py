@@ -38,9 +38,11 @@ class MonitoringPolicy(dg.ConfigurableResource):
     multivariate_drift_margin: float = 0.1
     categorical_drift_methods: list[str] = Field(default_factory=lambda: ["chi2"])
     # The closed loop (mlops.core.loop): within one decay episode, at most this many retrains, then an
-    # alert for a person; another retrain only once this many days of new labels have matured; the
-    # episode is restored after this many consecutive realized chunks at or above its floor.
+    # alert for a person; the first this many days after the alert, another only once this many days
+    # of new labels have come in; the episode is restored after this many consecutive realized chunks
+    # at or above its floor.
     loop_max_retrains: int = 2
+    loop_first_retrain_after_days: int = 7
     loop_retrain_min_new_label_days: int = 7
     loop_restore_chunks: int = 3
     # An absolute floor on the decay metric (ROC AUC; higher is better), above each version's own.

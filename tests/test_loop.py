@@ -14,7 +14,7 @@ import pytest
 from mlops.core import loop
 from mlops.core.monitoring import CHURN_SPEC, TenantMonitor, onset_estimate
 
-RULES = loop.LoopRules(max_retrains=2, retrain_min_new_label_days=7, restore_chunks=3)
+RULES = loop.LoopRules(max_retrains=2, first_retrain_after_days=0, retrain_min_new_label_days=7, restore_chunks=3)
 ALERT = {"metric": "realized_roc_auc", "chunk": "2026-09-20", "value": 0.70, "threshold": 0.76}
 DAY0 = pd.Timestamp("2026-10-01")
 
@@ -25,21 +25,25 @@ def con(tmp_path):
         yield connection
 
 
-def decide(con, day: int, *, shadow: bool = False, value: float = 0.70):
+def decide(con, day: int, *, shadow: bool = False, value: float = 0.70, rules: loop.LoopRules = RULES):
     now = DAY0 + pd.Timedelta(days=day)
     return loop.on_decay_alert(con, "churn", {**ALERT, "value": value}, now=now, champion_version="1",
                                floor=(0.76, "v1 reference"), challenger_in_shadow=shadow,
-                               labels_through=now - pd.Timedelta(days=30), rules=RULES)
+                               labels_through=now - pd.Timedelta(days=30), rules=rules)
 
 
 def test_an_episode_retrains_at_most_twice_on_new_labels_then_calls_a_person_once(con):
     first = decide(con, 0)
     assert (first.action, first.episode.episode, first.episode.retrains) == ("retrain", 1, 1)
-    assert decide(con, 1, shadow=True).action == "hold"  # the shadow decides first
+    held = decide(con, 1, shadow=True)  # the shadow decides first
+    assert held.action == "hold" and "a challenger is in shadow; 1 day(s)" in held.reason
     held = decide(con, 3)  # the challenger was retired; only 3 days of new labels since the retrain
     assert held.action == "hold" and "3 day(s) of new labels" in held.reason
     second = decide(con, 7)
     assert (second.action, second.episode.retrains) == ("retrain", 2)
+    assert "supersedes" not in second.reason
+    last = decide(con, 15, shadow=True)  # the last allowed challenger is in shadow: no escalation yet
+    assert last.action == "hold" and "last allowed challenger" in last.reason
     escalated = decide(con, 20)
     assert escalated.action == "escalate" and "2 retrain(s)" in escalated.reason
     assert escalated.episode.status == loop.ESCALATED
@@ -53,6 +57,17 @@ def test_an_episode_retrains_at_most_twice_on_new_labels_then_calls_a_person_onc
     assert loop.close_episode(con, "churn", now=DAY0 + pd.Timedelta(days=31), note="accepted").status == loop.CLOSED
     fresh = decide(con, 40)
     assert (fresh.action, fresh.episode.episode, fresh.episode.retrains) == ("retrain", 2, 1)
+
+
+def test_the_first_retrain_waits_for_labels_after_the_change_and_a_newer_one_supersedes_the_shadow(con):
+    rules = loop.LoopRules(max_retrains=2, first_retrain_after_days=7, retrain_min_new_label_days=7)
+    opened = decide(con, 0, rules=rules)
+    assert opened.action == "hold" and "0 of 7 day(s) before the first retrain" in opened.reason
+    assert decide(con, 6, rules=rules).action == "hold"
+    assert decide(con, 7, rules=rules).action == "retrain"
+    # A week later the first challenger is still waiting for evidence: a new one replaces it.
+    again = decide(con, 14, shadow=True, rules=rules)
+    assert again.action == "retrain" and "supersedes the challenger in shadow" in again.reason
 
 
 def test_the_floor_does_not_fall_with_a_worse_model(con):
@@ -127,13 +142,16 @@ def test_a_challenger_without_evidence_is_retired_after_its_shadow_deadline():
     assert loop.shadow_deadline("promote", "ok", logged, pairs, "2026-12-25", policy) == ("promote", "ok")
 
 
-def test_an_inherited_floor_judges_the_decay_metrics_only():
-    results = pd.concat([_results([0.74, 0.78]), _results([0.74, 0.78]).assign(metric="univariate_drift")])
+def test_an_inherited_floor_judges_the_realized_metric_only():
+    results = pd.concat([_results([0.74, 0.78]), _results([0.74, 0.78]).assign(metric="univariate_drift"),
+                         _results([0.74, 0.78]).assign(metric="estimated_roc_auc", alert=False)])
     results["lower_threshold"] = 0.70
-    monitor = SimpleNamespace(own_bound=0.70, higher_is_better=True, spec=CHURN_SPEC)
+    monitor = SimpleNamespace(own_bound=0.70, higher_is_better=True, spec=CHURN_SPEC,
+                              realized_metric="realized_roc_auc")
     judged = TenantMonitor.apply_bound(monitor, results, 0.76)
     decay = judged[judged["metric"] == "realized_roc_auc"]
     assert decay["alert"].tolist() == [True, False] and set(decay["lower_threshold"]) == {0.76}
-    other = judged[judged["metric"] == "univariate_drift"]
-    assert other["lower_threshold"].tolist() == [0.70, 0.70]
+    for metric in ("univariate_drift", "estimated_roc_auc"):  # the estimate keeps the version's own bound
+        other = judged[judged["metric"] == metric]
+        assert other["lower_threshold"].tolist() == [0.70, 0.70] and not other["alert"].any()
     assert TenantMonitor.apply_bound(monitor, results, 0.70) is results

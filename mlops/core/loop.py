@@ -9,11 +9,15 @@ serving champion's realized performance is back at or above the episode's floor 
   reference performance minus the allowed drop, or the policy's SLO where that is higher). A version
   promoted during the episode inherits it (``inherit_floor``): a bad promotion cannot lower the bar,
   and a permanently degraded feature keeps alerting;
-- **a retrain is launched** for an alert when no challenger is in shadow and either none ran yet in
-  the episode or at least ``retrain_min_new_label_days`` days of new labels have matured since the
-  last one: a retrain that could not beat the champion is tried again on more evidence, not at once;
-- **after ``max_retrains`` retrains** that did not restore the floor, the next alert *escalates*
-  once: the episode stops retraining and an alert for a person carries the evidence.
+- **the first retrain** waits ``first_retrain_after_days`` after the alert: the labels that saw the
+  change (early ones included: a churn that already happened is known) are what it learns from;
+- **another retrain** follows once ``retrain_min_new_label_days`` more days of labels have come in,
+  if the episode is still alerting; its challenger supersedes one still waiting in shadow for
+  evidence (a retrain that cannot beat the champion yet is tried again on more evidence, never
+  promoted);
+- **after ``max_retrains`` retrains** that did not restore the floor (and once the last challenger
+  left the shadow), the next alert *escalates* once: the episode stops retraining and an alert for a
+  person carries the evidence.
 
 Times are the platform's data clock (the day after the newest event, ``feature_origin``): in
 production that is today; in a replay it is the simulated day, so the same rules give the same days.
@@ -58,6 +62,7 @@ class LoopRules:
     """The loop's numbers (``MonitoringPolicy`` carries them; ``LoopRules.of(policy)``)."""
 
     max_retrains: int = 2
+    first_retrain_after_days: int = 7
     retrain_min_new_label_days: int = 7
     restore_chunks: int = 3
     performance_slo: float | None = None  # an absolute floor on the decay metric (higher is better)
@@ -188,11 +193,16 @@ def on_decay_alert(con, use_case: str, alert: Mapping, *, now, champion_version:
                           opened_version=str(champion_version), onset_estimate=_stamp(onset_estimate),
                           alert_chunk=str(alert.get("chunk")), evidence=json.dumps({"first_alert": dict(alert)},
                                                                                    default=str))
+    since_open = (now - episode.opened_at).days
+    since_retrain = None if episode.last_retrain_at is None else (now - episode.last_retrain_at).days
     if episode.status == ESCALATED:
         decision = Decision("none", f"episode {episode.episode} was escalated to a person on "
                                     f"{episode.escalated_at.date()}; no more retrains until it is closed", episode)
-    elif challenger_in_shadow:
-        decision = Decision("hold", "a challenger is in shadow: the promotion gate decides first", episode)
+    elif episode.retrains == 0 and since_open < rules.first_retrain_after_days:
+        decision = Decision("hold", f"collecting labels after the change: {since_open} of "
+                                    f"{rules.first_retrain_after_days} day(s) before the first retrain", episode)
+    elif episode.retrains >= rules.max_retrains and challenger_in_shadow:
+        decision = Decision("hold", "the last allowed challenger is in shadow: the promotion gate decides", episode)
     elif episode.retrains >= rules.max_retrains:
         episode.status, episode.escalated_at = ESCALATED, now
         evidence = json.loads(episode.evidence)
@@ -202,16 +212,18 @@ def on_decay_alert(con, use_case: str, alert: Mapping, *, now, champion_version:
         decision = Decision("escalate", f"{episode.retrains} retrain(s) in episode {episode.episode} did not bring "
                                         f"{alert['metric']} back above the floor {episode.floor:.4f} (now "
                                         f"{float(alert['value']):.4f}): a person must look", episode)
-    elif (episode.last_retrain_labels_through is not None
-          and labels_through - episode.last_retrain_labels_through < pd.Timedelta(days=rules.retrain_min_new_label_days)):
-        new_days = (labels_through - episode.last_retrain_labels_through).days
-        decision = Decision("hold", f"{new_days} day(s) of new labels since the last retrain; "
+    elif since_retrain is not None and since_retrain < rules.retrain_min_new_label_days:
+        waiting = "a challenger is in shadow; " if challenger_in_shadow else ""
+        decision = Decision("hold", f"{waiting}{since_retrain} day(s) of new labels since the last retrain; "
                                     f"{rules.retrain_min_new_label_days} are needed for another", episode)
     else:
+        # A challenger still in shadow without the evidence to be promoted is superseded by one
+        # trained on the labels that matured since.
         episode.retrains += 1
         episode.last_retrain_at, episode.last_retrain_labels_through = now, labels_through
+        supersedes = "; supersedes the challenger in shadow" if challenger_in_shadow else ""
         decision = Decision("retrain", f"retrain {episode.retrains} of at most {rules.max_retrains} in episode "
-                                       f"{episode.episode} (floor {episode.floor:.4f})", episode)
+                                       f"{episode.episode} (floor {episode.floor:.4f}){supersedes}", episode)
     episode.save(con)
     return decision
 
@@ -362,3 +374,31 @@ def shadow_deadline(decision: str, reason: str, logged: pd.DataFrame, pairs: pd.
         return decision, reason
     return "retire", f"no evidence of an improvement after {days} days in shadow (limit {limit}): {reason}"
 
+
+
+def shadowed_period(logged: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
+    """The champion's logged rows from the challenger's first shadowed prediction on: the evidence
+    that neither model was trained on (older rows may be in the challenger's training data)."""
+    from mlops.core.monitoring import TIMESTAMP
+
+    if logged.empty:
+        return logged
+    shadowed = logged.loc[logged["prediction_id"].isin(pairs["prediction_id"]), TIMESTAMP]
+    return logged if shadowed.empty else logged[logged[TIMESTAMP] >= shadowed.min()].reset_index(drop=True)
+
+
+def decide_promotion(pairs: pd.DataFrame, logged: pd.DataFrame, references: dict, boosters: dict, policy, *,
+                     require_improvement: bool, origin, **compare) -> tuple[dict, str, str]:
+    """The promotion gate on enough shadow pairs: compare both models on the shadowed period
+    (``shadowed_period``), decide with the evidence the episode requires (``promotion_decision``), and
+    retire a challenger past its shadow deadline. ``compare``: ``compare_shadow``'s keywords (spec,
+    metric, score). Returns (comparison, decision, reason)."""
+    from mlops.core.shadow import ROC_AUC, compare_shadow, promotion_decision
+
+    logged = shadowed_period(logged, pairs)
+    comparison = compare_shadow(pairs, logged, references, boosters,
+                                confidence=getattr(policy, "promotion_confidence", 0.95), **compare)
+    decision, reason = promotion_decision(comparison, policy, compare.get("metric", ROC_AUC),
+                                          require_improvement=require_improvement)
+    decision, reason = shadow_deadline(decision, reason, logged, pairs, origin, policy)
+    return comparison, decision, reason

@@ -73,8 +73,10 @@ def time_split(training_set: pd.DataFrame, holdout_fraction: float = VALIDATION_
     return TimeSplit(train, holdout, cutoff)
 
 
-def train_booster(train: pd.DataFrame, params: dict | None = None, rounds: int = NUM_BOOST_ROUND) -> lgb.Booster:
-    dataset = lgb.Dataset(to_model_frame(train), label=train["churned"].to_numpy(), free_raw_data=False)
+def train_booster(train: pd.DataFrame, params: dict | None = None, rounds: int = NUM_BOOST_ROUND,
+                  weight: np.ndarray | None = None) -> lgb.Booster:
+    dataset = lgb.Dataset(to_model_frame(train), label=train["churned"].to_numpy(), weight=weight,
+                          free_raw_data=False)
     return lgb.train(params or LGBM_PARAMS, dataset, num_boost_round=rounds)
 
 

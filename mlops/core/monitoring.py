@@ -336,12 +336,13 @@ class TenantMonitor:
         return self.spec.problem_type != "regression"
 
     def apply_bound(self, results: pd.DataFrame, bound: float) -> pd.DataFrame:
-        """``results`` with the decay metrics judged against ``bound`` instead of the version's own
-        (a floor inherited from the champion it replaced: ``mlops.core.loop``)."""
+        """``results`` with the realized decay metric judged against ``bound`` instead of the version's
+        own (a floor inherited from the champion it replaced: ``mlops.core.loop``). The estimate keeps
+        the version's own bound: it is the version's view of itself, calibrated on its own reference."""
         if results.empty or bound == self.own_bound:
             return results
         results = results.copy()
-        rows = results["metric"].isin(list(self.spec.decay_metrics))
+        rows = results["metric"] == self.realized_metric
         side = "lower_threshold" if self.higher_is_better else "upper_threshold"
         results.loc[rows, side] = bound
         values = results.loc[rows, "value"]
@@ -544,6 +545,18 @@ def run_incremental(monitor: TenantMonitor, analysis: pd.DataFrame, stored: pd.D
     return fresh, pd.concat([kept, fresh], ignore_index=True)
 
 
+def monitoring_step(monitor: TenantMonitor, analysis: pd.DataFrame, stored: pd.DataFrame, raised: set,
+                    bound: float, policy: MonitoringPolicy) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """One monitoring run as the platform does it every day: the incremental results (``run_incremental``),
+    judged against ``bound`` (the version's floor, ``mlops.core.loop.decay_floor``), and the decay
+    alerts of chunks not alerted before (``raised``: (metric, chunk) pairs), once per alerting chunk.
+    Returns (new results, all results, new decay alerts)."""
+    fresh, everything = run_incremental(monitor, analysis, stored, policy)
+    fresh, everything = monitor.apply_bound(fresh, bound), monitor.apply_bound(everything, bound)
+    decay = [a for a in monitor.decay_alerts(everything) if (a["metric"], a["chunk"]) not in raised]
+    return fresh, everything, decay
+
+
 # --- the data monitoring reads ------------------------------------------------------------------
 # The logged predictions of one model version (``(LOG_TABLE)``) and the snapshots they were scored
 # from: the first two CTEs of every analysis query (churn's and the use cases').
@@ -562,6 +575,8 @@ ANALYSIS_SQL = _LOGGED + """
 SELECT p.prediction_id, p.score, s.*  EXCLUDE (snapshot_version), s.available_at AS timestamp,
        CASE WHEN s.available_at + INTERVAL (HORIZON) DAY <= CAST($origin AS TIMESTAMP)
             THEN CAST(c.churned_at IS NOT NULL AND c.churned_at < s.available_at + INTERVAL (HORIZON) DAY AS INTEGER)
+            WHEN s.available_at + INTERVAL (EARLY) DAY <= CAST($origin AS TIMESTAMP)
+            THEN CAST(c.churned_at IS NOT NULL AND c.churned_at < CAST($origin AS TIMESTAMP) AS INTEGER)
        END AS churned
 FROM predictions p
 JOIN snapshots s ON s.account_id = p.account_id AND s.snapshot_version = p.snapshot_version
@@ -587,14 +602,17 @@ def _analysis_sql(template: str, table: str, window_days: int) -> str:
 
 
 def analysis_frame(con, online_dir: Path, version: str, window_days: int, origin, horizon_days: int,
-                   role: str = CHAMPION) -> pd.DataFrame:
+                   role: str = CHAMPION, early_after_days: int | None = None) -> pd.DataFrame:
     """Logged predictions of one model version with the features they were scored from and, once
     mature (``horizon_days`` after the features, by ``origin``: the day after the newest event),
-    their label: the analysis data of monitoring."""
+    their label: the analysis data of monitoring. With ``early_after_days``, rows observed that long
+    but not yet mature get their early label (churned so far), for the shadow comparison's evidence."""
     files = _logged_snapshot_files(con, PREDICTION_LOG_TABLE, online_dir, version, role)
     if not files:
         return pd.DataFrame()
-    sql = _analysis_sql(ANALYSIS_SQL, PREDICTION_LOG_TABLE, window_days).replace("(HORIZON)", str(int(horizon_days)))
+    early = int(horizon_days) + 1 if early_after_days is None else int(early_after_days)
+    sql = (_analysis_sql(ANALYSIS_SQL, PREDICTION_LOG_TABLE, window_days).replace("(HORIZON)", str(int(horizon_days)))
+           .replace("(EARLY)", str(early)))
     return con.execute(sql, {"files": files, "role": role, "version": version, "origin": origin}).df()
 
 

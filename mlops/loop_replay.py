@@ -1,0 +1,293 @@
+"""The closed loop for churn on a simulated clock, through the platform's own functions.
+
+Each simulated day runs what the daily cycle and the decay sensor run in production, in the same
+order: monitoring of the champion's logged predictions (``monitoring_step``: incremental NannyML,
+the floor, the decay rule), the loop's decision (``after_monitoring``: episodes, retrain or hold or
+escalate, restoration), the shadow comparison and promotion (``decide_promotion``, ``inherit_floor``,
+``on_promotion``), a retrain when the loop decided one (``fit_churn_for_episode`` on the training
+set the feature store builds as of that day), then the day's traffic: every active account scored
+by the champion and, in shadow, the challenger, from features as of that day. Only Dagster, MLflow,
+the service and the wall clock are left out, so a replay takes a minute instead of the demo's
+several, and ``benchmarks/loop.py`` can run many seeds. The full daily cycle (``make demo``) must
+agree with it on the same seed.
+
+What the replay adds is the ground truth the platform never has: every prediction's eventual label
+(the whole simulated horizon), to measure realized performance day by day and the time to restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import duckdb
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from assets.training import fit_churn_for_episode
+from mlops.core import loop, modeling
+from mlops.core.monitoring import TIMESTAMP, TenantMonitor, monitoring_step
+from mlops.core.names import CHALLENGER, CHAMPION, CHURN
+from mlops.replay import load_world
+from resources.feature_store import (
+    LABEL_HORIZON_DAYS,
+    MIN_OBSERVED_DAYS,
+    build_feature_table,
+    build_provisional_set,
+    build_training_set,
+    compute_features,
+)
+from resources.gates import GatePolicy
+from resources.monitoring import MonitoringPolicy
+from resources.tenants import TenantSpec
+from usecases.churn.simulator import SIMULATION_START
+
+START = pd.Timestamp(SIMULATION_START)
+
+
+@dataclasses.dataclass
+class Model:
+    version: str
+    booster: object
+    reference: pd.DataFrame  # holdout: features, score, label, timestamp
+    monitor: TenantMonitor
+    trained_on: int  # the simulated day
+
+
+@dataclasses.dataclass
+class Event:
+    day: int
+    kind: str
+    detail: str
+
+
+class LoopReplay:
+    """One tenant's closed loop, day by day, from ``start_day`` (the first champion) to ``end_day``."""
+
+    def __init__(self, spec: TenantSpec, start_day: int, end_day: int, policy: MonitoringPolicy | None = None,
+                 gates: GatePolicy | None = None):
+        self.spec, self.start_day, self.end_day = spec, start_day, end_day
+        self.policy, self.gates = policy or MonitoringPolicy(), gates or GatePolicy()
+        self.rules = loop.LoopRules.of(self.policy)
+        horizon_end = min(spec.days, end_day + LABEL_HORIZON_DAYS)
+        self.world = load_world(dataclasses.replace(spec, today=horizon_end))
+        self.churned_at = self.world.execute(
+            "SELECT account_id, min(churned_at) AS churned_at FROM raw_churn_events GROUP BY 1").df().set_index(
+            "account_id")["churned_at"]
+        self.con = duckdb.connect()  # the loop's own tables (episodes, floors), as in the warehouse
+        self.events: list[Event] = []
+        self.log: list[pd.DataFrame] = []
+        self.versions = 0
+        self.stored: dict[str, pd.DataFrame] = {}
+        self.raised: dict[str, set] = {}
+        self.served: dict[int, str] = {}
+        self.champion = self.train(start_day, episode=None)
+        self.challenger: Model | None = None
+        self.emit(start_day, "built", f"champion v{self.champion.version}")
+
+    def emit(self, day: int, kind: str, detail: str) -> None:
+        self.events.append(Event(day, kind, detail))
+
+    # --- training, as the retraining job does it -------------------------------------------------
+    def train(self, day: int, episode: loop.Episode | None) -> Model | None:
+        built = load_world(dataclasses.replace(self.spec, today=day))
+        build_feature_table(built)
+        training = build_training_set(built)
+        if episode is None:
+            split = modeling.time_split(training)
+            booster = modeling.train_booster(split.train)
+            scores = modeling.score(booster, split.holdout)
+        else:
+            early = build_provisional_set(built)
+            retrained = fit_churn_for_episode(training, early, episode.onset_estimate, who=self.spec.name)
+            split, booster, scores = retrained.split, retrained.booster, retrained.holdout_scores
+            self.emit(day, "training", f"{retrained.candidate.name}; {retrained.comparison}")
+        built.close()
+        reference = split.holdout.assign(score=scores).rename(columns={"prediction_time": TIMESTAMP})
+        if episode is not None and not self._gates_pass(day, reference):
+            return None
+        self.versions += 1
+        return Model(str(self.versions), booster, reference, TenantMonitor(self.policy, reference), day)
+
+    def _gates_pass(self, day: int, reference: pd.DataFrame) -> bool:
+        """The holdout gates the retrain's challenger must pass (ROC AUC floor and champion comparison,
+        calibration), with the platform's thresholds."""
+        y, score = reference["churned"].to_numpy(), reference["score"].to_numpy()
+        auc, ece = roc_auc_score(y, score), modeling.expected_calibration_error(y, score)
+        champion_auc = roc_auc_score(y, modeling.score(self.champion.booster, reference))
+        problems = [f"ROC AUC {auc:.3f} < {self.gates.min_roc_auc}"] if auc < self.gates.min_roc_auc else []
+        if auc < champion_auc - self.gates.champion_auc_tolerance:
+            problems.append(f"ROC AUC {auc:.3f} worse than the champion's {champion_auc:.3f}")
+        if ece > self.gates.max_expected_calibration_error:
+            problems.append(f"ECE {ece:.3f} > {self.gates.max_expected_calibration_error}")
+        if problems:
+            self.emit(day, "gates failed", "; ".join(problems))
+        return not problems
+
+    # --- the log and what monitoring reads --------------------------------------------------------
+    def logged(self, role: str, version: str) -> pd.DataFrame:
+        rows = [f for f in self.log if f["role"].iat[0] == role and f["model_version"].iat[0] == version]
+        return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+    def analysis(self, version: str, day: int, window_days: int, early_after_days: int | None = None) -> pd.DataFrame:
+        """``analysis_frame``'s rows: the version's logged champion predictions of the window, labelled
+        once mature (early labels too with ``early_after_days``), as of ``day``."""
+        rows = self.logged(CHAMPION, version)
+        if rows.empty:
+            return rows
+        now = START + pd.Timedelta(days=day)
+        rows = rows[(rows[TIMESTAMP] < now) & (rows[TIMESTAMP] >= now - pd.Timedelta(days=window_days))].copy()
+        churned_at = rows["account_id"].map(self.churned_at)
+        churned_at = churned_at.where(churned_at >= rows[TIMESTAMP])
+        horizon = pd.Timedelta(days=LABEL_HORIZON_DAYS)
+        mature = rows[TIMESTAMP] + horizon <= now
+        label = pd.Series(np.nan, index=rows.index)
+        label[mature] = (churned_at[mature].notna() & (churned_at[mature] < rows[TIMESTAMP][mature] + horizon)).astype(float)
+        if early_after_days is not None:
+            early = ~mature & (rows[TIMESTAMP] + pd.Timedelta(days=early_after_days) <= now)
+            label[early] = (churned_at[early].notna() & (churned_at[early] < now)).astype(float)
+        rows["churned"] = label
+        return rows.drop(columns=["role", "model_version"]).reset_index(drop=True)
+
+    # --- one day --------------------------------------------------------------------------------
+    def day(self, d: int) -> None:
+        now = START + pd.Timedelta(days=d)
+        champion = self.champion
+        v = champion.version
+        analysis = self.analysis(v, d, self.policy.analysis_window_days)
+        action = "none"
+        if not analysis.empty:
+            floor = loop.decay_floor(self.con, CHURN, v, champion.monitor.own_bound)
+            _, everything, decay = monitoring_step(champion.monitor, analysis, self.stored.get(v, pd.DataFrame()),
+                                                   self.raised.setdefault(v, set()), floor[0], self.policy)
+            self.stored[v] = everything
+            self.raised[v] |= {(a["metric"], a["chunk"]) for a in decay}
+            outcome = loop.after_monitoring(
+                self.con, CHURN, everything, decay, now=now, champion_version=v, floor=floor,
+                challenger_in_shadow=self.challenger is not None,
+                labels_through=now - pd.Timedelta(days=LABEL_HORIZON_DAYS), rules=self.rules,
+                realized_metric=champion.monitor.realized_metric)
+            for alert in decay:
+                self.emit(d, "decay alert", f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
+                                            f"(chunk {alert['chunk']}, v{v})")
+            if outcome["restored"] is not None:
+                self.emit(d, "restored", f"episode {outcome['restored']}")
+            action = outcome["action"]
+            if action in ("retrain", "escalate"):
+                self.emit(d, f"loop: {action}", outcome["reason"])
+        self.shadow(d, now)
+        if action == "retrain":
+            episode = loop.active_episode(self.con, CHURN)
+            model = self.train(d, episode)
+            if model is not None:
+                self.challenger = model
+                self.emit(d, "challenger", f"v{model.version} in shadow")
+        self.traffic(d, now)
+
+    def shadow(self, d: int, now: pd.Timestamp) -> None:
+        if self.challenger is None:
+            return
+        champ, chall = self.champion, self.challenger
+        a, b = self.logged(CHAMPION, champ.version), self.logged(CHALLENGER, chall.version)
+        if a.empty or b.empty:
+            return
+        pairs = a[["prediction_id", "account_id", "score", "snapshot_version"]].merge(
+            b[["prediction_id", "score"]], on="prediction_id", suffixes=("_champion", "_challenger")).rename(
+            columns={"score_champion": "champion_score", "score_challenger": "challenger_score"}).assign(
+            champion_latency_ms=1.0, challenger_latency_ms=1.0)
+        if len(pairs) < self.policy.shadow_min_predictions:
+            return
+        episode = loop.active_episode(self.con, CHURN)
+        logged = self.analysis(champ.version, d, self.policy.analysis_window_days + LABEL_HORIZON_DAYS,
+                               early_after_days=MIN_OBSERVED_DAYS if episode is not None else None)
+        _, decision, reason = loop.decide_promotion(
+            pairs, logged, {champ.version: champ.reference, chall.version: chall.reference},
+            {champ.version: champ.booster, chall.version: chall.booster}, self.policy,
+            require_improvement=episode is not None, origin=now)
+        if decision == "promote":
+            old_floor = loop.decay_floor(self.con, CHURN, champ.version, champ.monitor.own_bound)[0]
+            loop.inherit_floor(self.con, CHURN, chall.version, champ.version, chall.monitor.realized_metric,
+                               chall.monitor.own_bound, old_floor)
+            loop.on_promotion(self.con, CHURN, now=now, new_version=chall.version)
+            self.champion, self.challenger = chall, None
+            self.emit(d, "promoted", f"v{champ.version} -> v{chall.version}: {reason}")
+        elif decision == "retire":
+            self.challenger = None
+            self.emit(d, "retired", f"v{chall.version}: {reason}")
+
+    def traffic(self, d: int, now: pd.Timestamp) -> None:
+        features = compute_features(self.world, (SIMULATION_START + dt.timedelta(days=d)), -1, -1)
+        features = features[features["active_days_7d"] > 0].sort_values("account_id", ignore_index=True)
+        features = features.assign(**{TIMESTAMP: now, "snapshot_version": d,
+                                      "prediction_id": [f"{d}-{a}" for a in features["account_id"]]})
+        self.served[d] = self.champion.version
+        for role, model in ((CHAMPION, self.champion), (CHALLENGER, self.challenger)):
+            if model is not None:
+                self.log.append(features.assign(score=modeling.score(model.booster, features), role=role,
+                                                model_version=model.version))
+
+    def run(self) -> LoopReplay:
+        for d in range(self.start_day, self.end_day):
+            self.day(d)
+        return self
+
+    # --- the ground truth ------------------------------------------------------------------------
+    def realized_by_day(self, window: int = 7) -> pd.DataFrame:
+        """Realized ROC AUC of what was served, from every prediction's eventual label, pooled over
+        ``window`` days from each day (days whose labels the horizon has not closed are left out)."""
+        served = pd.concat([f for f in self.log if f["role"].iat[0] == CHAMPION], ignore_index=True)
+        churned_at = served["account_id"].map(self.churned_at)
+        horizon = pd.Timedelta(days=LABEL_HORIZON_DAYS)
+        served["y"] = (churned_at.notna() & (churned_at >= served[TIMESTAMP])
+                       & (churned_at < served[TIMESTAMP] + horizon)).astype(int)
+        last = START + pd.Timedelta(days=min(self.spec.days, self.end_day + LABEL_HORIZON_DAYS) - LABEL_HORIZON_DAYS)
+        served = served[served[TIMESTAMP] < last]
+        served["day"] = (served[TIMESTAMP] - START).dt.days
+        out = []
+        for d in sorted(served["day"].unique()):
+            rows = served[(served["day"] >= d) & (served["day"] < d + window)]
+            if rows["day"].nunique() == window and rows["y"].nunique() == 2:
+                out.append({"day": int(d), "roc_auc": float(roc_auc_score(rows["y"], rows["score"])),
+                            "version": self.served[int(d)]})
+        return pd.DataFrame(out)
+
+    def summary(self, oracle: float | None = None, tolerance: float = 0.03) -> dict:
+        """Detection day, retrains, promotions (and of worse models), realized performance before and
+        after, and days from the drift to realized performance within ``tolerance`` of ``oracle``."""
+        drift = self.spec.drift_day if self.spec.scenario != "none" else None
+        kinds = [e.kind for e in self.events]
+        realized = self.realized_by_day()
+        alert = next((e.day for e in self.events if e.kind == "decay alert"), None)
+        out = {"seed": self.spec.seed, "scenario": self.spec.scenario, "drift_day": drift, "alert_day": alert,
+               "retrains": kinds.count("challenger") + kinds.count("gates failed"),
+               "promotions": kinds.count("promoted"), "escalations": kinds.count("loop: escalate"),
+               "promotion_days": [e.day for e in self.events if e.kind == "promoted"]}
+        if drift is not None and len(realized):
+            after_drift = realized[realized["day"] >= drift]
+            out["before"] = float(realized.loc[realized["day"] < drift, "roc_auc"].tail(7).mean())
+            out["after_drift"] = float(after_drift["roc_auc"].head(7).mean()) if len(after_drift) else None
+            out["final"] = float(realized["roc_auc"].tail(7).mean())
+            if oracle is not None:
+                ok = after_drift[after_drift["roc_auc"] >= oracle - tolerance]
+                out["restored_day"] = int(ok["day"].iloc[0]) if len(ok) else None
+                out["days_to_restore"] = None if out["restored_day"] is None else out["restored_day"] - drift
+        out["worse_promotions"] = self._worse_promotions(realized)
+        return out
+
+    def _worse_promotions(self, realized: pd.DataFrame) -> int:
+        """Promotions after which the served realized ROC AUC was lower than what the replaced model
+        scored on the same days (both models scored the shadowed days; ground-truth labels)."""
+        worse = 0
+        for e in self.events:
+            if e.kind != "promoted":
+                continue
+            old, new = e.detail.split(":")[0].replace("v", "").split(" -> ")
+            a, b = self.logged(CHAMPION, old), self.logged(CHALLENGER, new)
+            pairs = a.merge(b[["prediction_id", "score"]], on="prediction_id", suffixes=("", "_new"))
+            churned_at = pairs["account_id"].map(self.churned_at)
+            y = (churned_at.notna() & (churned_at >= pairs[TIMESTAMP])
+                 & (churned_at < pairs[TIMESTAMP] + pd.Timedelta(days=LABEL_HORIZON_DAYS))).astype(int)
+            if y.nunique() == 2 and roc_auc_score(y, pairs["score_new"]) < roc_auc_score(y, pairs["score"]):
+                worse += 1
+        return worse
