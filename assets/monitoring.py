@@ -85,7 +85,9 @@ def prediction_log(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse
 
 # --- model monitoring (NannyML) -----------------------------------------------------------------
 @dg.asset(
-    deps=[prediction_log, "churn_model"],
+    # After the day's promotion: the loop decides on the champion that serves from today on (a
+    # retrain decided before a promotion of the same day would supersede the promoted model).
+    deps=[prediction_log, "churn_model", "champion_promotion"],
     partitions_def=TENANT_PARTITIONS,
     group_name="monitoring",
     kinds={"nannyml", "duckdb"},
@@ -233,8 +235,10 @@ def operational_metrics(
     partitions_def=TENANT_PARTITIONS,
     group_name="monitoring",
     kinds={"nannyml", "duckdb"},
+    # Not blocking: a retired challenger must not stop the day's monitoring downstream;
+    # champion_promotion promotes only a challenger whose recorded decision is "promote".
     check_specs=[dg.AssetCheckSpec(
-        "promotion_gate", asset="shadow_comparison", blocking=True,
+        "promotion_gate", asset="shadow_comparison", blocking=False,
         description="The challenger has enough shadow predictions, meets the latency budget and is not "
                     "worse than the champion (CBPE estimate on shadow traffic, realized ROC AUC on the "
                     "freshest labelled traffic).")],

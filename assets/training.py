@@ -25,7 +25,7 @@ from resources.tenants import TENANT_PARTITIONS
     group_name="training",
     kinds={"lightgbm", "mlflow"},
     # dagster-mlflow's resource is function-style, so this asset names its resources by key.
-    required_resource_keys={"mlflow", "warehouse", "registry"},
+    required_resource_keys={"mlflow", "warehouse", "registry", "gates"},
 )
 def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     """LightGBM churn model trained on a time split, logged to MLflow and registered as
@@ -45,12 +45,13 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     dataset_version = content_hash(training)
     retrain = None
     if episode is None:
-        split = modeling.time_split(training)
+        split = modeling.time_split(training, embargo_days=LABEL_HORIZON_DAYS)
         booster = modeling.train_booster(split.train)
         holdout_scores = modeling.score(booster, split.holdout)
     else:
         # A decay episode: learn the changed concept from early labels and the change point.
-        retrain = fit_churn_for_episode(training, early, episode.onset_estimate, who=f"tenant {tenant!r}")
+        retrain = fit_churn_for_episode(training, early, episode.onset_estimate, who=f"tenant {tenant!r}",
+                                        max_ece=context.resources.gates.max_expected_calibration_error)
         split, booster, holdout_scores = retrain.split, retrain.booster, retrain.holdout_scores
         context.log.info(f"{tenant}: episode {episode.episode} retrain chose {retrain.candidate.name!r}: "
                          f"{retrain.comparison}")
@@ -122,14 +123,19 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     )
 
 
-def fit_churn_for_episode(training, early, change_point, who: str):
-    """Churn's retrain in a decay episode (``mlops.core.retraining``) with churn's trainer and metric."""
+def fit_churn_for_episode(training, early, change_point, who: str, max_ece: float | None = None):
+    """Churn's retrain in a decay episode (``mlops.core.retraining``) with churn's trainer and metric;
+    a candidate over the calibration gate's ``max_ece`` is chosen only if every one is."""
     from sklearn.metrics import roc_auc_score
+
+    def acceptable(y, scores) -> str | None:
+        ece = modeling.expected_calibration_error(y, scores)
+        return None if max_ece is None or ece <= max_ece else f"ECE {ece:.3f} > {max_ece}"
 
     return retrain_for_episode(
         training, early, change_point, horizon_days=LABEL_HORIZON_DAYS,
         fit=lambda rows, weight: modeling.train_booster(rows, weight=weight), score=modeling.score,
-        metric=roc_auc_score, who=who)
+        metric=roc_auc_score, who=who, acceptable=acceptable)
 
 
 def _table_exists(con, name: str) -> bool:

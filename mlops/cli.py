@@ -156,21 +156,24 @@ def usecase_check(folder: str) -> None:
 @click.option("--headless", is_flag=True, help="No web UI; exit with the timeline (non-zero if the loop did not close).")
 @click.option("--small", is_flag=True, help="Two small tenants (tests, CI).")
 @click.option("--reset", is_flag=True, help="Delete MLOPS_HOME first (the demo starts from an empty home).")
-@click.option("--max-days", type=click.IntRange(1, 400), default=60, show_default=True,
+@click.option("--max-days", type=click.IntRange(1, 400), default=100, show_default=True,
               help="Give up after this many simulated days.")
+@click.option("--until", "until", type=click.Choice(["restored", "promoted"]), default="restored", show_default=True,
+              help="Stop once realized performance is back above the floor, or the day after the first promotion.")
 @click.option("--service-port", type=click.IntRange(1, 65535), default=3001, show_default=True)
 @click.option("--ui-port", type=click.IntRange(1, 65535), default=3000, show_default=True)
 @click.pass_obj
-def demo(home: str | None, headless: bool, small: bool, reset: bool, max_days: int, service_port: int,
+def demo(home: str | None, headless: bool, small: bool, reset: bool, max_days: int, until: str, service_port: int,
          ui_port: int) -> None:
     """The closed loop: build, start Dagster and the service, replay days with concept drift for one
-    tenant until the platform has retrained and promoted on its own."""
+    tenant until the platform has retrained, promoted and restored performance on its own."""
     from mlops.demo import ClosedLoopDemo, prepare_home
 
     _quiet_libraries()
     prepare_home(home, reset=reset)
     raise SystemExit(ClosedLoopDemo(home, headless=headless, small=small, max_days=max_days,
-                                    service_port=service_port, ui_port=ui_port).run())
+                                    service_port=service_port, ui_port=ui_port,
+                                    until_restored=until == "restored").run())
 
 
 @main.command("add-tenant")

@@ -36,14 +36,14 @@ from resources.tenants import TenantSpec
 
 DEMO_START_DAY = 150  # the clock when the platform is first built: 150 days of history
 DRIFT_AFTER = 32  # concept drift starts this many simulated days after the build
-REPLAY_DAYS = 60  # give up if the loop has not closed after this many days
+REPLAY_DAYS = 100  # give up if the loop has not restored performance after this many days
 FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 SERVICE_WORKERS = 2
 
 
 def demo_tenants(small: bool = False) -> list[TenantSpec]:
     """The default tenants, with concept drift injected for ``acme`` (or a small pair for tests)."""
-    horizon = DEMO_START_DAY + REPLAY_DAYS + 5
+    horizon = DEMO_START_DAY + REPLAY_DAYS + 35  # labels of the last day mature within the world
     drift = DEMO_START_DAY + DRIFT_AFTER
     if small:
         return [
@@ -137,7 +137,7 @@ def _worker_day(tenant: str, day: int) -> dict:
     # A challenger failing the blocking promotion gate fails that step by design: it is retired.
     if not result.success and failed != ["shadow_comparison"]:
         raise RuntimeError(f"daily_cycle of {tenant} failed on day {day} in steps {failed} (run {result.run_id})")
-    events, promoted, alerted = [], False, False
+    events, promoted, alerted, restored = [], False, False, False
     for event in result.all_events:
         if not event.is_step_materialization:
             continue
@@ -146,15 +146,27 @@ def _worker_day(tenant: str, day: int) -> dict:
         key = mat.asset_key.to_user_string()
         if key == "model_monitoring" and meta.get("decay_alert"):
             alerted = True
-            for alert in meta.get("decay_alerts", []):
+            action, episode = meta.get("loop_action"), meta.get("loop_episode")
+            # The timeline shows an episode's first alert (the others come daily) and what the loop did.
+            for alert in meta.get("decay_alerts", [])[:1]:
                 events.append(("decay alert", f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
-                                              f"(chunk {alert['chunk']}, v{meta['model_version']})"))
-        elif key == "shadow_comparison" and meta.get("decision") not in ("no_challenger", None):
+                                              f"(chunk {alert['chunk']}, v{meta['model_version']}); episode {episode}",
+                               f"alert:{episode}"))
+            if action in ("retrain", "escalate"):
+                events.append((f"loop: {action}", meta.get("loop_reason", "")))
+            elif action == "hold" and "first retrain" in meta.get("loop_reason", ""):
+                events.append(("loop: hold", meta.get("loop_reason", "").split(":")[0], f"hold:{episode}"))
+        if key == "model_monitoring" and meta.get("loop_restored_episode"):
+            events.append(("restored", f"episode {meta['loop_restored_episode']}: realized "
+                                       f"{meta.get('realized_roc_auc', float('nan')):.3f} >= floor "
+                                       f"{meta.get('decay_floor', float('nan')):.3f} (v{meta['model_version']})"))
+            restored = True
+        elif key == "shadow_comparison" and meta.get("decision") in ("promote", "retire"):
             events.append((f"shadow: {meta['decision']}", str(meta.get("reason"))))
         elif key == "champion_promotion" and meta.get("promoted"):
             events.append(("promoted", f"champion v{meta['from_version']} -> v{meta['to_version']}"))
             promoted = True
-    outcome = {"events": events, "promoted": promoted}
+    outcome = {"events": events, "promoted": promoted, "restored": restored}
     if alerted:  # the storage id the decay sensor's cursor must pass before the day goes on
         from dagster import AssetKey, AssetRecordsFilter
 
@@ -175,19 +187,24 @@ def _in_flight(instance, tenant: str) -> bool:
 
 class ClosedLoopDemo:
     def __init__(self, home: str | None, *, headless: bool, small: bool, service_port: int = 3001,
-                 ui_port: int = 3000, max_days: int = REPLAY_DAYS, stop_after_promotion_days: int = 1):
+                 ui_port: int = 3000, max_days: int = REPLAY_DAYS, stop_after_promotion_days: int = 1,
+                 until_restored: bool = True):
         self.root = configure_environment(home)
         self.headless, self.small = headless, small
         self.service_url = f"http://127.0.0.1:{service_port}"
         self.service_port, self.ui_port = service_port, ui_port
         self.max_days = max_days
         self.stop_after_promotion_days = stop_after_promotion_days
+        # Run until the episode is restored (realized performance back above the floor), or stop
+        # ``stop_after_promotion_days`` after the first promotion.
+        self.until_restored = until_restored
         self.events: list[Event] = []
         self.processes: list[subprocess.Popen] = []
         self.t0 = time.monotonic()
         self.day = DEMO_START_DAY
         self.keys: dict[str, str] = {}
         self.seen_runs: set[str] = set()
+        self.shown: set[tuple[str, str]] = set()
 
     # --- timeline -------------------------------------------------------------------------------
     def emit(self, tenant: str, kind: str, detail: str) -> None:
@@ -235,13 +252,18 @@ class ClosedLoopDemo:
         futures = {t: self.pool.submit(fn, t, *args) for t in self.tenants}
         for tenant, future in futures.items():
             outcome = future.result()
-            for kind, detail in outcome["events"]:
+            for kind, detail, *once in outcome["events"]:
+                if once and (tenant, once[0]) in self.shown:
+                    continue  # shown once per episode (an alert comes every day the decay lasts)
+                self.shown.update((tenant, key) for key in once)
                 self.emit(tenant, kind, detail)
                 if kind == "decay alert":
                     self.first_alert.setdefault(tenant, time.monotonic())
             if outcome.get("promoted"):
                 self.promoted_on = self.promoted_on or self.day
                 self.promoted_tenants.append(tenant)
+            if outcome.get("restored"):
+                self.restored_on = self.restored_on or self.day
             if "alert_storage_id" in outcome:
                 self.pending_alerts[tenant] = outcome["alert_storage_id"]
 
@@ -363,15 +385,19 @@ class ClosedLoopDemo:
 
     # --- one simulated day ----------------------------------------------------------------------
     def active_accounts(self, tenant: str) -> list[str]:
-        """Accounts active in the last week of the snapshot the service is serving."""
+        """The tenant's live customers (signed up, not churned by today) in the snapshot the service
+        serves: the accounts its product would score today (``mlops.loop_replay.live_accounts``)."""
         import pandas as pd
 
         from mlops.core.serving import read_manifest, serving_dir
+        from mlops.loop_replay import live_accounts
+        from usecases.churn.simulator import simulate_tenant
 
         entry = read_manifest(serving_dir(self.root))["tenants"][tenant]
-        snapshot = pd.read_parquet(serving_dir(self.root) / entry["snapshot"]["file"],
-                                   columns=["account_id", "active_days_7d"])
-        return snapshot.loc[snapshot["active_days_7d"] > 0, "account_id"].tolist()
+        snapshot = pd.read_parquet(serving_dir(self.root) / entry["snapshot"]["file"], columns=["account_id"])
+        spec = next(s for s in demo_tenants(self.small) if s.name == tenant)
+        churn = simulate_tenant(dataclasses.replace(spec, today=self.day))["raw_churn_events"]
+        return live_accounts(snapshot, churn, self.day)
 
     def traffic(self, tenant: str) -> int:
         """Score every active account of the tenant, in batches of 1,000."""
@@ -432,6 +458,7 @@ class ClosedLoopDemo:
         from usecases.churn.simulator import SIMULATION_START
 
         self.promoted_on: int | None = None
+        self.restored_on: int | None = None
         self.retrained: dict[str, int] = {}
         self.first_alert: dict[str, float] = {}
         self.promoted_tenants: list[str] = []
@@ -456,13 +483,15 @@ class ClosedLoopDemo:
                 if self.day % 7 == 0:
                     self.emit("-", "traffic", ", ".join(f"{t}: {n} accounts scored" for t, n in scored.items()))
                 self.wait_for_log(scored)
-                if self.promoted_on is not None and self.day >= self.promoted_on + self.stop_after_promotion_days - 1:
+                if self.restored_on is not None or (self.promoted_on is not None and not self.until_restored
+                                                    and self.day >= self.promoted_on + self.stop_after_promotion_days - 1):
                     break
             for tenant in self.tenants:
                 self.emit(tenant, "serving", f"model v{self.serving_version(tenant, self.active_accounts(tenant)[0])}")
-            closed = self.promoted_on is not None
-            self.emit("-", "loop closed" if closed else "loop NOT closed",
-                      f"{sum(self.retrained.values())} retrain(s); wall {time.monotonic() - self.t0:.0f}s")
+            closed = self.restored_on is not None or (self.promoted_on is not None and not self.until_restored)
+            outcome = ("performance restored" if self.restored_on is not None else "promoted") if closed else "NOT closed"
+            self.emit("-", f"loop {'closed' if closed else 'NOT closed'}",
+                      f"{outcome}; {sum(self.retrained.values())} retrain(s); wall {time.monotonic() - self.t0:.0f}s")
             (self.root / "demo_timeline.json").write_text(json.dumps(self.timeline_json(), indent=2))
             if not self.headless and closed:
                 print(f"\nThe Dagster UI stays up at http://127.0.0.1:{self.ui_port} and the service at "
@@ -471,7 +500,7 @@ class ClosedLoopDemo:
                     time.sleep(3600)
             return 0 if closed else 1
         except KeyboardInterrupt:
-            return 0 if self.promoted_on is not None else 130
+            return 0 if self.restored_on is not None or self.promoted_on is not None else 130
         finally:
             self.stop_processes()
             if getattr(self, "pool", None) is not None:

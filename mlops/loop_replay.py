@@ -1,10 +1,10 @@
 """The closed loop for churn on a simulated clock, through the platform's own functions.
 
 Each simulated day runs what the daily cycle and the decay sensor run in production, in the same
-order: monitoring of the champion's logged predictions (``monitoring_step``: incremental NannyML,
-the floor, the decay rule), the loop's decision (``after_monitoring``: episodes, retrain or hold or
-escalate, restoration), the shadow comparison and promotion (``decide_promotion``, ``inherit_floor``,
-``on_promotion``), a retrain when the loop decided one (``fit_churn_for_episode`` on the training
+order: the shadow comparison and promotion (``decide_promotion``, ``inherit_floor``,
+``on_promotion``), monitoring of the champion's logged predictions (``monitoring_step``: incremental
+NannyML, the floor, the decay rule), the loop's decision (``after_monitoring``: episodes, retrain or
+hold or escalate, restoration), a retrain when the loop decided one (``fit_churn_for_episode`` on the training
 set the feature store builds as of that day), then the day's traffic: every active account scored
 by the champion and, in shadow, the challenger, from features as of that day. Only Dagster, MLflow,
 the service and the wall clock are left out, so a replay takes a minute instead of the demo's
@@ -44,6 +44,15 @@ from resources.tenants import TenantSpec
 from usecases.churn.simulator import SIMULATION_START
 
 START = pd.Timestamp(SIMULATION_START)
+
+
+def live_accounts(snapshot: pd.DataFrame, churn: pd.DataFrame, day: int) -> list[str]:
+    """The accounts of a feature snapshot that are still customers on ``day`` (none of their churn
+    events is before it), sorted: the population the product scores, and the one training labels
+    describe (accounts live at the prediction time)."""
+    now = START + pd.Timedelta(days=day)
+    gone = set(churn.loc[pd.to_datetime(churn["churned_at"]) < now, "account_id"])
+    return sorted(a for a in snapshot["account_id"] if a not in gone)
 
 
 @dataclasses.dataclass
@@ -95,12 +104,13 @@ class LoopReplay:
         build_feature_table(built)
         training = build_training_set(built)
         if episode is None:
-            split = modeling.time_split(training)
+            split = modeling.time_split(training, embargo_days=LABEL_HORIZON_DAYS)
             booster = modeling.train_booster(split.train)
             scores = modeling.score(booster, split.holdout)
         else:
             early = build_provisional_set(built)
-            retrained = fit_churn_for_episode(training, early, episode.onset_estimate, who=self.spec.name)
+            retrained = fit_churn_for_episode(training, early, episode.onset_estimate, who=self.spec.name,
+                                              max_ece=self.gates.max_expected_calibration_error)
             split, booster, scores = retrained.split, retrained.booster, retrained.holdout_scores
             self.emit(day, "training", f"{retrained.candidate.name}; {retrained.comparison}")
         built.close()
@@ -153,6 +163,7 @@ class LoopReplay:
     # --- one day --------------------------------------------------------------------------------
     def day(self, d: int) -> None:
         now = START + pd.Timedelta(days=d)
+        self.shadow(d, now)  # the shadow comparison and promotion come first in the daily cycle
         champion = self.champion
         v = champion.version
         analysis = self.analysis(v, d, self.policy.analysis_window_days)
@@ -176,7 +187,6 @@ class LoopReplay:
             action = outcome["action"]
             if action in ("retrain", "escalate"):
                 self.emit(d, f"loop: {action}", outcome["reason"])
-        self.shadow(d, now)
         if action == "retrain":
             episode = loop.active_episode(self.con, CHURN)
             model = self.train(d, episode)
@@ -218,7 +228,9 @@ class LoopReplay:
 
     def traffic(self, d: int, now: pd.Timestamp) -> None:
         features = compute_features(self.world, (SIMULATION_START + dt.timedelta(days=d)), -1, -1)
-        features = features[features["active_days_7d"] > 0].sort_values("account_id", ignore_index=True)
+        churn = self.churned_at.rename("churned_at").reset_index()
+        live = set(live_accounts(features, churn, d))
+        features = features[features["account_id"].isin(live)].sort_values("account_id", ignore_index=True)
         features = features.assign(**{TIMESTAMP: now, "snapshot_version": d,
                                       "prediction_id": [f"{d}-{a}" for a in features["account_id"]]})
         self.served[d] = self.champion.version

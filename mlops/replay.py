@@ -66,7 +66,7 @@ def replay_tenant(spec: TenantSpec, start_day: int, end_day: int) -> ReplayedTen
     built = load_world(dataclasses.replace(spec, today=start_day))
     build_feature_table(built)
     training = build_training_set(built)
-    split = modeling.time_split(training)
+    split = modeling.time_split(training, embargo_days=LABEL_HORIZON_DAYS)
     booster = modeling.train_booster(split.train)
     reference = split.holdout.assign(score=modeling.score(booster, split.holdout)).rename(
         columns={"prediction_time": TIMESTAMP})

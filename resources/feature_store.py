@@ -312,7 +312,7 @@ def build_provisional_set(con: duckdb.DuckDBPyConnection, min_observed_days: int
     labels = PROVISIONAL_LABELS_SQL.replace("(MIN_OBSERVED)", str(int(min_observed_days)))
     con.execute("CREATE OR REPLACE TABLE churn_provisional_set AS WITH churn_labels AS (" + labels + ") "
                 + TRAINING_SET_SQL)
-    frame = con.execute("SELECT * FROM churn_provisional_set").df()
+    frame = con.execute("SELECT * FROM churn_provisional_set ORDER BY prediction_time, account_id").df()
     origin = feature_origin(con)[0]
     return frame.assign(observed_days=(pd.Timestamp(origin) - frame["prediction_time"]).dt.days)
 

@@ -19,7 +19,7 @@ from mlops.core.environment import write_atomic
 TENANT_PARTITIONS = dg.DynamicPartitionsDefinition(name="tenant")
 
 REGIONS = ("eu", "us", "apac")
-SCENARIOS = ("none", "covariate_shift", "concept_drift", "data_quality")
+SCENARIOS = ("none", "covariate_shift", "concept_drift", "hard_concept_drift", "data_quality")
 _TENANT_NAME = re.compile(r"^[a-z][a-z0-9_-]{1,39}$")
 
 

@@ -121,6 +121,33 @@ def test_before_drift_day_the_new_tactic_changes_nothing(sim, world):
     assert fraud_countries(drifted, after=False).get("PH", 0) < 0.05
 
 
+def test_the_hard_tactic_changes_nothing_before_drift_day_and_then_looks_legitimate(sim, world):
+    """hard_concept_drift: from drift_day most fraud is paid as the account itself pays (its own
+    instruments, at home, by day, its usual amounts), so no feature tells it from legitimate payments."""
+    drift_day = 100
+    spec = replace(SPEC, scenario="hard_concept_drift", drift_day=drift_day)
+    drifted, none = sim(spec), world["frames"]
+    cut = pd.Timestamp("2026-04-01") + drift_day * DAY
+    pd.testing.assert_frame_equal(drifted["raw_fraud_accounts"], none["raw_fraud_accounts"])
+    for name, column in (("raw_payments", "paid_at"), ("raw_chargebacks", "reported_at")):
+        a, b = drifted[name], none[name]
+        pd.testing.assert_frame_equal(a[a[column] < cut].reset_index(drop=True), b[b[column] < cut].reset_index(drop=True))
+
+    truth = sim.__globals__["fraud_truth"](spec)
+    payments = drifted["raw_payments"].merge(truth[["payment_id", "is_fraud", "tactic"]], on="payment_id")
+    payments = payments[payments["paid_at"] >= cut].merge(drifted["raw_fraud_accounts"], on="account_id")
+    mimic, legit = payments[payments["tactic"] == "mimic"], payments[~payments["is_fraud"]]
+    fraud = payments[payments["is_fraud"]]
+    assert len(mimic) >= 40 and len(mimic) > 0.6 * len(fraud)
+    for frame in (mimic, legit):  # at home, on an old instrument, by day, for the account's usual amount
+        assert (frame["country"] == frame["home_country"]).mean() > 0.88
+        assert (frame["card_age_days"] >= 30).mean() > 0.85
+        assert frame["paid_at"].dt.hour.between(8, 21).mean() > 0.85
+    usual = legit.groupby("account_id")["amount"].median()
+    ratio = [(f["amount"] / f["account_id"].map(usual)).median() for f in (mimic, legit)]
+    assert 0.8 < ratio[0] / ratio[1] < 1.25, ratio
+
+
 # --- point in time -----------------------------------------------------------------------------------
 def expected_features(payments: pd.DataFrame, accounts: pd.DataFrame, account: str, at: pd.Timestamp) -> dict:
     """The account's features at ``at``, computed in pandas from its payments strictly before ``at``."""

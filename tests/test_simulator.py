@@ -35,7 +35,7 @@ def test_churned_accounts_stop_using_the_product():
     assert (joined["event_date"] < joined["churned_at"]).all()
 
 
-@pytest.mark.parametrize("scenario", ["covariate_shift", "concept_drift", "data_quality"])
+@pytest.mark.parametrize("scenario", ["covariate_shift", "concept_drift", "hard_concept_drift", "data_quality"])
 def test_drift_scenarios_change_the_data_only_from_the_drift_day(scenario):
     base = simulate_tenant(SMALL)
     drifted = simulate_tenant(TenantSpec(**{**SMALL.__dict__, "scenario": scenario, "drift_day": 80}))
@@ -54,8 +54,56 @@ def test_drift_scenarios_change_the_data_only_from_the_drift_day(scenario):
         assert current_seats(drifted) > 1.3 * current_seats(base)
         history = drifted["raw_account_attributes"]
         assert (history["valid_from"] == day80).sum() > 0.3 * SMALL.n_accounts  # the doubling, dated
-    else:
+    elif scenario == "hard_concept_drift":
         assert len(drifted["raw_churn_events"]) > 1.3 * len(base["raw_churn_events"])
+    else:  # the competitor's target leaves, the retention offer keeps starter accounts
+        def churned_after(t, segment, plan):
+            return len(_churn_after(t, day80, segment, plan))
+        assert churned_after(drifted, "mid_market", "pro") > 3 * churned_after(base, "mid_market", "pro") + 10
+        assert churned_after(drifted, None, "starter") < 0.5 * churned_after(base, None, "starter")
+
+
+def _churn_after(tables, day, segment, plan):
+    """Churn events on or after ``day`` of the accounts of ``segment`` (None: any) on ``plan`` then."""
+    history = tables["raw_account_attributes"]
+    plans = history[history["valid_from"] <= day].sort_values("valid_from").groupby("account_id")["plan"].last()
+    accounts = tables["raw_accounts"].set_index("account_id")
+    churn = tables["raw_churn_events"]
+    churn = churn[churn["churned_at"] >= day]
+    ids = churn["account_id"]
+    mine = ids.map(plans) == plan
+    if segment is not None:
+        mine &= ids.map(accounts["segment"]) == segment
+    return churn[mine.to_numpy()]
+
+
+def test_learnable_concept_drift_shows_in_the_features_before_an_account_leaves():
+    """Under concept_drift the competitor's targets use the product less in the weeks before they
+    leave (a decline the usage features see), and the starter accounts the retention offer keeps
+    use it again after their low point."""
+    world = TenantSpec(name="simco", region="us", n_accounts=1000, seed=6, days=140)
+    tables = simulate_tenant(TenantSpec(**{**world.__dict__, "scenario": "concept_drift", "drift_day": 80}))
+    day80 = np.datetime64("2026-04-01") + np.timedelta64(80, "D")
+    leavers = _churn_after(tables, day80, "mid_market", "pro")
+    leavers = leavers[leavers["churned_at"] >= day80 + np.timedelta64(21, "D")]
+    assert len(leavers) >= 30
+    usage = tables["raw_usage_events"].merge(leavers, on="account_id")
+    before = (usage["churned_at"] - usage["event_date"]).dt.days
+    last_week = usage.loc[before <= 7, "active_users"].sum() / 7
+    weeks_3_to_5 = usage.loc[(before > 21) & (before <= 35), "active_users"].sum() / 14
+    assert last_week < 0.5 * weeks_3_to_5, (last_week, weeks_3_to_5)
+
+    # The kept: starter accounts that leave after the drift day without the offer, and stay with it.
+    would_leave = _churn_after(simulate_tenant(world), day80, None, "starter")
+    kept = would_leave[~would_leave["account_id"].isin(tables["raw_churn_events"]["account_id"])]
+    assert len(kept) > 0.6 * len(would_leave)
+    kept = kept[kept["churned_at"] <= day80 + np.timedelta64(20, "D")]  # time to recover by day 140
+    assert len(kept) >= 10
+    usage = tables["raw_usage_events"].merge(kept, on="account_id")
+    from_low_point = (usage["event_date"] - usage["churned_at"]).dt.days
+    low_point = usage.loc[from_low_point.abs() <= 3, "active_users"].sum() / 7
+    last_week = usage.loc[usage["event_date"] > usage["event_date"].max() - np.timedelta64(7, "D"), "active_users"]
+    assert last_week.sum() / 7 > 2 * low_point, (last_week.sum() / 7, low_point)
 
 
 def test_invalid_tenant_specs_are_refused_with_a_reason():

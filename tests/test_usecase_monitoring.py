@@ -6,6 +6,7 @@ monitoring is the binary case of the same monitor."""
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import duckdb
 import lightgbm as lgb
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from nannyml.thresholds import ConstantThreshold
 
+from mlops.core.environment import PROJECT_ROOT
 from mlops.core.model_inputs import CATEGORICAL_FEATURES, NUMERIC_FEATURES, ModelInputs
 from mlops.core.monitoring import (
     CHURN_SPEC,
@@ -32,7 +34,7 @@ from mlops.core.monitoring import (
 )
 from mlops.core.online import snapshot_file_name
 from mlops.core.prediction_log import PREDICTION_LOG_DDL, prediction_log_ddl, prediction_log_table
-from mlops.core.usecase import UseCase, load_usecase
+from mlops.core.usecase import UseCase, UseCaseError, load_usecase
 from resources.monitoring import MonitoringPolicy
 from resources.tenants import TenantSpec
 from tests.usecase_fixtures import USECASE_YAML, write_spend_usecase
@@ -267,6 +269,7 @@ def _churn_like(n: int, start: str, seed: int, decayed: bool = False) -> pd.Data
 
 def _binary_usecase(prefix: str, label: str) -> UseCase:
     raw = yaml.safe_load(USECASE_YAML)
+    raw.pop("monitoring", None)  # spend's own thresholds (weekly chunks); churn has none
     raw.update(name=f"{prefix}churn", problem_type="binary", model={"objective": "binary"},
                label={"sql": "labels.sql", "column": label, "horizon_days": 30},
                features={**raw["features"], "numeric": [prefix + c for c in NUMERIC_FEATURES],
@@ -331,6 +334,160 @@ def test_multiclass_monitoring_macro_roc_auc_and_f1_with_decay():
     assert latest["realized_f1"] == pytest.approx(f1_score(day["kind"], predicted, average="macro"))
     assert [a["metric"] for a in report.decay] == ["realized_roc_auc"]
     assert report.decay[0]["threshold"] == pytest.approx(report.reference_roc_auc - DECAY_DEFAULTS["max_auc_drop"])
+
+
+# --- binary with rare positives: decay on average precision -------------------------------------
+FRAUD_SPEC = MonitorSpec("binary", ("x1", "x2"), ("tier",), "is_fraud", name="fraudish", decay_on="average_precision")
+
+
+def _fraud_like(n: int, start: str, seed: int, days: int = 4, new_tactic: bool = False) -> pd.DataFrame:
+    """Payments with rare positives (about 3%) and a calibrated model: a few payments scored high,
+    the rest near zero, each fraudulent with its score's probability. A new tactic: most fraud moves
+    to payments the model scores as legitimate (among the legitimate payments' top 5%); the scores do
+    not change, ROC AUC barely moves and average precision collapses."""
+    rng = np.random.default_rng(seed)
+    high = rng.random(n) < 0.03
+    score = np.where(high, rng.beta(6.0, 1.5, n), rng.beta(0.3, 150.0, n))
+    fraud = rng.random(n) < score
+    if new_tactic:
+        moved = fraud & (rng.random(n) < 0.7)
+        fraud &= ~moved
+        top = ~high & (score >= np.quantile(score[~high], 0.95))
+        fraud |= top & (rng.random(n) < moved.sum() / top.sum())
+    return pd.DataFrame({"x1": score * 3 + rng.normal(0, 1, n), "x2": rng.normal(0, 1, n),
+                         "tier": rng.choice(["a", "b"], n), SCORE: score, "is_fraud": fraud.astype(float),
+                         TIMESTAMP: pd.Timestamp(start) + pd.to_timedelta(rng.integers(0, days, n), unit="D")})
+
+
+@pytest.fixture(scope="module")
+def fraud_case():
+    reference = _fraud_like(8000, "2026-01-01", 10)
+    analysis = pd.concat([_fraud_like(8000, "2026-02-01", 11),
+                          _fraud_like(8000, "2026-02-05", 12, new_tactic=True)], ignore_index=True)
+    monitor = TenantMonitor(MonitoringPolicy(), reference, FRAUD_SPEC)
+    return reference, analysis, monitor, monitor.run(analysis)
+
+
+def test_a_binary_spec_may_decay_on_average_precision():
+    assert CHURN_SPEC.decay_metric == "roc_auc" and CHURN_SPEC.metrics == ("roc_auc",)
+    assert FRAUD_SPEC.metrics == ("roc_auc", "average_precision")
+    assert FRAUD_SPEC.decay_metric == "average_precision"
+    assert FRAUD_SPEC.decay_metrics == {"estimated_average_precision": "lower_threshold",
+                                        "realized_average_precision": "lower_threshold"}
+    # Naming the default is the default spec (same monitor, same stored name).
+    named = MonitorSpec("binary", ("x1", "x2"), ("tier",), "is_fraud", name="fraudish", decay_on="roc_auc")
+    default = MonitorSpec("binary", ("x1", "x2"), ("tier",), "is_fraud", name="fraudish")
+    assert named == default and named.fingerprint(object()) == default.fingerprint(object())
+    # The decay metric and its threshold are part of the fitted monitor's name; a spec on ROC AUC
+    # does not depend on max_ap_drop (its monitors keep their names).
+    assert FRAUD_SPEC.fingerprint(object()) != default.fingerprint(object())
+    loose = SimpleNamespace(max_ap_drop=0.5)
+    assert FRAUD_SPEC.fingerprint(loose) != FRAUD_SPEC.fingerprint(object())
+    assert default.fingerprint(loose) == default.fingerprint(object())
+    assert CHURN_SPEC.fingerprint(loose) == CHURN_SPEC.fingerprint(MonitoringPolicy())
+    for problem, kwargs in (("regression", {}), ("multiclass", {"classes": ("a", "b", "c")})):
+        with pytest.raises(ValueError, match=f"decay_metric 'average_precision' does not fit problem_type '{problem}'"):
+            MonitorSpec(problem, ("x1",), (), "y", decay_on="average_precision", **kwargs)
+    with pytest.raises(ValueError, match="decay_metric 'pr_auc' is not a decay metric"):
+        MonitorSpec("binary", ("x1",), (), "y", decay_on="pr_auc")
+
+
+def test_average_precision_monitoring_equals_nannyml_called_directly(fraud_case):
+    """CBPE and realized ROC AUC and average precision as NannyML computes them, the constant floor
+    (reference AP times 1 - max_ap_drop) on average precision alone."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    reference, analysis, monitor, report = fraud_case
+    ref_ap = average_precision_score(reference["is_fraud"], reference[SCORE])
+    assert report.reference_performance == pytest.approx(
+        {"roc_auc": roc_auc_score(reference["is_fraud"], reference[SCORE]), "average_precision": ref_ap})
+    floor = ref_ap * (1 - DECAY_DEFAULTS["max_ap_drop"])
+    assert monitor.own_bound == pytest.approx(floor)
+    assert monitor.realized_metric == "realized_average_precision"
+    assert monitor.estimated_metric == "estimated_average_precision"
+
+    def own(frame):
+        return (frame.assign(predicted_label=(frame[SCORE] >= 0.5).astype("int64"), tier=frame["tier"].astype(object))
+                .sort_values(TIMESTAMP, kind="stable").reset_index(drop=True))
+    thresholds = {"roc_auc": ConstantThreshold(), "average_precision": ConstantThreshold(lower=floor)}
+    common = dict(y_pred_proba=SCORE, y_pred="predicted_label", y_true="is_fraud", problem_type="classification_binary",
+                  metrics=["roc_auc", "average_precision"], thresholds=thresholds, timestamp_column_name=TIMESTAMP,
+                  chunk_period=MonitoringPolicy().chunk_period)
+    data = own(analysis)
+    direct = {"estimated": nml.CBPE(**common).fit(own(reference)).estimate(data).filter(period="analysis").to_df(),
+              "realized": nml.PerformanceCalculator(**common).fit(own(reference)).calculate(data)
+              .filter(period="analysis").to_df()}
+    results = report.results
+    for kind, metric in ((k, m) for k in direct for m in ("roc_auc", "average_precision")):
+        mine = results[results["metric"] == f"{kind}_{metric}"].sort_values("chunk_start")
+        assert mine["chunk_key"].tolist() == direct[kind][("chunk", "key")].tolist()
+        np.testing.assert_allclose(mine["value"].to_numpy(), direct[kind][(metric, "value")].to_numpy(),
+                                   equal_nan=True)
+        assert mine["alert"].tolist() == direct[kind][(metric, "alert")].fillna(False).tolist()
+        if metric == "average_precision":
+            np.testing.assert_allclose(mine["lower_threshold"].to_numpy(), floor)
+        else:  # reported without a threshold: it never alerts
+            assert mine["lower_threshold"].isna().all() and not mine["alert"].any()
+
+
+def test_a_collapse_of_average_precision_raises_a_decay_alert_where_roc_auc_would_not(fraud_case):
+    reference, analysis, monitor, report = fraud_case
+    results = report.results
+    realized = results[results["metric"].str.startswith("realized_")].pivot(
+        index="chunk_start", columns="metric", values="value")
+    before, after = realized[realized.index < "2026-02-05"], realized[realized.index >= "2026-02-05"]
+    ref = monitor.reference_performance
+    # The new tactic: AP collapses far under its floor, ROC AUC stays within max_auc_drop of the reference.
+    assert (before["realized_average_precision"] > monitor.own_bound).all()
+    assert (after["realized_average_precision"] < monitor.own_bound).all()
+    assert (realized["realized_roc_auc"] > ref["roc_auc"] - DECAY_DEFAULTS["max_auc_drop"]).all()
+    assert [a["metric"] for a in report.decay] == ["realized_average_precision"]
+    alert = report.decay[0]
+    assert alert["threshold"] == pytest.approx(monitor.own_bound) and alert["value"] < alert["threshold"]
+    # The same data monitored on ROC AUC (the binary default) raises nothing.
+    on_auc = TenantMonitor(MonitoringPolicy(), reference,
+                           MonitorSpec("binary", ("x1", "x2"), ("tier",), "is_fraud", name="fraudish"))
+    assert on_auc.own_bound == pytest.approx(ref["roc_auc"] - DECAY_DEFAULTS["max_auc_drop"])
+    assert on_auc.run(analysis).decay == []
+    # An inherited floor applies to the realized AP, as it does to ROC AUC.
+    lifted = monitor.apply_bound(results, 0.99)
+    assert (lifted.loc[lifted["metric"] == "realized_average_precision", "lower_threshold"] == 0.99).all()
+    assert lifted.loc[lifted["metric"] == "realized_average_precision", "alert"].all()
+
+
+def test_max_ap_drop_use_case_over_policy_over_defaults():
+    assert decay_thresholds(object())["max_ap_drop"] == DECAY_DEFAULTS["max_ap_drop"] == 0.3
+    assert decay_thresholds(SimpleNamespace(max_ap_drop=0.5))["max_ap_drop"] == 0.5
+    assert decay_thresholds(SimpleNamespace(max_ap_drop=0.5), {"max_ap_drop": 0.2})["max_ap_drop"] == 0.2
+    reference = _fraud_like(4000, "2026-01-01", 10)
+    spec = MonitorSpec("binary", ("x1", "x2"), ("tier",), "is_fraud", overrides={"max_ap_drop": 0.5},
+                       name="fraudish", decay_on="average_precision")
+    monitor = TenantMonitor(MonitoringPolicy(), reference, spec)
+    assert monitor.own_bound == pytest.approx(monitor.reference_performance["average_precision"] * 0.5)
+
+
+def test_the_decay_metric_is_declared_in_the_monitoring_block(tmp_path):
+    usecase = _binary_usecase("", "churned")
+    chosen = usecase.model_copy(update={"monitoring": {"decay_metric": "average_precision", "max_ap_drop": 0.4,
+                                                       "chunk_period": "W"}})
+    spec = MonitorSpec.of(chosen)
+    assert spec.decay_metric == "average_precision" and dict(spec.overrides) == {"max_ap_drop": 0.4}
+    assert MonitorSpec.of(usecase.model_copy(update={"monitoring": {"decay_metric": "roc_auc"}})) == CHURN_SPEC
+    fraud = MonitorSpec.of(load_usecase(PROJECT_ROOT / "usecases" / "fraud"))
+    assert fraud.decay_metric == "average_precision" and fraud.metrics == ("roc_auc", "average_precision")
+
+    raw = yaml.safe_load(USECASE_YAML)  # spend: a regression
+    with pytest.raises(ValueError, match="monitoring.decay_metric 'average_precision' does not fit problem_type "
+                                         "'regression'"):
+        UseCase(**{**raw, "monitoring": {"decay_metric": "average_precision"}})
+    assert UseCase(**{**raw, "monitoring": {"decay_metric": "rmse"}}).monitoring == {"decay_metric": "rmse"}
+    folder = write_spend_usecase(tmp_path)
+    raw["monitoring"] = {"decay_metric": "pr_auc"}
+    (folder / "usecase.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(UseCaseError) as err:
+        load_usecase(folder)
+    assert "monitoring.decay_metric 'pr_auc' is not a decay metric" in str(err.value)
+    assert str(folder / "usecase.yaml") in str(err.value)
 
 
 # --- thresholds and the prediction-log table ---------------------------------------------------

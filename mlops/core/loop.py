@@ -174,7 +174,8 @@ def active_episode(con, use_case: str) -> Episode | None:
     for key in ("opened_at", "onset_estimate", "last_retrain_at", "last_retrain_labels_through",
                 "first_promotion_at", "escalated_at", "closed_at"):
         row[key] = _stamp(row[key])
-    row["episode"], row["retrains"], row["promotions"] = int(row["episode"]), int(row["retrains"]), int(row["promotions"])
+    for key in ("episode", "retrains", "promotions"):
+        row[key] = int(row[key])
     return Episode(**row)
 
 

@@ -54,16 +54,26 @@ class TimeSplit:
 
 
 def time_split(training_set: pd.DataFrame, holdout_fraction: float = VALIDATION_FRACTION, *, label: str = "churned",
-               classification: bool = True, who: str = "the tenant") -> TimeSplit:
+               classification: bool = True, who: str = "the tenant", embargo_days: int = 0) -> TimeSplit:
     """Train on earlier prediction dates, hold out the latest ones: no future leaks into training.
-    At least one date is always left for training; a classification split needs two classes in each part."""
+    At least one date is always left for training; a classification split needs two classes in each part.
+
+    ``embargo_days`` (the label horizon) purges the training rows whose label window reaches into
+    the holdout: an account churning on day d is a positive of every row whose window contains d, so
+    without the purge the holdout re-asks what training was told and its score (the monitoring
+    reference, hence the decay floor) is optimistic."""
     dates = np.sort(training_set["prediction_time"].unique())
     if len(dates) < MIN_PREDICTION_DATES:
         raise ValueError(f"{who}: the training set spans {len(dates)} prediction dates; at least "
                          f"{MIN_PREDICTION_DATES} are needed for a time split")
     n_holdout = min(len(dates) - 1, max(1, round(len(dates) * holdout_fraction)))
     cutoff = pd.Timestamp(dates[-n_holdout])
-    train = training_set[training_set["prediction_time"] < cutoff].reset_index(drop=True)
+    embargo = pd.Timedelta(days=embargo_days)
+    if not ((dates < cutoff.to_datetime64()) & (dates + embargo <= cutoff.to_datetime64())).any():
+        raise ValueError(f"{who}: no prediction date is {embargo_days} days before the holdout (from "
+                         f"{cutoff.date()}); more history is needed")
+    times = training_set["prediction_time"]
+    train = training_set[(times < cutoff) & (times + embargo <= cutoff)].reset_index(drop=True)
     holdout = training_set[training_set["prediction_time"] >= cutoff].reset_index(drop=True)
     if classification:
         for name, part in (("train", train), ("holdout", holdout)):

@@ -10,15 +10,19 @@ Dagster assets assemble the frames, call ``TenantMonitor`` and store what it ret
 
 Decay alerts use NannyML's own alert flags, with a constant lower threshold on ROC AUC (the
 reference ROC AUC minus ``max_auc_drop``) so that a tenant with few reference chunks does not get
-a threshold from a noisy standard deviation. Univariate and multivariate drift use NannyML's
-default thresholds and are reported, not acted on: drift without decay does not retrain.
+a threshold from a noisy standard deviation. A binary use case may decay on average precision
+instead (``monitoring: {decay_metric: average_precision}``: rare positives, as in fraud), with a
+relative floor (the reference's times 1 - ``max_ap_drop``: its scale follows the prevalence).
+Univariate and multivariate drift use NannyML's default thresholds and are reported, not acted on:
+drift without decay does not retrain.
 
 Every declared use case is monitored the same way, by its problem type (``MonitorSpec``, built
 from a ``UseCase`` by ``MonitorSpec.of``; churn's is ``CHURN_SPEC``, the binary case): drift and
-data quality on every feature alike; label-free performance by CBPE (binary: ROC AUC; multiclass:
-macro ROC AUC and F1) or DLE (regression: RMSE and MAE); realized performance once labels mature;
-and a decay rule per problem type (``DECAY_DEFAULTS``, overridden by the policy, then by the use
-case's ``monitoring`` block).
+data quality on every feature alike; label-free performance by CBPE (binary: ROC AUC, and average
+precision where it decays on it; multiclass: macro ROC AUC and F1) or DLE (regression: RMSE and
+MAE); realized performance once labels mature; and a decay rule per problem type
+(``DECAY_DEFAULTS``, overridden by the policy, then by the use case's ``monitoring`` block, which
+may also choose the decay metric: ``decay_metric``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from mlops.core.model_inputs import CATEGORICAL_FEATURES, NUMERIC_FEATURES, Mode
 from mlops.core.names import CHAMPION
 from mlops.core.online import SNAPSHOT_VERSION_REGEX, snapshot_file_name
 from mlops.core.prediction_log import PREDICTION_LOG_TABLE, prediction_log_ddl, prediction_log_table
+from mlops.core.usecase import DECAY_METRICS, decay_metric_problem
 
 TIMESTAMP = "timestamp"
 SCORE = "score"
@@ -95,9 +100,11 @@ class MonitoringPolicy(Protocol):
 
 # The decay rule's thresholds, one dict of defaults: the policy's values override them, and a use
 # case's ``monitoring`` block overrides those. Binary and multiclass: (macro) ROC AUC under the
-# reference's minus ``max_auc_drop``; regression: RMSE over the reference's times
-# (1 + ``max_rmse_increase``); either in ``consecutive_chunks`` chunks in a row.
-DECAY_DEFAULTS: dict[str, float] = {"max_auc_drop": 0.08, "max_rmse_increase": 0.25, "consecutive_chunks": 2}
+# reference's minus ``max_auc_drop``; binary decaying on average precision: AP under the
+# reference's times (1 - ``max_ap_drop``); regression: RMSE over the reference's times
+# (1 + ``max_rmse_increase``); any in ``consecutive_chunks`` chunks in a row.
+DECAY_DEFAULTS: dict[str, float] = {"max_auc_drop": 0.10, "max_ap_drop": 0.3, "max_rmse_increase": 0.25,
+                                    "consecutive_chunks": 3}
 # Bumped when the fitted monitor's pickled form changes: monitors pickled by older code are refitted.
 MONITOR_FORMAT = 2
 
@@ -121,6 +128,8 @@ _PERFORMANCE = {
     "multiclass": (("roc_auc", "f1"), "roc_auc", "lower_threshold"),
     "regression": (("rmse", "mae"), "rmse", "upper_threshold"),
 }
+# The metrics of a problem type that decays on another metric than its default (``MonitorSpec.decay_on``).
+_DECAY_ON = {("binary", "average_precision"): ("roc_auc", "average_precision")}
 _NANNYML_PROBLEM = {"binary": "classification_binary", "multiclass": "classification_multiclass",
                     "regression": "regression"}
 
@@ -140,6 +149,9 @@ class MonitorSpec:
     # The use case's overrides of the decay thresholds (keys of DECAY_DEFAULTS).
     overrides: Mapping[str, float] = field(default_factory=dict)
     name: str = "churn"
+    # The metric the decay rule watches (the use case's ``monitoring.decay_metric``; binary:
+    # "roc_auc" or "average_precision"); "" is the problem type's default (DECAY_METRICS).
+    decay_on: str = ""
 
     def __post_init__(self):
         if self.problem_type not in _PERFORMANCE:
@@ -149,17 +161,24 @@ class MonitorSpec:
         unknown = sorted(set(self.overrides) - set(DECAY_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown decay thresholds {unknown}; known: {sorted(DECAY_DEFAULTS)}")
+        if self.decay_on:
+            problem = decay_metric_problem(self.problem_type, self.decay_on)
+            if problem:
+                raise ValueError(problem)
+            if self.decay_on == DECAY_METRICS[self.problem_type][0]:  # the default, named: the same spec
+                object.__setattr__(self, "decay_on", "")
 
     @classmethod
     def of(cls, usecase) -> MonitorSpec:
         """The spec of a declared use case (``mlops.core.usecase.UseCase``): its model's inputs
         (``ModelInputs.of``), its label column, problem type and classes, and the decay thresholds
-        its ``monitoring`` block overrides (its other keys are the policy's business)."""
+        its ``monitoring`` block overrides and its ``decay_metric`` (its other keys are the policy's
+        business)."""
         inputs = ModelInputs.of(usecase)
         return cls(problem_type=usecase.problem_type, numeric=inputs.numeric, categorical=tuple(inputs.categorical),
                    target=usecase.label.column, classes=tuple(usecase.label.classes or ()),
                    overrides={k: v for k, v in usecase.monitoring.items() if k in DECAY_DEFAULTS},
-                   name=usecase.name)
+                   name=usecase.name, decay_on=usecase.monitoring.get("decay_metric") or "")
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -176,11 +195,13 @@ class MonitorSpec:
 
     @property
     def metrics(self) -> tuple[str, ...]:
+        if self.decay_on:
+            return _DECAY_ON[(self.problem_type, self.decay_on)]
         return _PERFORMANCE[self.problem_type][0]
 
     @property
     def decay_metric(self) -> str:
-        return _PERFORMANCE[self.problem_type][1]
+        return self.decay_on or _PERFORMANCE[self.problem_type][1]
 
     @property
     def decay_metrics(self) -> dict[str, str]:
@@ -189,8 +210,13 @@ class MonitorSpec:
         return {f"{kind}_{self.decay_metric}": side for kind in ("estimated", "realized")}
 
     def fingerprint(self, policy) -> str:
-        payload = json.dumps({"format": MONITOR_FORMAT, **asdict(self), "overrides": dict(self.overrides),
-                              "thresholds": decay_thresholds(policy, self.overrides)}, sort_keys=True, default=list)
+        fields, thresholds = asdict(self), decay_thresholds(policy, self.overrides)
+        if not self.decay_on:  # a spec on its default metric keeps the name it had before decay_on existed
+            del fields["decay_on"]
+        if self.decay_metric != "average_precision":
+            del thresholds["max_ap_drop"]
+        payload = json.dumps({"format": MONITOR_FORMAT, **fields, "overrides": dict(self.overrides),
+                              "thresholds": thresholds}, sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -250,7 +276,10 @@ def reference_performance(reference: pd.DataFrame, spec: MonitorSpec) -> dict[st
 
     y = reference[spec.target]
     if spec.problem_type == "binary":
-        return {"roc_auc": float(metrics.roc_auc_score(y, reference[SCORE]))}
+        found = {"roc_auc": float(metrics.roc_auc_score(y, reference[SCORE]))}
+        if "average_precision" in spec.metrics:
+            found["average_precision"] = float(metrics.average_precision_score(y, reference[SCORE]))
+        return found
     if spec.problem_type == "multiclass":
         classes = sorted(spec.classes)  # scikit-learn (as NannyML) takes the classes in sorted order
         proba = reference[[spec.proba_columns[c] for c in classes]].to_numpy()
@@ -288,7 +317,11 @@ class TenantMonitor:
             bounds["rmse"] = ConstantThreshold(upper=self.rmse_ceiling)
         else:
             self.auc_floor = self.reference_roc_auc - self.thresholds["max_auc_drop"]
-            bounds["roc_auc"] = ConstantThreshold(lower=self.auc_floor)
+            if spec.decay_metric == "average_precision":  # relative: AP's scale follows the prevalence
+                self.ap_floor = self.reference_performance["average_precision"] * (1 - self.thresholds["max_ap_drop"])
+                bounds["average_precision"] = ConstantThreshold(lower=self.ap_floor)
+            else:
+                bounds["roc_auc"] = ConstantThreshold(lower=self.auc_floor)
         chunking = {"timestamp_column_name": TIMESTAMP, **policy.chunking()}
         self.univariate = nml.UnivariateDriftCalculator(
             column_names=features, treat_as_categorical=categorical,
@@ -328,8 +361,11 @@ class TenantMonitor:
     @property
     def own_bound(self) -> float:
         """The decay rule's bound from this version's own reference: the ROC AUC floor (reference minus
-        ``max_auc_drop``) or, for regression, the RMSE ceiling. ``apply_bound`` may tighten it."""
-        return self.rmse_ceiling if self.spec.problem_type == "regression" else self.auc_floor
+        ``max_auc_drop``), the average-precision floor (reference times 1 - ``max_ap_drop``) where the
+        spec decays on it or, for regression, the RMSE ceiling. ``apply_bound`` may tighten it."""
+        if self.spec.problem_type == "regression":
+            return self.rmse_ceiling
+        return self.ap_floor if self.spec.decay_metric == "average_precision" else self.auc_floor
 
     @property
     def higher_is_better(self) -> bool:

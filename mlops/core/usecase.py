@@ -188,6 +188,28 @@ _OBJECTIVES = {
 }
 
 
+# The performance metric the decay rule watches, by problem type, its default first: a use case's
+# ``monitoring`` block may choose another (``decay_metric``): a binary use case with rare positives
+# (fraud) decays on average precision (PR AUC), which collapses where ROC AUC barely moves.
+DECAY_METRICS: dict[str, tuple[str, ...]] = {
+    "binary": ("roc_auc", "average_precision"),
+    "multiclass": ("roc_auc",),
+    "regression": ("rmse",),
+}
+
+
+def decay_metric_problem(problem_type: str, metric: Any) -> str | None:
+    """What is wrong with ``metric`` as the decay metric of a ``problem_type`` use case, or None."""
+    choices = DECAY_METRICS.get(problem_type, ())
+    if metric in choices:
+        return None
+    known = sorted({m for ms in DECAY_METRICS.values() for m in ms})
+    if not isinstance(metric, str) or metric not in known:
+        return f"monitoring.decay_metric {metric!r} is not a decay metric; known: {known}"
+    return (f"monitoring.decay_metric {metric!r} does not fit problem_type {problem_type!r}; "
+            f"use one of {choices}")
+
+
 class ModelSpec(_Spec):
     objective: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -221,7 +243,8 @@ class UseCase(_Spec):
     label: LabelSpec
     model: ModelSpec
     gates: dict[str, Any] = Field(default_factory=dict)  # overrides of the gate policy's thresholds
-    monitoring: dict[str, Any] = Field(default_factory=dict)  # overrides of the monitoring policy
+    # Overrides of the monitoring policy's decay thresholds, and the decay metric (DECAY_METRICS).
+    monitoring: dict[str, Any] = Field(default_factory=dict)
     serving: ServingSpec = ServingSpec()
     simulator: SimulatorSpec | None = None
     # Where the declaration was read from (set by load_usecase).
@@ -240,6 +263,10 @@ class UseCase(_Spec):
         if self.model.objective not in _OBJECTIVES[self.problem_type]:
             raise ValueError(f"model.objective {self.model.objective!r} does not fit problem_type "
                              f"{self.problem_type!r}; use one of {_OBJECTIVES[self.problem_type]}")
+        if "decay_metric" in self.monitoring:
+            problem = decay_metric_problem(self.problem_type, self.monitoring["decay_metric"])
+            if problem:
+                raise ValueError(problem)
         if self.problem_type == "multiclass" and not self.label.classes:
             raise ValueError("label.classes: a multiclass use case lists its classes")
         if self.label.column in self.features.columns:

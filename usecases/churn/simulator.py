@@ -11,8 +11,16 @@ change is a dated row of ``raw_account_attributes`` and usage follows the new se
 Named drift scenarios start on ``drift_day``:
 - ``covariate_shift``: a seat-expansion campaign doubles seats for half the accounts (history rows
   valid from ``drift_day``); utilisation halves while the churn mechanism stays the same;
-- ``concept_drift``: a competitor poaches heavy users; high usage starts to predict churn, and
-  they leave without the usual decline in activity;
+- ``concept_drift`` (learnable): a competitor targets the ``mid_market`` accounts on the ``pro``
+  plan (``COMPETITOR_SEGMENT``, ``COMPETITOR_PLAN``): whatever their health they now leave at a high
+  rate (``COMPETITOR_HAZARD`` a day), their usage declining over one to three weeks before they go.
+  Meanwhile a retention offer keeps most starter-plan accounts that head for the door
+  (``RETENTION_SHARE``): their activity declines and their tickets and failed payments pile up as
+  usual, then they recover and stay. The old model misses the first and flags the second; the
+  features (segment, plan, ``usage_trend_7d_vs_28d``, ``events_7d``...) express the new relation,
+  so a model retrained on post-drift labels recovers (``benchmarks/oracle.py`` measures it);
+- ``hard_concept_drift`` (not learnable): a competitor poaches heavy users; they leave abruptly at
+  a high rate, their usage, billing and tickets showing none of the usual warning signs;
 - ``data_quality``: the usage event feed drops for 40% of accounts;
 - ``none``: no change.
 """
@@ -29,6 +37,12 @@ from resources.schemas import PLANS, RAW_TABLES, SEGMENTS, TICKET_CATEGORIES
 from resources.tenants import TenantSpec
 
 SIMULATION_START = dt.date(2026, 4, 1)
+# concept_drift: the competitor's target (a segment on a plan), the daily rate at which it poaches
+# those accounts, and the share of leaving starter-plan accounts that the retention offer keeps.
+COMPETITOR_SEGMENT, COMPETITOR_PLAN = "mid_market", "pro"
+COMPETITOR_HAZARD = 0.035
+RETENTION_SHARE = 0.8
+NEVER = 1_000_000  # the churn day of an account that does not churn
 _PLAN_PRICE = {"starter": 15.0, "pro": 45.0, "enterprise": 110.0}
 
 
@@ -113,7 +127,7 @@ def _simulate_horizon(name: str, region: str, n_accounts: int, seed: int, days: 
 
     # The usual path to churn (declining usage, failed payments, tickets) follows this day.
     trajectory_day = churn_day
-    if spec.scenario == "concept_drift" and spec.drift_day is not None:
+    if spec.scenario == "hard_concept_drift" and spec.drift_day is not None:
         # Heavy users now leave for a competitor at a high rate, abruptly: their usage, billing
         # and tickets show none of the usual warning signs before they go.
         d0 = spec.drift_day
@@ -142,10 +156,34 @@ def _simulate_horizon(name: str, region: str, n_accounts: int, seed: int, days: 
         # Free extra seats: MRR and usage stay as they were.
         expand = drift_rng.random(n) < 0.5
         seats_by_day[expand, spec.drift_day :] *= 2
+    learnable = spec.scenario == "concept_drift" and spec.drift_day is not None
+    if learnable:
+        # A competitor targets one segment on one plan: such accounts now leave at a high rate
+        # whatever their health, their usage declining over one to three weeks before they go (but
+        # never before drift_day). Meanwhile a retention offer keeps most starter-plan accounts
+        # that head for the door: their usage declines as usual, then recovers, and they stay.
+        d0 = spec.drift_day
+        plan_at_drift = plan_by_day[:, d0]
+        targeted = ((segment_idx == SEGMENTS.index(COMPETITOR_SEGMENT))
+                    & (plan_at_drift == PLANS.index(COMPETITOR_PLAN)) & (churn_day >= d0))
+        poach_day = np.maximum(first_day, d0) + drift_rng.geometric(COMPETITOR_HAZARD, n) - 1
+        lead = drift_rng.integers(7, 22, n)
+        poached = targeted & (poach_day < churn_day)
+        offered = (plan_at_drift == PLANS.index("starter")) & (churn_day >= d0)
+        kept = offered & (drift_rng.random(n) < RETENTION_SHARE)
+        churn_day = np.where(poached, poach_day, np.where(kept, NEVER, churn_day))
 
     # --- daily usage ----------------------------------------------------------------------
     active = (day[None, :] >= first_day[:, None]) & (day[None, :] < churn_day[:, None])
     decline = np.clip((trajectory_day[:, None] - day[None, :]) / ramp[:, None], 0.1, 1.0)
+    if learnable:
+        after_drift = day[None, :] >= d0
+        poach_decline = np.clip((churn_day[:, None] - day[None, :]) / lead[:, None], 0.1, 1.0)
+        decline = np.where(poached[:, None] & after_drift, np.minimum(decline, poach_decline), decline)
+        # the retained recover from their low point (trajectory_day, on or after drift_day)
+        recovered = kept[:, None] & (day[None, :] >= trajectory_day[:, None])
+        recovery = np.clip((day[None, :] - trajectory_day[:, None]) / ramp[:, None], 0.1, 1.0)
+        decline = np.where(recovered, recovery, decline)
     weekday = np.where(((day + start.astype("datetime64[D]").view("int64") + 3) % 7) >= 5, 0.35, 1.0)
     expected_users = seats_org * utilisation[:, None] * decline * weekday[None, :]
     # Drawn day by day, so that a scenario changing day d onwards leaves days before d untouched.
@@ -181,6 +219,8 @@ def _simulate_horizon(name: str, region: str, n_accounts: int, seed: int, days: 
     # --- billing: a monthly invoice; failures are likelier for risky and leaving accounts ----
     invoice = active & (((day[None, :] - signup_day[:, None]) % 30) == 0)
     near_churn = (trajectory_day[:, None] - day[None, :]) < 45
+    if learnable:  # the retained are no longer heading for the door once they recover
+        near_churn &= ~recovered
     p_fail = np.clip(0.03 * np.exp(0.6 * risk)[:, None] * np.where(near_churn, 2.5, 1.0), 0, 0.9)
     failed = invoice & (u_fail < p_fail)
     b_acc, b_day = np.nonzero(invoice)

@@ -15,6 +15,12 @@ that fraud never used before (``NEW_TACTIC_COUNTRY``), in bursts of more payment
 still express it (the request's country, and the account's payment counts, countries and amounts
 over the last days), so a model retrained on post-drift labels recovers.
 
+Under ``hard_concept_drift`` the new tactic (``mimic``) cannot be learnt: from ``drift_day`` most
+episodes are one or a few payments drawn exactly as the account's own legitimate ones (one of its
+instruments, at home, by day, near its usual basket, rarely declined), so no feature tells them
+from legitimate payments and no retrained model recovers; the remaining episodes keep the old
+tactic. Other scenarios leave the payments as they are. ``benchmarks/oracle.py`` measures both.
+
 The country codes are labels of a simulation and say nothing about real countries.
 
 Determinism and the clock: the whole horizon (``spec.days``) is simulated from ``spec.seed`` and cut
@@ -49,13 +55,22 @@ CHARGEBACK_MIN_DAYS, CHARGEBACK_MAX_DAYS = 1, 45
 EPISODE_HAZARD = 0.00045  # account takeovers per account and day
 NEW_TACTIC_SHARE = 0.8
 MAX_EPISODE_PAYMENTS = 16  # of the episodes that start on or after drift_day, under concept_drift
+# A payment's tactic (``fraud_truth``'s ``tactic``), and the new tactic of each drift scenario.
+TACTICS = ("legit", "new_card", "old_card", "mimic")
+NEW_TACTICS = {"concept_drift": "old_card", "hard_concept_drift": "mimic"}
+
+
+def _world(spec):
+    """The whole horizon of the spec's world; scenarios other than the two tactics change nothing."""
+    drift_day = spec.drift_day if spec.scenario in NEW_TACTICS else None
+    return _simulate_horizon(spec.name, spec.region, spec.n_accounts, spec.seed, spec.days, drift_day,
+                             NEW_TACTICS.get(spec.scenario, "old_card"))
 
 
 def simulate(spec) -> dict[str, pd.DataFrame]:
     """The tenant's raw tables as of its clock: ``raw_fraud_accounts``, ``raw_payments``,
     ``raw_chargebacks``. The same spec always gives the same tables."""
-    drift_day = spec.drift_day if spec.scenario == "concept_drift" else None
-    world = _simulate_horizon(spec.name, spec.region, spec.n_accounts, spec.seed, spec.days, drift_day)
+    world = _world(spec)
     until = START + pd.Timedelta(days=spec.visible_days)
     accounts, payments, chargebacks, _ = world
     return {
@@ -67,12 +82,12 @@ def simulate(spec) -> dict[str, pd.DataFrame]:
 
 def fraud_truth(spec) -> pd.DataFrame:
     """Every payment of the horizon with its truth (``is_fraud``, ``tactic``): for tests and demos only."""
-    drift_day = spec.drift_day if spec.scenario == "concept_drift" else None
-    return _simulate_horizon(spec.name, spec.region, spec.n_accounts, spec.seed, spec.days, drift_day)[3]
+    return _world(spec)[3]
 
 
 @functools.lru_cache(maxsize=4)
-def _simulate_horizon(name: str, region: str, n: int, seed: int, days: int, drift_day: int | None):
+def _simulate_horizon(name: str, region: str, n: int, seed: int, days: int, drift_day: int | None,
+                      new_tactic: str = "old_card"):
     rng = np.random.default_rng([seed, 0])  # the world as scenario "none" has it
     drift_rng = np.random.default_rng([seed, 1])  # scenario effects only
 
@@ -115,8 +130,10 @@ def _simulate_horizon(name: str, region: str, n: int, seed: int, days: int, drif
     n_mult = np.exp(drift_rng.normal(-1.0, 0.35, m))
     n_home = drift_rng.random(m) < 0.15
     n_method = np.where(drift_rng.random(m) < 0.6, 1, 0)
-    tactic = np.where((drift_day is not None) & (e_day >= (drift_day or 0)) & n_new, 2, 1)
-    k = np.minimum(np.where(tactic == 2, n_k, e_k), MAX_EPISODE_PAYMENTS)
+    n_mimic_k = 1 + drift_rng.poisson(1.0, m)  # drawn last: the draws above stay those of concept_drift
+    new_code = TACTICS.index(new_tactic)
+    tactic = np.where((drift_day is not None) & (e_day >= (drift_day or 0)) & n_new, new_code, 1)
+    k = np.minimum(np.where(tactic == 2, n_k, np.where(tactic == 3, n_mimic_k, e_k)), MAX_EPISODE_PAYMENTS)
     slot_u = rng.random((m, MAX_EPISODE_PAYMENTS))  # the day of each payment within its episode
     ep = np.repeat(np.arange(m), k)
     nth = np.arange(len(ep)) - np.repeat(np.cumsum(k) - k, k)
@@ -181,6 +198,8 @@ def _simulate_horizon(name: str, region: str, n: int, seed: int, days: int, drif
     hour = np.where(new_t, 9 + u[4] * 12, hour)
     amount = np.where(new_t, amount * n_mult[eo], amount)
     fail = np.where(new_t, u[7] < 0.1, fail)
+    # the mimic tactic (hard_concept_drift) overrides nothing: its payments are drawn exactly as the
+    # account's own legitimate ones (instrument, home country, hour, amount, failures)
 
     paid_at = START + pd.to_timedelta(d, unit="D") + pd.to_timedelta(np.minimum(hour * 3600, 86_399).astype(int),
                                                                       unit="s")
@@ -197,7 +216,7 @@ def _simulate_horizon(name: str, region: str, n: int, seed: int, days: int, drif
         "card_age_days": np.maximum(d - added, 0).astype(np.int64),
         "status": np.where(fail, "failed", "succeeded"),
         "_fraud": is_fraud,
-        "_tactic": np.array(["legit", "new_card", "old_card"])[t],
+        "_tactic": np.array(TACTICS)[t],
     })
     order = np.lexsort((np.arange(N), payments["paid_at"].to_numpy()))
     payments = payments.iloc[order].reset_index(drop=True)
