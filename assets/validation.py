@@ -104,7 +104,7 @@ def fairness_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWareh
     candidate, holdout = _candidate_and_holdout(warehouse, tenant_of(context))
     table = modeling.fairness_by_group(
         holdout["churned"].to_numpy(), holdout["score"].to_numpy(), holdout[modeling.FAIRNESS_ATTRIBUTE],
-        min_group_size=gates.fairness_min_group_size,
+        min_group_size=gates.fairness_min_group_size, min_group_positives=gates.fairness_min_group_positives,
     )
     gap = modeling.fairness_gap(table)
     passed = gap <= gates.max_fairness_gap

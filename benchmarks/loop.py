@@ -132,9 +132,8 @@ def demo_check(seed_port: int) -> int:
     replay_days = days(replay.events, ("decay alert", "promoted", "restored"))
     print(f"\ndemo exit status {status}")
     figure = getattr(demo, "alert_to_serving_s", None)
-    if figure is not None:
-        print(f"decay alert -> new champion serving: {figure:.1f} s wall (target <= 120 s: "
-              f"{'PASS' if figure <= 120 else 'FAIL'})")
+    if figure is not None:  # the simulated days of evidence the loop waits for are in it
+        print(f"decay alert -> new champion serving: {figure:.1f} s wall")
     for kind in demo_days:
         same = demo_days[kind] == replay_days[kind]
         print(f"{kind:12s} demo day {_fmt(demo_days[kind]):>4s}  simulated clock day {_fmt(replay_days[kind]):>4s}  "

@@ -7,6 +7,7 @@ built-in demo tenants plus any added under ``MLOPS_HOME/tenants.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -105,13 +106,34 @@ class TenantCatalog(dg.ConfigurableResource):
         """Move a tenant's simulated clock (the demo replays one day at a time)."""
         from dataclasses import replace
 
-        spec = replace(self.get(name), today=today)
-        self.add(spec)
+        with self._locked():
+            spec = replace(self.get(name), today=today)
+            self._write(spec)
         return spec
 
     def add(self, spec: TenantSpec) -> None:
         """Register (or update) a tenant in ``tenants.json``, atomically."""
+        with self._locked():
+            self._write(spec)
+
+    def _write(self, spec: TenantSpec) -> None:
         path = Path(self.tenants_file)
         custom = {name: asdict(s) for name, s in self._custom().items()}
         custom[spec.name] = asdict(spec)
         write_atomic(path, json.dumps(custom, indent=2, sort_keys=True).encode())
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """One read-modify-write of ``tenants.json`` at a time across processes: two writers (the
+        demo's tenant workers moving their clocks) would otherwise each write back the other's
+        tenant as it was, and a tenant's clock would go back a day."""
+        import fcntl
+
+        lock = Path(self.tenants_file).with_suffix(".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)

@@ -118,17 +118,22 @@ def _auc_or_nan(y_true, y_pred) -> float:
 
 
 def fairness_by_group(
-    y_true: np.ndarray, y_score: np.ndarray, groups: pd.Series, min_group_size: int = 100
+    y_true: np.ndarray, y_score: np.ndarray, groups: pd.Series, min_group_size: int = 100,
+    min_group_positives: int = 20,
 ) -> pd.DataFrame:
-    """ROC AUC and selection rate per group (fairlearn MetricFrame); small groups are flagged."""
+    """ROC AUC and selection rate per group (fairlearn MetricFrame). A group is evaluated with at
+    least ``min_group_size`` rows and ``min_group_positives`` of each class: a ROC AUC over four
+    churners (a small tenant's enterprise accounts) measures noise, not unfairness."""
     frame = MetricFrame(
-        metrics={"roc_auc": _auc_or_nan, "mean_score": lambda y, p: float(np.mean(p)), "count": lambda y, p: len(y)},
+        metrics={"roc_auc": _auc_or_nan, "mean_score": lambda y, p: float(np.mean(p)), "count": lambda y, p: len(y),
+                 "positives": lambda y, p: int(np.sum(y)), "negatives": lambda y, p: int(len(y) - np.sum(y))},
         y_true=y_true,
         y_pred=y_score,
         sensitive_features=groups.rename(groups.name or FAIRNESS_ATTRIBUTE),
     )
     table = frame.by_group.reset_index()
-    table["evaluated"] = (table["count"] >= min_group_size) & table["roc_auc"].notna()
+    table["evaluated"] = ((table["count"] >= min_group_size) & table["roc_auc"].notna()
+                          & (table["positives"] >= min_group_positives) & (table["negatives"] >= min_group_positives))
     return table
 
 
