@@ -3,6 +3,7 @@ full daily cycle.
 
     python -m benchmarks.loop                       # churn: 10 seeds x 4 scenarios on the simulated clock
     python -m benchmarks.loop --seeds 3 --scenarios concept_drift none
+    python -m benchmarks.loop --only none:10 concept_drift:1
     python -m benchmarks.loop --demo                # the full daily cycle (Dagster, the service) on the demo
 
 The simulated clock (``mlops.loop_replay``) runs each day what the daily cycle and the decay sensor
@@ -147,12 +148,16 @@ def main() -> int:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     parser.add_argument("--tolerance", type=float, default=0.03)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", nargs="+", metavar="SCENARIO:SEED", default=None,
+                        help="replay just these, e.g. none:10 concept_drift:1")
     parser.add_argument("--demo", action="store_true", help="check the full daily cycle against the simulated clock")
     parser.add_argument("--service-port", type=int, default=3011)
     args = parser.parse_args()
     if args.demo:
         return demo_check(args.service_port)
     jobs = [(seed, scenario, args.tolerance) for scenario in args.scenarios for seed in range(1, args.seeds + 1)]
+    if args.only:
+        jobs = [(int(seed), scenario, args.tolerance) for scenario, seed in (o.split(":") for o in args.only)]
     started = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
         rows = list(pool.map(replay_one, jobs))

@@ -58,7 +58,7 @@ class MonitoringPolicy(dg.ConfigurableResource):
     # Promotion after a decay alert needs evidence: the paired interval of (challenger - champion)
     # at this confidence must lie above this improvement; a challenger still without that evidence
     # after this many days in shadow is retired (the loop may then retrain on more labels).
-    promotion_confidence: float = 0.95
+    promotion_confidence: float = 0.99
     promotion_min_improvement: float = 0.0
     promotion_max_shadow_days: int = 21
     # Promotion: the challenger's shadow scoring p99 must stay under this budget.
