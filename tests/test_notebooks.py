@@ -112,10 +112,11 @@ def reports(platform_home):
 
 
 # A small world whose heavy users start leaving for a competitor (concept drift) 5 days before the
-# first monitored day: 38 daily chunks, the first 8 with matured labels.
+# first monitored day: 38 daily chunks, the first 8 with matured labels. (The replay trains its own model
+# at REPLAY_START, on a purged time split: about 120 days of history are needed for one.)
 DRIFT_WORLD = TenantSpec(name=TEST_TENANT.name, region=TEST_TENANT.region, n_accounts=600, seed=TEST_TENANT.seed,
-                         days=140, scenario="concept_drift", drift_day=95)
-REPLAY_START, REPLAY_END = 100, 138
+                         days=160, scenario="hard_concept_drift", drift_day=115)
+REPLAY_START, REPLAY_END = 120, 158
 
 
 @pytest.fixture(scope="module")
