@@ -226,6 +226,59 @@ def verify_audit(home: str | None, tenant: str) -> None:
     click.echo(f"audit log of {tenant}: {report.entries} entries, chain intact")
 
 
+@main.group("loop")
+def loop_group() -> None:
+    """Decay episodes of the closed loop: what it did, and closing an escalated one."""
+
+
+@loop_group.command("status")
+@click.argument("tenant")
+@click.option("--use-case", default="churn", show_default=True)
+@click.pass_obj
+def loop_status(home: str | None, tenant: str, use_case: str) -> None:
+    """The tenant's decay episodes of USE_CASE: status, floor, retrains, promotions, time to restore."""
+    import pandas as pd
+
+    from mlops.core import loop
+
+    r = _resources(home)
+    _known_tenant(r, tenant)
+    with r["warehouse"].connect(tenant) as con:
+        kpis = loop.episode_kpis(loop.episodes(con, use_case))
+        active = loop.active_episode(con, use_case)
+    if not kpis:
+        click.echo(f"{tenant}/{use_case}: no decay episode")
+        return
+    click.echo(pd.DataFrame(kpis).to_string(index=False))
+    if active is not None and active.status == loop.ESCALATED:
+        click.echo(f"\nepisode {active.episode} was escalated on {active.escalated_at.date()}: "
+                   f"{active.evidence}\nclose it with: mlops loop close {tenant} --use-case {use_case} --note '...'")
+
+
+@loop_group.command("close")
+@click.argument("tenant")
+@click.option("--use-case", default="churn", show_default=True)
+@click.option("--note", required=True, help="What the person decided (kept in the episode and the audit log).")
+@click.option("--actor", default="operator", show_default=True)
+@click.pass_obj
+def loop_close(home: str | None, tenant: str, use_case: str, note: str, actor: str) -> None:
+    """Close the tenant's active decay episode of USE_CASE (an escalated one, once a person has looked):
+    the next decay alert opens a new episode, with its own retrains."""
+    import pandas as pd
+
+    from mlops.core import loop
+
+    r = _resources(home)
+    _known_tenant(r, tenant)
+    with r["warehouse"].transaction(tenant) as con:
+        episode = loop.close_episode(con, use_case, now=pd.Timestamp.now().normalize(), note=note)
+    if episode is None:
+        raise click.ClickException(f"{tenant}/{use_case} has no open or escalated decay episode")
+    r["warehouse"].audit(tenant, actor=actor, action="loop_episode_closed", subject=f"{use_case}/{tenant}",
+                         outcome="closed", details={"episode": episode.episode, "note": note})
+    click.echo(f"{tenant}/{use_case}: episode {episode.episode} closed")
+
+
 @main.group("api-key")
 def api_key() -> None:
     """Service API keys (stored salted and hashed)."""

@@ -77,3 +77,45 @@ def test_verify_audit_reads_the_chain(platform_home):
     result = mlops("verify-audit", TEST_TENANT.name, home=platform_home["home"])
     assert result.returncode == 0, result.stderr
     assert "chain intact" in result.stdout
+
+
+def test_a_person_reads_and_closes_an_escalated_episode(tmp_path, monkeypatch):
+    """``mlops loop status`` shows what the loop did; ``mlops loop close`` ends an escalated episode
+    (audited), so that the next decay alert opens a new one."""
+    import pandas as pd
+
+    from definitions import build_definitions
+    from mlops.core import loop
+
+    for key in ("MLOPS_HOME", "DAGSTER_HOME", "BENTOML_HOME", "MLFLOW_TRACKING_URI"):
+        # build_definitions points these at its home; put back what the session had afterwards.
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.delenv(key, raising=False)
+    home = tmp_path / "home"
+    warehouse = build_definitions(str(home)).resources["warehouse"]
+    rules = loop.LoopRules(max_retrains=1, first_retrain_after_days=0)
+    alert = {"metric": "realized_roc_auc", "chunk": "2026-10-01", "value": 0.6, "threshold": 0.79}
+    with warehouse.transaction("acme") as con:
+        for day, action in ((0, "retrain"), (8, "escalate")):
+            decision = loop.on_decay_alert(
+                con, "churn", alert, now=pd.Timestamp("2026-10-02") + pd.Timedelta(days=day), champion_version="1",
+                floor=(0.79, "v1 reference"), challenger_in_shadow=False, labels_through=pd.Timestamp("2026-09-01"),
+                rules=rules)
+            assert decision.action == action
+    status = mlops("loop", "status", "acme", home=home)
+    assert status.returncode == 0, status.stderr
+    assert "escalated" in status.stdout and "mlops loop close acme" in status.stdout
+
+    closed = mlops("loop", "close", "acme", "--note", "accepted the lower level after the price change", home=home)
+    assert closed.returncode == 0, closed.stderr
+    assert "episode 1 closed" in closed.stdout
+    audit = warehouse.audit_entries("acme")
+    assert audit.iloc[-1][["action", "outcome"]].tolist() == ["loop_episode_closed", "closed"]
+    with warehouse.connect("acme") as con:
+        assert loop.active_episode(con, "churn") is None
+    again = mlops("loop", "close", "acme", "--note", "twice", home=home)
+    assert again.returncode != 0 and "no open or escalated decay episode" in again.stderr
+    unknown = mlops("loop", "status", "nobody", home=home)
+    assert unknown.returncode != 0 and "unknown tenant" in unknown.stderr
