@@ -96,6 +96,19 @@ class Episode:
     closed_at: pd.Timestamp | None = None
     evidence: str = "{}"
 
+    def record(self, key: str, value) -> None:
+        """Add ``value`` to the episode's evidence under ``key``."""
+        evidence = json.loads(self.evidence)
+        evidence[key] = value
+        self.evidence = json.dumps(evidence, default=str)
+
+    def end(self, con, status: str, now, key: str, value) -> Episode:
+        """End the episode (``restored`` or ``closed``) with the evidence of why, and save it."""
+        self.status, self.closed_at = status, pd.Timestamp(now)
+        self.record(key, value)
+        self.save(con)
+        return self
+
     def save(self, con) -> None:
         con.execute(EPISODES_DDL)
         row = {k: (None if _missing(v) else v) for k, v in dataclasses.asdict(self).items()}
@@ -206,10 +219,8 @@ def on_decay_alert(con, use_case: str, alert: Mapping, *, now, champion_version:
         decision = Decision("hold", "the last allowed challenger is in shadow: the promotion gate decides", episode)
     elif episode.retrains >= rules.max_retrains:
         episode.status, episode.escalated_at = ESCALATED, now
-        evidence = json.loads(episode.evidence)
-        evidence["escalation"] = {"alert": dict(alert), "retrains": episode.retrains,
-                                  "promotions": episode.promotions, "floor": episode.floor}
-        episode.evidence = json.dumps(evidence, default=str)
+        episode.record("escalation", {"alert": dict(alert), "retrains": episode.retrains,
+                                      "promotions": episode.promotions, "floor": episode.floor})
         decision = Decision("escalate", f"{episode.retrains} retrain(s) in episode {episode.episode} did not bring "
                                         f"{alert['metric']} back above the floor {episode.floor:.4f} (now "
                                         f"{float(alert['value']):.4f}): a person must look", episode)
@@ -257,26 +268,14 @@ def check_restored(con, use_case: str, results: pd.DataFrame, realized_metric: s
     ok = (newest["value"] >= episode.floor) if higher_is_better else (newest["value"] <= episode.floor)
     if not ok.all():
         return None
-    episode.status, episode.closed_at = RESTORED, pd.Timestamp(now)
-    evidence = json.loads(episode.evidence)
-    evidence["restored"] = {"chunks": newest["chunk_key"].astype(str).tolist(),
-                            "values": [round(float(v), 4) for v in newest["value"]]}
-    episode.evidence = json.dumps(evidence, default=str)
-    episode.save(con)
-    return episode
+    return episode.end(con, RESTORED, now, "restored", {"chunks": newest["chunk_key"].astype(str).tolist(),
+                                                        "values": [round(float(v), 4) for v in newest["value"]]})
 
 
 def close_episode(con, use_case: str, *, now, note: str) -> Episode | None:
     """A person closes the active episode (after looking at an escalation, say)."""
     episode = active_episode(con, use_case)
-    if episode is None:
-        return None
-    episode.status, episode.closed_at = CLOSED, pd.Timestamp(now)
-    evidence = json.loads(episode.evidence)
-    evidence["closed_by_person"] = note
-    episode.evidence = json.dumps(evidence, default=str)
-    episode.save(con)
-    return episode
+    return None if episode is None else episode.end(con, CLOSED, now, "closed_by_person", note)
 
 
 # --- time to restore ----------------------------------------------------------------------------
