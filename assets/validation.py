@@ -102,9 +102,9 @@ def calibration_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWa
 def fairness_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWarehouse,
                   gates: GatePolicy) -> dg.AssetCheckResult:
     candidate, holdout = _candidate_and_holdout(warehouse, tenant_of(context))
-    table = modeling.fairness_by_group(
+    table = modeling.fairness_table(
         holdout["churned"].to_numpy(), holdout["score"].to_numpy(), holdout[modeling.FAIRNESS_ATTRIBUTE],
-        min_group_size=gates.fairness_min_group_size, min_group_positives=gates.fairness_min_group_positives,
+        min_group_size=gates.fairness_min_group_size, min_class_rows=gates.fairness_min_class_rows,
     )
     gap = modeling.fairness_gap(table)
     passed = gap <= gates.max_fairness_gap

@@ -16,7 +16,7 @@ class GatePolicy(dg.ConfigurableResource):
     max_fairness_gap: float = 0.15
     fairness_min_group_size: int = 100
     # ...and with at least this many rows of each class (a ROC AUC over a handful of churners is noise).
-    fairness_min_group_positives: int = 20
+    fairness_min_class_rows: int = 20
     max_single_row_p99_ms: float = 10.0
     max_model_bytes: int = 20_000_000
     # Freshness: the newest training label may be at most this many days older than the newest raw event.

@@ -117,28 +117,34 @@ def _auc_or_nan(y_true, y_pred) -> float:
     return float(roc_auc_score(y_true, y_pred)) if len(np.unique(y_true)) == 2 else float("nan")
 
 
-def fairness_by_group(
-    y_true: np.ndarray, y_score: np.ndarray, groups: pd.Series, min_group_size: int = 100,
-    min_group_positives: int = 20,
+def fairness_table(
+    y_true: np.ndarray, y_input: np.ndarray, groups: pd.Series, *, metric: str = "roc_auc", metric_fn=None,
+    min_group_size: int = 100, min_class_rows: int | None = 20,
 ) -> pd.DataFrame:
-    """ROC AUC and selection rate per group (fairlearn MetricFrame). A group is evaluated with at
-    least ``min_group_size`` rows and ``min_group_positives`` of each class: a ROC AUC over four
-    churners (a small tenant's enterprise accounts) measures noise, not unfairness."""
-    frame = MetricFrame(
-        metrics={"roc_auc": _auc_or_nan, "mean_score": lambda y, p: float(np.mean(p)), "count": lambda y, p: len(y),
-                 "positives": lambda y, p: int(np.sum(y)), "negatives": lambda y, p: int(len(y) - np.sum(y))},
-        y_true=y_true,
-        y_pred=y_score,
-        sensitive_features=groups.rename(groups.name or FAIRNESS_ATTRIBUTE),
-    )
+    """A metric per group (fairlearn MetricFrame), for every gate and report that measures fairness.
+
+    A group is evaluated with at least ``min_group_size`` rows and, for a binary label
+    (``min_class_rows`` not None), that many rows of each class: a ROC AUC over four churners (a
+    small tenant's enterprise accounts) measures noise, not unfairness. ``metric_fn(y_true,
+    y_input)`` defaults to ROC AUC (NaN for a group with one class)."""
+    metrics = {metric: metric_fn or _auc_or_nan, "mean_score": lambda y, p: float(np.mean(p)),
+               "count": lambda y, p: len(y)}
+    if min_class_rows is not None:
+        metrics |= {"positives": lambda y, p: int(np.sum(y)), "negatives": lambda y, p: int(len(y) - np.sum(y))}
+    name = groups.name or FAIRNESS_ATTRIBUTE
+    frame = MetricFrame(metrics=metrics, y_true=y_true, y_pred=y_input,
+                        sensitive_features=groups.astype(str).rename(name))
     table = frame.by_group.reset_index()
-    table["evaluated"] = ((table["count"] >= min_group_size) & table["roc_auc"].notna()
-                          & (table["positives"] >= min_group_positives) & (table["negatives"] >= min_group_positives))
+    evaluated = (table["count"] >= min_group_size) & table[metric].notna()
+    if min_class_rows is not None:
+        evaluated &= (table["positives"] >= min_class_rows) & (table["negatives"] >= min_class_rows)
+    table["evaluated"] = evaluated
     return table
 
 
-def fairness_gap(table: pd.DataFrame) -> float:
-    evaluated = table.loc[table["evaluated"], "roc_auc"]
+def fairness_gap(table: pd.DataFrame, metric: str = "roc_auc") -> float:
+    """The largest difference of ``metric`` between evaluated groups (0 with fewer than two)."""
+    evaluated = table.loc[table["evaluated"], metric]
     return float(evaluated.max() - evaluated.min()) if len(evaluated) >= 2 else 0.0
 
 

@@ -12,7 +12,6 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
-from fairlearn.metrics import MetricFrame
 from mlflow.models.model import ModelInfo
 from sklearn.metrics import (
     accuracy_score,
@@ -29,7 +28,13 @@ from sklearn.metrics import (
 
 from mlops.core.candidates import GateOutcome
 from mlops.core.model_inputs import ModelInputs
-from mlops.core.modeling import TimeSplit, expected_calibration_error, single_row_latency_ms
+from mlops.core.modeling import (
+    TimeSplit,
+    expected_calibration_error,
+    fairness_gap,
+    fairness_table,
+    single_row_latency_ms,
+)
 from mlops.core.modeling import time_split as modeling_time_split
 from mlops.core.pyfunc_model import log_feature_rows_model
 from mlops.core.usecase import UseCase, UseCaseError
@@ -45,6 +50,8 @@ _COMMON_GATES: dict[str, Any] = {
     "max_fairness_gap": 0.15,
     "fairness_attribute": None,
     "fairness_min_group_size": 100,
+    # ... and, for a binary label, at least this many rows of each class (as churn's gate).
+    "fairness_min_class_rows": 20,
     "max_single_row_p99_ms": 10.0,
     "max_model_bytes": 20_000_000,
 }
@@ -225,17 +232,6 @@ def _primary_gate(uc: UseCase, y: np.ndarray, scores: np.ndarray, champion_score
                        f"{tolerance}, so at least {bar:.4f}): {'ok' if passed else 'worse than the champion'}")
 
 
-def fairness_table(uc: UseCase, y: np.ndarray, scores: np.ndarray, groups: pd.Series,
-                   min_group_size: int) -> pd.DataFrame:
-    """The primary metric per group (fairlearn MetricFrame); groups under ``min_group_size`` are not evaluated."""
-    metric = PRIMARY_METRIC[uc.problem_type]
-    frame = MetricFrame(metrics={metric: _metric_fn(uc), "count": lambda t, p: len(t)}, y_true=y,
-                        y_pred=_metric_input(uc, scores), sensitive_features=groups.astype(str).to_numpy())
-    table = frame.by_group.reset_index()
-    table["evaluated"] = (table["count"] >= min_group_size) & table[metric].notna()
-    return table
-
-
 def _fairness_gate(uc: UseCase, holdout: pd.DataFrame, y, scores, limits: dict) -> GateOutcome:
     attribute, limit = limits["fairness_attribute"], float(limits["max_fairness_gap"])
     if not attribute:
@@ -245,9 +241,11 @@ def _fairness_gate(uc: UseCase, holdout: pd.DataFrame, y, scores, limits: dict) 
         return GateOutcome("fairness_gate", False, float("nan"), limit,
                            f"fairness: the holdout has no column {attribute!r} (gates.fairness_attribute)")
     metric = PRIMARY_METRIC[uc.problem_type]
-    table = fairness_table(uc, y, scores, holdout[attribute], int(limits["fairness_min_group_size"]))
+    table = fairness_table(y, _metric_input(uc, scores), holdout[attribute], metric=metric, metric_fn=_metric_fn(uc),
+                           min_group_size=int(limits["fairness_min_group_size"]),
+                           min_class_rows=int(limits["fairness_min_class_rows"]) if uc.problem_type == "binary" else None)
     evaluated = table.loc[table["evaluated"], metric]
-    gap = float(evaluated.max() - evaluated.min()) if len(evaluated) >= 2 else 0.0
+    gap = fairness_gap(table, metric)
     passed = gap <= limit
     return GateOutcome("fairness_gate", passed, gap, limit,
                        f"{metric} gap across {attribute} is {gap:.4f} over {len(evaluated)} groups of at least "
