@@ -9,7 +9,6 @@ without a full set of passed gates.
 
 import dagster as dg
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from assets.training import churn_model
 from mlops.core import modeling
@@ -67,51 +66,33 @@ def roc_auc_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWareho
     tenant = tenant_of(context)
     candidate, holdout = _candidate_and_holdout(warehouse, tenant)
     version = candidate["model_version"]
-    auc = float(roc_auc_score(holdout["churned"], holdout["score"]))
-    if auc < gates.min_roc_auc:
-        return record_gate(context, warehouse, version, GateOutcome(
-            "roc_auc_gate", False, auc, gates.min_roc_auc,
-            f"ROC AUC {auc:.4f} is below the floor {gates.min_roc_auc:.4f}"))
     champion = registry.alias_version(tenant, CHAMPION)
-    if champion is None or str(champion.version) == version:
-        return record_gate(context, warehouse, version, GateOutcome(
-            "roc_auc_gate", True, auc, gates.min_roc_auc,
-            f"ROC AUC {auc:.4f} >= floor {gates.min_roc_auc:.4f}; no other champion to compare with"))
-    champion_scores = modeling.score(registry.load_booster(tenant, champion.version), holdout)
-    champion_auc = float(roc_auc_score(holdout["churned"], champion_scores))
-    floor = champion_auc - gates.champion_auc_tolerance
-    passed = auc >= floor
-    return record_gate(context, warehouse, version, GateOutcome(
-        "roc_auc_gate", passed, auc, floor,
-        f"ROC AUC {auc:.4f} vs champion v{champion.version} {champion_auc:.4f} on the same holdout "
-        f"(tolerance {gates.champion_auc_tolerance}): {'ok' if passed else 'worse than the champion'}"))
+    champion_scores = None
+    if champion is not None and str(champion.version) != version:
+        champion_scores = modeling.score(registry.load_booster(tenant, champion.version), holdout)
+    return record_gate(context, warehouse, version, modeling.roc_auc_outcome(
+        holdout["churned"].to_numpy(), holdout["score"].to_numpy(), floor=gates.min_roc_auc,
+        tolerance=gates.champion_auc_tolerance, champion_score=champion_scores,
+        champion_version=champion.version if champion_scores is not None else None))
 
 
 @_gate(description="Expected calibration error on the holdout is under the limit.")
 def calibration_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWarehouse,
                      gates: GatePolicy) -> dg.AssetCheckResult:
     candidate, holdout = _candidate_and_holdout(warehouse, tenant_of(context))
-    ece = modeling.expected_calibration_error(holdout["churned"].to_numpy(), holdout["score"].to_numpy())
-    passed = ece <= gates.max_expected_calibration_error
-    return record_gate(context, warehouse, candidate["model_version"], GateOutcome(
-        "calibration_gate", passed, ece, gates.max_expected_calibration_error,
-        f"expected calibration error {ece:.4f} {'<=' if passed else '>'} {gates.max_expected_calibration_error}"))
+    return record_gate(context, warehouse, candidate["model_version"], modeling.calibration_outcome(
+        holdout["churned"].to_numpy(), holdout["score"].to_numpy(), max_ece=gates.max_expected_calibration_error))
 
 
 @_gate(description="ROC AUC gap between customer segments (fairlearn MetricFrame) is under the limit.")
 def fairness_gate(context: dg.AssetCheckExecutionContext, warehouse: DuckDBWarehouse,
                   gates: GatePolicy) -> dg.AssetCheckResult:
     candidate, holdout = _candidate_and_holdout(warehouse, tenant_of(context))
-    table = modeling.fairness_table(
+    outcome, table = modeling.fairness_outcome(
         holdout["churned"].to_numpy(), holdout["score"].to_numpy(), holdout[modeling.FAIRNESS_ATTRIBUTE],
-        min_group_size=gates.fairness_min_group_size, min_class_rows=gates.fairness_min_class_rows,
-    )
-    gap = modeling.fairness_gap(table)
-    passed = gap <= gates.max_fairness_gap
-    result = record_gate(context, warehouse, candidate["model_version"], GateOutcome(
-        "fairness_gate", passed, gap, gates.max_fairness_gap,
-        f"ROC AUC gap across {modeling.FAIRNESS_ATTRIBUTE} is {gap:.4f} "
-        f"({'within' if passed else 'over'} the limit {gates.max_fairness_gap})"))
+        max_gap=gates.max_fairness_gap, min_group_size=gates.fairness_min_group_size,
+        min_class_rows=gates.fairness_min_class_rows)
+    result = record_gate(context, warehouse, candidate["model_version"], outcome)
     return dg.AssetCheckResult(
         passed=result.passed, description=result.description,
         metadata={**result.metadata, "by_group": dg.MetadataValue.md(table.to_markdown(index=False, floatfmt=".3f"))},

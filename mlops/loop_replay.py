@@ -121,19 +121,24 @@ class LoopReplay:
         return Model(str(self.versions), booster, reference, TenantMonitor(self.policy, reference), day)
 
     def _gates_pass(self, day: int, reference: pd.DataFrame) -> bool:
-        """The holdout gates the retrain's challenger must pass (ROC AUC floor and champion comparison,
-        calibration), with the platform's thresholds."""
-        y, score = reference["churned"].to_numpy(), reference["score"].to_numpy()
-        auc, ece = roc_auc_score(y, score), modeling.expected_calibration_error(y, score)
-        champion_auc = roc_auc_score(y, modeling.score(self.champion.booster, reference))
-        problems = [f"ROC AUC {auc:.3f} < {self.gates.min_roc_auc}"] if auc < self.gates.min_roc_auc else []
-        if auc < champion_auc - self.gates.champion_auc_tolerance:
-            problems.append(f"ROC AUC {auc:.3f} worse than the champion's {champion_auc:.3f}")
-        if ece > self.gates.max_expected_calibration_error:
-            problems.append(f"ECE {ece:.3f} > {self.gates.max_expected_calibration_error}")
-        if problems:
-            self.emit(day, "gates failed", "; ".join(problems))
-        return not problems
+        """The holdout gates the retrain's challenger must pass, decided by the functions churn's
+        blocking asset checks call (``roc_auc_outcome``, ``calibration_outcome``,
+        ``fairness_outcome``) with the platform's ``GatePolicy``. (Latency and size depend on the
+        machine and the model file, not on the drift: the replay does not measure them.)"""
+        y, score, gates = reference["churned"].to_numpy(), reference["score"].to_numpy(), self.gates
+        outcomes = [
+            modeling.roc_auc_outcome(y, score, floor=gates.min_roc_auc, tolerance=gates.champion_auc_tolerance,
+                                     champion_score=modeling.score(self.champion.booster, reference),
+                                     champion_version=self.champion.version),
+            modeling.calibration_outcome(y, score, max_ece=gates.max_expected_calibration_error),
+            modeling.fairness_outcome(y, score, reference[modeling.FAIRNESS_ATTRIBUTE], max_gap=gates.max_fairness_gap,
+                                      min_group_size=gates.fairness_min_group_size,
+                                      min_class_rows=gates.fairness_min_class_rows)[0],
+        ]
+        failed = [outcome.reason for outcome in outcomes if not outcome.passed]
+        if failed:
+            self.emit(day, "gates failed", "; ".join(failed))
+        return not failed
 
     # --- the log and what monitoring reads --------------------------------------------------------
     def logged(self, role: str, version: str) -> pd.DataFrame:

@@ -17,6 +17,7 @@ from fairlearn.metrics import MetricFrame
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
+from mlops.core.candidates import GateOutcome
 from mlops.core.model_inputs import (
     CHURN_INPUTS,
     FEATURE_COLUMNS,
@@ -146,6 +147,44 @@ def fairness_gap(table: pd.DataFrame, metric: str = "roc_auc") -> float:
     """The largest difference of ``metric`` between evaluated groups (0 with fewer than two)."""
     evaluated = table.loc[table["evaluated"], metric]
     return float(evaluated.max() - evaluated.min()) if len(evaluated) >= 2 else 0.0
+
+
+def roc_auc_outcome(y_true: np.ndarray, y_score: np.ndarray, *, floor: float, tolerance: float,
+                    champion_score: np.ndarray | None = None, champion_version: str | None = None) -> GateOutcome:
+    """Churn's ``roc_auc_gate``: the holdout ROC AUC is at least ``floor`` and, with a champion's
+    scores of the same rows, not worse than the champion's beyond ``tolerance``. The asset check and
+    the simulated-clock replay both decide with this function."""
+    auc = float(roc_auc_score(y_true, y_score))
+    if auc < floor:
+        return GateOutcome("roc_auc_gate", False, auc, floor, f"ROC AUC {auc:.4f} is below the floor {floor:.4f}")
+    if champion_score is None:
+        return GateOutcome("roc_auc_gate", True, auc, floor,
+                           f"ROC AUC {auc:.4f} >= floor {floor:.4f}; no other champion to compare with")
+    champion_auc = float(roc_auc_score(y_true, champion_score))
+    bar = champion_auc - tolerance
+    passed = auc >= bar
+    return GateOutcome("roc_auc_gate", passed, auc, bar,
+                       f"ROC AUC {auc:.4f} vs champion v{champion_version} {champion_auc:.4f} on the same holdout "
+                       f"(tolerance {tolerance}): {'ok' if passed else 'worse than the champion'}")
+
+
+def calibration_outcome(y_true: np.ndarray, y_score: np.ndarray, *, max_ece: float) -> GateOutcome:
+    """Churn's ``calibration_gate``: the holdout's expected calibration error is at most ``max_ece``."""
+    ece = expected_calibration_error(y_true, y_score)
+    passed = ece <= max_ece
+    return GateOutcome("calibration_gate", passed, ece, max_ece,
+                       f"expected calibration error {ece:.4f} {'<=' if passed else '>'} {max_ece}")
+
+
+def fairness_outcome(y_true: np.ndarray, y_score: np.ndarray, groups: pd.Series, *, max_gap: float,
+                     min_group_size: int, min_class_rows: int) -> tuple[GateOutcome, pd.DataFrame]:
+    """Churn's ``fairness_gate``: the ROC AUC gap across ``groups`` is at most ``max_gap`` (and the table)."""
+    table = fairness_table(y_true, y_score, groups, min_group_size=min_group_size, min_class_rows=min_class_rows)
+    gap = fairness_gap(table)
+    passed = gap <= max_gap
+    return GateOutcome("fairness_gate", passed, gap, max_gap,
+                       f"ROC AUC gap across {groups.name or FAIRNESS_ATTRIBUTE} is {gap:.4f} "
+                       f"({'within' if passed else 'over'} the limit {max_gap})"), table
 
 
 def single_row_latency_ms(booster: lgb.Booster, rows: pd.DataFrame, repeats: int = 300,
