@@ -356,24 +356,30 @@ def audit_loop(warehouse, tenant: str, subject: str, decay: list[dict], loop: di
                         details={"episode": loop["restored"]})
 
 
+def first_shadowed(logged: pd.DataFrame, pairs: pd.DataFrame) -> pd.Timestamp | None:
+    """The feature time (data clock) of the challenger's first shadowed prediction among the champion's
+    logged rows, or None before there is one."""
+    from mlops.core.monitoring import TIMESTAMP
+
+    if logged.empty:
+        return None
+    shadowed = logged.loc[logged["prediction_id"].isin(pairs["prediction_id"]), TIMESTAMP]
+    return None if shadowed.empty else pd.Timestamp(shadowed.min())
+
+
 def shadow_deadline(decision: str, reason: str, logged: pd.DataFrame, pairs: pd.DataFrame, origin,
                     policy) -> tuple[str, str]:
     """A challenger still waiting for evidence after ``promotion_max_shadow_days`` of shadow traffic
     (data time: the feature day of its first shadowed prediction) is retired, so that the loop can
     retrain on the labels that matured meanwhile."""
-    from mlops.core.monitoring import TIMESTAMP
-
-    if decision != "wait" or logged.empty:
+    first = first_shadowed(logged, pairs)
+    if decision != "wait" or first is None:
         return decision, reason
-    shadowed = logged.loc[logged["prediction_id"].isin(pairs["prediction_id"]), TIMESTAMP]
-    if shadowed.empty:
-        return decision, reason
-    days = (data_clock(origin) - pd.Timestamp(shadowed.min())).days
+    days = (data_clock(origin) - first).days
     limit = policy.promotion_max_shadow_days
     if days <= limit:
         return decision, reason
     return "retire", f"no evidence of an improvement after {days} days in shadow (limit {limit}): {reason}"
-
 
 
 def shadowed_period(logged: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -381,10 +387,8 @@ def shadowed_period(logged: pd.DataFrame, pairs: pd.DataFrame) -> pd.DataFrame:
     that neither model was trained on (older rows may be in the challenger's training data)."""
     from mlops.core.monitoring import TIMESTAMP
 
-    if logged.empty:
-        return logged
-    shadowed = logged.loc[logged["prediction_id"].isin(pairs["prediction_id"]), TIMESTAMP]
-    return logged if shadowed.empty else logged[logged[TIMESTAMP] >= shadowed.min()].reset_index(drop=True)
+    first = first_shadowed(logged, pairs)
+    return logged if first is None else logged[logged[TIMESTAMP] >= first].reset_index(drop=True)
 
 
 def decide_promotion(pairs: pd.DataFrame, logged: pd.DataFrame, references: dict, boosters: dict, policy, *,
