@@ -5,10 +5,12 @@ from __future__ import annotations
 import dagster as dg
 
 from assets import automation, deployment, features, ingestion, monitoring, reports, training, validation
+from assets.alerts import platform_alerts_sensor, service_alert_sensor
 from assets.usecases import usecase_definitions
 from mlops.core.environment import configure_environment
 from mlops.core.names import EXPERIMENT_NAME
 from mlops.core.usecase import discover_usecases, usecase_roots
+from resources.alerts import AlertWebhook
 from resources.feature_store import FeatureStore
 from resources.gates import GatePolicy
 from resources.monitoring import MonitoringPolicy
@@ -37,6 +39,7 @@ def build_definitions(home: str | None = None, gates: GatePolicy | None = None,
         "gates": gates or GatePolicy(),
         "monitoring_policy": monitoring_policy or MonitoringPolicy(),
         "notebooks": NotebookRunner(settings=settings),
+        "alerts": AlertWebhook.from_env(settings),  # off unless $MLOPS_ALERT_WEBHOOK_URL is set
         "mlflow": mlflow_tracking_in_home.configured(
             {"experiment_name": EXPERIMENT_NAME, "mlflow_tracking_uri": settings.mlflow_tracking_uri}
         ),
@@ -47,7 +50,8 @@ def build_definitions(home: str | None = None, gates: GatePolicy | None = None,
         asset_checks=dg.load_asset_checks_from_modules([validation]),
         jobs=[automation.churn_pipeline, automation.retrain_job, automation.daily_cycle, automation.prediction_log_job],
         schedules=[automation.daily_cycle_schedule, automation.weekly_retrain_schedule],
-        sensors=[automation.tenant_catalog_sensor, automation.decay_retrain_sensor, automation.service_health_sensor],
+        sensors=[automation.tenant_catalog_sensor, automation.decay_retrain_sensor, automation.service_health_sensor,
+                 platform_alerts_sensor, service_alert_sensor],
         resources=resources,
     )
     declared = discover_usecases(usecase_roots(usecase_paths))

@@ -137,8 +137,6 @@ def model_monitoring(
     audit_loop(warehouse, tenant, f"{registered_model_name(tenant)}/{version}", report.decay, loop, context.log)
 
     alerts = report.alerts
-    latest_chunk = results["chunk_start"].max()
-    drifting = alerts[(alerts["metric"] == "univariate_drift") & (alerts["chunk_start"] == latest_chunk)]
     title = f"{tenant} champion v{version}"
 
     def number(value):
@@ -155,7 +153,7 @@ def model_monitoring(
             "estimated_roc_auc": number(report.latest("estimated_roc_auc")),
             "realized_roc_auc": number(report.latest("realized_roc_auc")),
             "multivariate_drift": number(report.latest("multivariate_drift")),
-            "features_drifting_latest_chunk": dg.MetadataValue.int(int(drifting["feature"].nunique())),
+            "features_drifting_latest_chunk": dg.MetadataValue.int(len(report.drifting_latest())),
             "max_missing_values_rate": number(_max_latest(results, "missing_values_rate")),
             "max_unseen_values_rate": number(_max_latest(results, "unseen_values_rate")),
             "alerts": dg.MetadataValue.int(len(alerts)),

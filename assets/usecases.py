@@ -504,6 +504,7 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
             "analysis_rows": dg.MetadataValue.int(len(analysis)),
             "chunks": dg.MetadataValue.int(int(everything["chunk_key"].nunique())),
             "alerts": dg.MetadataValue.int(len(report.alerts)),
+            "features_drifting_latest_chunk": dg.MetadataValue.int(len(report.drifting_latest())),
             **{metric: dg.MetadataValue.float(float("nan") if report.latest(metric) is None else report.latest(metric))
                for metric in monitor.spec.decay_metrics},
             "decay_alert": bool(decay),

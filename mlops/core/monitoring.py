@@ -245,6 +245,15 @@ class MonitoringReport:
             rows = rows[rows["feature"] == feature]
         return None if rows.empty else float(rows.sort_values("chunk_start")["value"].iloc[-1])
 
+    def drifting_latest(self) -> list[str]:
+        """The features whose univariate drift alerts in the newest chunk (sorted)."""
+        alerts = self.alerts
+        if alerts.empty:
+            return []
+        latest = self.results["chunk_start"].max()
+        rows = alerts[(alerts["metric"] == "univariate_drift") & (alerts["chunk_start"] == latest)]
+        return sorted(rows["feature"].dropna().unique())
+
 
 def prepare(frame: pd.DataFrame, spec: MonitorSpec = CHURN_SPEC) -> pd.DataFrame:
     """The columns NannyML reads: features, timestamp, the model's output, a predicted class
