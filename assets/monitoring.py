@@ -66,17 +66,29 @@ def prediction_log(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse
     A segment's name is recorded in the same transaction as its rows (``mlops.core.prediction_log``),
     so a segment is never loaded twice, even if moving it aside afterwards fails.
     """
+    return ingest_prediction_log(context, warehouse, settings, use_case=None)
+
+
+def ingest_prediction_log(context, warehouse: DuckDBWarehouse, settings: PlatformSettings,
+                          use_case: str | None) -> dg.MaterializeResult:
+    """The ``prediction_log`` asset of churn and of every use case: dead workers' journals recovered,
+    closed segments ingested exactly once (unreadable ones quarantined with a reason), then archived."""
     tenant = context.partition_key
     with warehouse.transaction(tenant) as con:
         try:
-            ingestion = ingest_closed_segments(con, settings.root, tenant)
+            ingestion = ingest_closed_segments(con, settings.root, tenant, use_case=use_case)
         except ForeignSegmentError as exc:
             raise dg.Failure(str(exc)) from exc
-    archive_segments(settings.root, tenant, ingestion.closed)
+    archive_segments(settings.root, tenant, ingestion.closed, use_case=use_case)
+    for path in ingestion.quarantined:
+        context.log.warning(f"quarantined unreadable segment {path.name}: see {path.name}.reason beside it")
+    recovered = ingestion.recovered
     return dg.MaterializeResult(
         metadata={
             "segments_ingested": dg.MetadataValue.int(ingestion.loaded),
             "segments_already_ingested": dg.MetadataValue.int(ingestion.skipped),
+            "segments_quarantined": dg.MetadataValue.int(len(ingestion.quarantined)),
+            "journal_rows_recovered": dg.MetadataValue.int(recovered.rows if recovered else 0),
             "rows_ingested": dg.MetadataValue.int(ingestion.rows),
             "rows_total": dg.MetadataValue.int(ingestion.total_rows),
         }

@@ -26,6 +26,7 @@ import mlflow
 import pandas as pd
 
 from assets.automation import build_decay_sensor
+from assets.monitoring import ingest_prediction_log
 from mlops.core import usecase_model, usecase_store
 from mlops.core.candidates import (
     failed_or_missing_gates,
@@ -62,9 +63,6 @@ from mlops.core.monitoring import (
 )
 from mlops.core.names import CHALLENGER, CHAMPION
 from mlops.core.prediction_log import (
-    ForeignSegmentError,
-    archive_segments,
-    ingest_closed_segments,
     prediction_log_ddl,
     prediction_log_table,
 )
@@ -330,18 +328,7 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
               description=f"The service's closed prediction-log segments of {name}, ingested exactly once.",
               **common)
     def prediction_log(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, settings: PlatformSettings):
-        tenant = context.partition_key
-        with warehouse.transaction(tenant) as con:
-            try:
-                ingestion = ingest_closed_segments(con, settings.root, tenant, use_case=name)
-            except ForeignSegmentError as exc:
-                raise dg.Failure(str(exc)) from exc
-        archive_segments(settings.root, tenant, ingestion.closed, use_case=name)
-        return dg.MaterializeResult(metadata={
-            "segments_ingested": dg.MetadataValue.int(ingestion.loaded),
-            "rows_ingested": dg.MetadataValue.int(ingestion.rows),
-            "rows_total": dg.MetadataValue.int(ingestion.total_rows),
-        })
+        return ingest_prediction_log(context, warehouse, settings, use_case=name)
 
     metric = promotion_metric(uc)
     gate_key = key("shadow_comparison")

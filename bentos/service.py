@@ -24,7 +24,26 @@ Settings (environment variables, read at start-up):
   at random), as nginx's ``keepalive_requests`` does. BentoML's workers share one listening
   socket and a connection stays with the worker that accepted it, so a client's few long-lived
   connections often all land on one worker while the other idles; recycled connections are
-  accepted by whichever worker is free, which spreads the load.
+  accepted by whichever worker is free, which spreads the load;
+- ``MLOPS_MAX_BODY_BYTES`` (default 1 MiB) and ``MLOPS_MAX_BATCH_BODY_BYTES`` (default 16 MiB: 10,000
+  instances of up to ~1.6 KiB each): the largest request body of a single-prediction route and of a
+  ``.../predict_batch`` route. A larger body gets 413 before it is read: a ``Content-Length`` over the
+  limit is refused at once, and a chunked body is counted while it streams and refused as soon as
+  it passes the limit;
+- ``MLOPS_RATE_LIMIT_PER_S`` (default 0: off) and ``MLOPS_RATE_LIMIT_BURST`` (default: the rate, at
+  least 1): a token bucket per API key, checked before the body is read; a key over its rate gets
+  429 with ``Retry-After`` (whole seconds). The buckets live in each worker process: with N
+  workers a key may get up to N times the rate (run one worker, or divide the rate by N, for an
+  exact limit);
+- ``MLOPS_METRICS_TOKEN`` (default unset: ``/metrics`` is open, as BentoML serves it): when set,
+  ``/metrics`` answers 401 unless the request carries ``Authorization: Bearer <token>``. The
+  metrics name every tenant: set it wherever the port is reachable by more than the scraper.
+
+The API contract (``/docs.json``): BentoML's generated OpenAPI document, completed by
+``openapi_document``: the package version, the bearer-key security scheme, and on every scoring
+route each status it answers (200, 400, 401, 403, 404, 413, 429, 503, 504) with the one error body
+``ErrorBody`` (``{"error": message, "detail": [validation issues]}``, ``detail`` only on a 400 of
+request validation).
 
 Scoring: each model version is scored by its trees compiled to native code (``CompiledBooster``,
 the object file that publication built with lleaves; 3-5x faster than LightGBM's predictor),
@@ -44,9 +63,11 @@ import concurrent.futures
 import ctypes
 import functools
 import gc
+import hmac
 import importlib.util
 import itertools
 import json
+import math
 import os
 import random
 import sys
@@ -63,14 +84,16 @@ import numpy as np
 import pydantic_core
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from bentos.usecase_serving import UseCaseDeclaration
 from mlops.core.environment import HomeLayout, configure_environment, write_atomic
 from mlops.core.names import CHALLENGER, CHAMPION
 from mlops.core.serving import (
     MANIFEST,
+    ApiKey,
     ApiKeyStore,
     LogChunk,
     PredictionLogWriter,
@@ -86,6 +109,27 @@ SHADOW_BATCH_SAMPLE = float(os.environ.get("CHURN_SHADOW_BATCH_SAMPLE", "0.1"))
 SHADOW_MAX_PENDING = int(os.environ.get("CHURN_SHADOW_MAX_PENDING", "20000"))
 WORKERS = int(os.environ.get("CHURN_SERVICE_WORKERS", "2"))
 KEEPALIVE_REQUESTS = int(os.environ.get("CHURN_KEEPALIVE_REQUESTS", "100"))
+
+
+def _setting(name: str, default: float) -> float:
+    """A non-negative number from the environment variable ``name``; an error names a bad value."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name}={raw!r} must be a finite number >= 0")
+    return value
+
+
+MAX_BODY_BYTES = int(_setting("MLOPS_MAX_BODY_BYTES", 1 << 20))
+MAX_BATCH_BODY_BYTES = int(_setting("MLOPS_MAX_BATCH_BODY_BYTES", 16 << 20))
+RATE_LIMIT_PER_S = _setting("MLOPS_RATE_LIMIT_PER_S", 0.0)
+RATE_LIMIT_BURST = _setting("MLOPS_RATE_LIMIT_BURST", 0.0) or max(1.0, RATE_LIMIT_PER_S)
+METRICS_TOKEN = os.environ.get("MLOPS_METRICS_TOKEN", "")
 # Batches at least this large are scored on a thread of their own, so the event loop keeps serving.
 OFFLOAD_ROWS = 64
 # Shadow work is scored in micro-batches this often.
@@ -110,6 +154,13 @@ SHADOW_REQUESTS = bentoml.metrics.Counter(
     documentation="Requests to tenants with a challenger, by endpoint and shadow outcome "
                   "(shadowed, sampled_out, dropped)",
     labelnames=["tenant", "endpoint", "outcome"],
+)
+LOG_WRITE_FAILURES = bentoml.metrics.Counter(
+    name="prediction_log_write_failures_total",
+    documentation="Prediction-log writes that failed, by stage: segment (a Parquet segment could not be "
+                  "written; its rows stay buffered and journaled, retried) or journal (a record could not be "
+                  "journaled; it is in memory only until its segment is written)",
+    labelnames=["stage"],
 )
 # The same metrics for the other use cases (``/v1/<use case>/...``), with the use case as a label.
 USECASE_LATENCY = bentoml.metrics.Histogram(
@@ -160,11 +211,33 @@ class BatchPrediction(BaseModel):
     predictions: list[Prediction]
 
 
-class ServiceError(BentoMLException):
-    """An error with an HTTP status, and a message that names the problem."""
+class ValidationIssue(BaseModel):
+    """One problem of a request that failed validation (pydantic's error, without the input)."""
 
-    def __init__(self, status: HTTPStatus, message: str):
+    type: str = Field(description="the kind of problem, e.g. missing, string_type, json_invalid")
+    loc: list[str | int] = Field(description="where: the field names and list indexes leading to the value")
+    msg: str = Field(description="what is wrong, in words")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer of the scoring routes."""
+
+    model_config = ConfigDict(title="Error", extra="forbid")
+
+    error: str = Field(description="what went wrong, naming the field, tenant, key or limit concerned")
+    detail: list[ValidationIssue] = Field(
+        default_factory=list, description="present on a 400 of request validation: one item per problem")
+
+
+NO_KEY = "Authorization error: missing or invalid API key (send 'Authorization: Bearer <key>')"
+
+
+class ServiceError(BentoMLException):
+    """An error with an HTTP status, and a message that names the problem (and response headers)."""
+
+    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None):
         super().__init__(message, error_code=status)
+        self.headers = headers
 
 
 # --- LightGBM without the lightgbm package ---------------------------------------------------------
@@ -407,6 +480,30 @@ def new_prediction_ids(n: int) -> list[str]:
     return [digits[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
+class TokenBuckets:
+    """A token bucket per name (an API key id): ``rate`` tokens a second up to ``burst``; each request
+    takes one. Used from the event loop only (no lock). Buckets exist for valid keys only, so their
+    number is bounded by the key file."""
+
+    def __init__(self, rate: float, burst: float, clock=time.monotonic):
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._buckets: dict[str, list[float]] = {}  # name -> [tokens, updated at]
+
+    def take(self, name: str) -> float:
+        """0 when a token was taken; otherwise the seconds until one is available (nothing taken)."""
+        now = self._clock()
+        bucket = self._buckets.get(name)
+        if bucket is None:
+            bucket = self._buckets[name] = [self.burst, now]
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0
+            return 0.0
+        bucket[0] = tokens
+        return (1.0 - tokens) / self.rate
+
+
 @dataclass(frozen=True)
 class ServedUseCase:
     """A use case's declaration and its tenants' deployments, swapped together."""
@@ -447,7 +544,9 @@ class ChurnService:
         self.home = configure_environment()
         self.folder = serving_dir(self.home)
         # Segments rotate once a second, written by the writer's own thread, never by a request.
-        self.log_writer = PredictionLogWriter(self.home, max_rows=200_000, max_age_s=1.0)
+        # Each record is journaled before the response (MLOPS_LOG_FSYNC: none|interval|always).
+        self.log_writer = PredictionLogWriter(self.home, max_rows=200_000, max_age_s=1.0,
+                                              on_failure=lambda stage: LOG_WRITE_FAILURES.labels(stage).inc())
         self._shadow_items: list[_ShadowItem] = []  # for the shadow thread
         self._loop_shadow_items: list[_ShadowItem] = []  # for the event loop (single predictions)
         self._loop_shadow_scheduled = False
@@ -462,6 +561,7 @@ class ChurnService:
         self._stop = threading.Event()
         self._started_at, self._predictions_served = time.time(), 0
         self._batch_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="batch")
+        self._rate_limiter = TokenBuckets(RATE_LIMIT_PER_S, RATE_LIMIT_BURST) if RATE_LIMIT_PER_S > 0 else None
         self.refresh()
         # A large, long-lived heap (feature matrices, BentoML) makes full collections slow: freeze
         # what start-up allocated so the collector skips it; requests allocate little.
@@ -604,8 +704,8 @@ class ChurnService:
             raise ServiceError(HTTPStatus.NOT_FOUND, f"tenant {tenant!r} has no deployed model")
         return deployment
 
-    def _check_key(self, headers, tenant: str) -> None:
-        """401 without a valid key, 403 with a key of another tenant."""
+    def _api_key(self, headers) -> ApiKey | None:
+        """The valid, unrevoked key the request carries (``Authorization: Bearer`` or ``X-API-Key``), or None."""
         presented = headers.get("x-api-key")
         if not presented:
             auth = headers.get("authorization", "")
@@ -615,13 +715,30 @@ class ChurnService:
         key = verified.get(presented)
         if key is None:
             key = verify_key(keys, presented)
-            if key is None:
-                raise ServiceError(HTTPStatus.UNAUTHORIZED,
-                                   "missing or invalid API key (send 'Authorization: Bearer <key>')")
-            if len(verified) < 4096:  # valid keys only; the cache goes with the key file snapshot
+            if key is not None and len(verified) < 4096:  # valid keys only; the cache goes with the key file snapshot
                 verified[presented] = key
+        return key
+
+    def _check_key(self, headers, tenant: str) -> None:
+        """401 without a valid key, 403 with a key of another tenant."""
+        key = self._api_key(headers)
+        if key is None:
+            raise ServiceError(HTTPStatus.UNAUTHORIZED, NO_KEY)
         if key.tenant != tenant:
-            raise ServiceError(HTTPStatus.FORBIDDEN, f"this API key belongs to another tenant, not {tenant!r}")
+            raise ServiceError(HTTPStatus.FORBIDDEN,
+                               f"Authorization error: this API key belongs to another tenant, not {tenant!r}")
+
+    def _check_rate(self, key: ApiKey) -> None:
+        """429 when ``key`` is over its rate (``MLOPS_RATE_LIMIT_PER_S``)."""
+        if self._rate_limiter is None:
+            return
+        wait_s = self._rate_limiter.take(key.key_id)
+        if wait_s > 0:
+            retry_after = max(1, math.ceil(wait_s))
+            raise ServiceError(HTTPStatus.TOO_MANY_REQUESTS,
+                               f"rate limit of API key {key.key_id!r} exceeded: {RATE_LIMIT_PER_S:g} requests/s "
+                               f"(burst {RATE_LIMIT_BURST:g}); retry in {retry_after} s",
+                               headers={"retry-after": str(retry_after)})
 
     def _rows(self, deployment: TenantDeployment, account_ids: list[str]) -> np.ndarray:
         index = deployment.account_index
@@ -932,19 +1049,29 @@ _SERVICE: list = []
 
 
 def _error_response(exc: Exception) -> Response:
+    """The ``ErrorBody`` of a validation error (400) or a ``ServiceError``, as JSON. Escaped to ASCII: a
+    field name of the request echoed in ``detail`` may hold characters UTF-8 cannot encode."""
     if isinstance(exc, ValidationError):
-        return JSONResponse({"error": f"{exc.error_count()} validation error for {exc.title}",
-                             "detail": exc.errors(include_context=False, include_input=False)}, status_code=400)
-    status = exc.error_code.value
-    body = {"error": "Authorization error"} if status in (401, 403) else [{"error": str(exc)}]
-    return JSONResponse(body, status_code=status)
+        status, headers = 400, None
+        body = {"error": f"{exc.error_count()} validation error for {exc.title}",
+                "detail": exc.errors(include_url=False, include_context=False, include_input=False)}
+    else:
+        status, headers = exc.error_code.value, exc.headers
+        body = {"error": str(exc)}
+    return Response(json.dumps(body), status_code=status, headers=headers, media_type="application/json")
 
 
-async def _fast_predict(request: Request) -> Response:
-    service = _SERVICE[0]
+def _json_response(result: Any) -> Response:
     try:
-        payload = PredictInput.model_validate_json(await request.body())
-        deployment, ids, scores = service._predict(payload.tenant, [payload.account_id], request.headers, "predict")
+        return Response(pydantic_core.to_json(result), media_type="application/json")
+    except pydantic_core.PydanticSerializationError:  # an echoed key that UTF-8 cannot encode: escape it
+        return Response(json.dumps(result), media_type="application/json")
+
+
+async def _fast_predict(service: ChurnService, headers, body: bytes) -> Response:
+    try:
+        payload = PredictInput.model_validate_json(body)
+        deployment, ids, scores = service._predict(payload.tenant, [payload.account_id], headers, "predict")
     except (ValidationError, ServiceError) as exc:
         return _error_response(exc)
     # The fields of ``Prediction``, serialized by pydantic-core as model_dump_json would (no model instance).
@@ -953,12 +1080,11 @@ async def _fast_predict(request: Request) -> Response:
     return Response(body, media_type="application/json")
 
 
-async def _fast_predict_batch(request: Request) -> Response:
-    service = _SERVICE[0]
+async def _fast_predict_batch(service: ChurnService, headers, body: bytes) -> Response:
     try:
-        payload = PredictBatchInput.model_validate_json(await request.body())
+        payload = PredictBatchInput.model_validate_json(body)
         deployment, ids, scores = await service._predict_async(
-            payload.tenant, payload.account_ids, request.headers, "predict_batch")
+            payload.tenant, payload.account_ids, headers, "predict_batch")
     except (ValidationError, ServiceError) as exc:
         return _error_response(exc)
     tenant, version = payload.tenant, deployment.champion.version
@@ -972,18 +1098,19 @@ async def _fast_predict_batch(request: Request) -> Response:
     return Response(body, media_type="application/json")
 
 
-async def _fast_predict_usecase(request: Request, use_case: str, endpoint: str) -> Response:
+async def _fast_predict_usecase(service: ChurnService, headers, body: bytes, use_case: str,
+                                endpoint: str) -> Response:
     """``ChurnService.predict_usecase`` and ``predict_batch_usecase`` (same contract), with the body parsed
     here: a body that is not JSON is a 400, as for churn (BentoML's root-input parsing answers 500)."""
     try:
         try:
-            body = json.loads(await request.body())
-        except ValueError as exc:
+            parsed = json.loads(body)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
             raise ServiceError(HTTPStatus.BAD_REQUEST, f"the request body is not valid JSON: {exc}") from None
-        result = await _SERVICE[0]._route_usecase(use_case, body, request.headers, endpoint)
+        result = await service._route_usecase(use_case, parsed, headers, endpoint)
     except (ValidationError, ServiceError) as exc:
         return _error_response(exc)
-    return Response(pydantic_core.to_json(result), media_type="application/json")
+    return _json_response(result)
 
 
 _FAST_ROUTES = {"/v1/predict": _fast_predict, "/v1/predict_batch": _fast_predict_batch}
@@ -996,11 +1123,46 @@ def _path_use_case(request: Request) -> str:
 
 
 def _usecase_route(path: str) -> tuple[str, str] | None:
-    """(use case, endpoint) of ``/v1/<use case>/predict`` or ``/v1/<use case>/predict_batch``."""
-    parts = path.split("/")
-    if len(parts) == 4 and parts[1] == "v1" and parts[2] and parts[3] in _USECASE_ENDPOINTS:
-        return parts[2], parts[3]
+    """(use case, endpoint) of ``/v1/<use case>/predict`` or ``/v1/<use case>/predict_batch``. Any other
+    path of that shape (an empty name, a name with a slash) is an unknown use case too: 404, as JSON."""
+    if not path.startswith("/v1/"):
+        return None
+    use_case, _, endpoint = path[4:].rpartition("/")
+    if endpoint in _USECASE_ENDPOINTS and (use_case or path.startswith("/v1//")):
+        return use_case, endpoint
     return None
+
+
+async def _read_body(receive, limit: int, setting: str) -> bytes:
+    """The request body, counted as it streams: 413 as soon as it passes ``limit`` bytes (``setting``)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ServiceError(HTTPStatus.BAD_REQUEST, "the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, setting)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _too_large(limit: int, setting: str) -> ServiceError:
+    return ServiceError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        f"the request body is over this route's limit of {limit} bytes ({setting})",
+                        headers={"connection": "close"})  # the rest of the body is never read
+
+
+def _content_length(headers) -> int | None:
+    raw = headers.get("content-length")
+    return int(raw) if raw is not None and raw.isdigit() else None
+
+
+def _metrics_authorized(headers) -> bool:
+    auth = headers.get("authorization", "")
+    return auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), METRICS_TOKEN.encode())
 
 
 class FastPredictMiddleware:
@@ -1008,25 +1170,158 @@ class FastPredictMiddleware:
     and ``predict_batch`` (same input, output and error bodies), and /v1/<use case>/predict[_batch]
     with that of ``predict_usecase`` and ``predict_batch_usecase``, skipping BentoML's per-request
     IO-descriptor machinery. The two methods stay the documented API (OpenAPI, clients); the
-    middleware sits inside BentoML's metrics middleware, so /metrics still counts these requests."""
+    middleware sits inside BentoML's metrics middleware, so /metrics still counts these requests.
+
+    Before a scoring route reads anything: 413 for a ``Content-Length`` over the limit, 401 without a
+    valid key, 429 for a key over its rate; then the body is read, counted (413 past the limit). It
+    also serves the completed OpenAPI document at /docs.json, and guards /metrics with
+    ``MLOPS_METRICS_TOKEN`` when it is set."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or not _SERVICE:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        handler = _FAST_ROUTES.get(scope["path"])
-        if handler is not None:
-            response = await handler(Request(scope, receive))
+        method, path = scope["method"], scope["path"]
+        if method != "POST":
+            if method == "GET" and path == "/docs.json":
+                return await _json_response(openapi_document())(scope, receive, send)
+            if path == "/metrics" and METRICS_TOKEN and not _metrics_authorized(Headers(scope=scope)):
+                response = _error_response(ServiceError(
+                    HTTPStatus.UNAUTHORIZED, "/metrics needs the metrics token (send 'Authorization: Bearer <token>')",
+                    headers={"www-authenticate": 'Bearer realm="metrics"'}))
+                return await response(scope, receive, send)
+            return await self.app(scope, receive, send)
+        handler = _FAST_ROUTES.get(path)
+        route = None if handler is not None else _usecase_route(path)
+        if handler is None and route is None:
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        limit, setting = ((MAX_BATCH_BODY_BYTES, "MLOPS_MAX_BATCH_BODY_BYTES") if path.endswith("_batch")
+                          else (MAX_BODY_BYTES, "MLOPS_MAX_BODY_BYTES"))
+        try:
+            if not _SERVICE or _SERVICE[0]._stop.is_set():
+                raise ServiceError(HTTPStatus.SERVICE_UNAVAILABLE, "the service is starting or shutting down; retry",
+                                   headers={"retry-after": "1"})
+            service = _SERVICE[0]
+            length = _content_length(headers)
+            if length is not None and length > limit:
+                raise _too_large(limit, setting)
+            key = service._api_key(headers)
+            if key is None:  # before anything is read or looked up: nothing answers a request without a key
+                raise ServiceError(HTTPStatus.UNAUTHORIZED, NO_KEY, headers={"www-authenticate": "Bearer"})
+            service._check_rate(key)
+            body = await _read_body(receive, limit, setting)
+        except ServiceError as exc:
+            response = _error_response(exc)
         else:
-            route = _usecase_route(scope["path"])
-            if route is None:
-                return await self.app(scope, receive, send)
-            response = await _fast_predict_usecase(Request(scope, receive), *route)
+            if handler is not None:
+                response = await handler(service, headers, body)
+            else:
+                response = await _fast_predict_usecase(service, headers, body, *route)
         if KEEPALIVE_REQUESTS and random.random() * KEEPALIVE_REQUESTS < 1.0:
             response.headers["connection"] = "close"  # the client reconnects, to whichever worker is free
         await response(scope, receive, send)
 
 
 ChurnService.add_asgi_middleware(FastPredictMiddleware)
+
+
+# --- the API contract (/docs.json) ----------------------------------------------------------------
+DISTRIBUTION = "saas-mlops"  # pyproject.toml's [project] name
+SCORING_ROUTES = ("/v1/predict", "/v1/predict_batch", "/v1/{use_case}/predict", "/v1/{use_case}/predict_batch")
+SECURITY_SCHEME = "apiKey"
+METRICS_SECURITY_SCHEME = "metricsToken"
+_SCHEMA_REF = "#/components/schemas/{model}"
+# Every status a scoring route answers besides 200, and when.
+ERROR_STATUSES = {
+    400: "The body is not JSON or fails validation (`detail` lists each problem: field, kind, message).",
+    401: "No API key, or an unknown or revoked one.",
+    403: "The API key belongs to another tenant than the request's `tenant`.",
+    404: "Unknown use case (the deployed ones are listed), a tenant without a deployed model, or unknown "
+         "accounts / entity keys (named).",
+    413: "The body is over the route's limit (`MLOPS_MAX_BODY_BYTES`, `MLOPS_MAX_BATCH_BODY_BYTES` for "
+         "`predict_batch`); refused before it is read.",
+    429: "The API key is over its rate limit (`MLOPS_RATE_LIMIT_PER_S`); retry after `Retry-After` seconds.",
+    503: "The service is starting or shutting down; retry after `Retry-After` seconds.",
+    504: "Not answered within the service's timeout (5 s).",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "required": True,
+                                "schema": {"type": "integer", "minimum": 1}}}
+_openapi_cache: dict = {}
+
+
+@functools.cache
+def package_version() -> str:
+    """The installed project's version (``info.version``); in a bento, where the project is source files
+    and not an installed distribution, the bento's version."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        bento = ChurnService.bento
+        return str(bento.tag.version) if bento is not None and bento.tag.version else "0+unknown"
+
+
+def openapi_document() -> dict:
+    """BentoML's OpenAPI document of the service, completed: ``info.version`` the package version; the
+    bearer key as a security scheme required by the scoring routes; on each scoring route every status
+    it answers with the ``ErrorBody`` schema (``Retry-After`` on 429 and 503); the ``{use_case}`` path
+    parameter with the deployed use cases as examples; ``/metrics`` guarded when its token is set."""
+    deployed = tuple(sorted({*(_SERVICE[0].usecases if _SERVICE else ()), CHURN}))
+    cached = _openapi_cache.get(deployed)
+    if cached is not None:
+        return cached
+    served = getattr(_SERVICE[0], "bento_service", ChurnService) if _SERVICE else ChurnService  # or the GPU service
+    spec = served.openapi_spec.asdict()
+    spec["info"] = {"title": served.name, "version": package_version(),
+                    "description": (served.inner.__doc__ or "").strip() + "\n\n"
+                    "Send the tenant's API key as `Authorization: Bearer <key>` on every scoring route. Every "
+                    "error answer is an `Error` object: `error` names the problem, `detail` (on a 400 of "
+                    "validation) lists each invalid field."}
+    components = spec.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    error_schema = ErrorBody.model_json_schema(ref_template=_SCHEMA_REF)
+    schemas.update(error_schema.pop("$defs", {}))
+    schemas[ErrorBody.model_config["title"]] = error_schema
+    components["securitySchemes"] = {SECURITY_SCHEME: {
+        "type": "http", "scheme": "bearer",
+        "description": "A tenant's API key (`mlk_<id>_<secret>`, made by `mlops keys create`); it scores that tenant "
+                       "only. `X-API-Key: <key>` is accepted too."}}
+    error_ref = {"application/json": {"schema": {"$ref": _SCHEMA_REF.format(model=ErrorBody.model_config["title"])}}}
+
+    def error(status: int, description: str) -> dict:
+        response = {"description": f"{HTTPStatus(status).phrase}. {description}", "content": error_ref}
+        if status in (429, 503):
+            response["headers"] = _RETRY_AFTER
+        return response
+
+    use_case_parameter = {
+        "name": "use_case", "in": "path", "required": True,
+        "description": "A deployed use case (any other name is a 404 that names the deployed ones); `churn` answers "
+                       "as `/v1/predict`.",
+        "schema": {"type": "string"},
+        "examples": {name: {"value": name} for name in deployed},
+    }
+    for path in SCORING_ROUTES:
+        operation = spec["paths"][path]["post"]
+        ok = operation["responses"].get(200) or operation["responses"]["200"]
+        operation["responses"] = {"200": ok, **{str(code): error(code, text) for code, text in ERROR_STATUSES.items()}}
+        operation["security"] = [{SECURITY_SCHEME: []}]
+        if "{use_case}" in path:
+            operation["parameters"] = [use_case_parameter]
+    if METRICS_TOKEN:
+        components["securitySchemes"][METRICS_SECURITY_SCHEME] = {
+            "type": "http", "scheme": "bearer", "description": "The metrics token (`MLOPS_METRICS_TOKEN`)."}
+        metrics = spec["paths"]["/metrics"]["get"]
+        metrics["security"] = [{METRICS_SECURITY_SCHEME: []}]
+        metrics["responses"]["401"] = error(401, "Without the metrics token.")
+    # BentoML's own error schemas are no longer referenced: one error model, documented once.
+    text = json.dumps(spec["paths"])
+    for name in ("InvalidArgument", "NotFound", "InternalServerError"):
+        if _SCHEMA_REF.format(model=name) not in text:
+            schemas.pop(name, None)
+    _openapi_cache[deployed] = spec
+    return spec

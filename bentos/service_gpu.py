@@ -17,7 +17,7 @@ import bentoml
 import numpy as np
 
 from bentos.gpu_scoring import BatchScorer
-from bentos.service import ChurnService, Model
+from bentos.service import ChurnService, FastPredictMiddleware, Model
 
 # Below this many rows one LightGBM thread beats a round trip to the device.
 GPU_MIN_ROWS = int(os.environ.get("CHURN_GPU_MIN_ROWS", "2048"))
@@ -77,3 +77,7 @@ class ChurnServiceGPU(ChurnService.inner):
         if len(matrix) < GPU_MIN_ROWS:
             return super()._scores(model, matrix)
         return self.scorers.get(model).predict(matrix)
+
+
+# The same fast path, limits and API contract (/docs.json) as ChurnService.
+ChurnServiceGPU.add_asgi_middleware(FastPredictMiddleware)

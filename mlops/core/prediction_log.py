@@ -8,12 +8,19 @@ segments with them and this table is derived from them.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from mlops.core.serving import PREDICTION_LOG_COLUMNS, prediction_log_dir
+from mlops.core.serving import (
+    PREDICTION_LOG_COLUMNS,
+    QUARANTINE_FOLDER,
+    JournalRecovery,
+    prediction_log_dir,
+    quarantine,
+    recover_journals,
+)
 
 _SQL_TYPES = {"string": "VARCHAR", "float64": "DOUBLE", "int64": "BIGINT", "datetime64[us]": "TIMESTAMP"}
 PREDICTION_LOG_TABLE = "prediction_log"
@@ -64,6 +71,8 @@ class Ingestion:
     skipped: int
     rows: int
     total_rows: int
+    quarantined: list[Path] = field(default_factory=list)  # unreadable segments moved to ``quarantine/``
+    recovered: JournalRecovery | None = None  # dead workers' journals converted to segments first
 
 
 def ingest_closed_segments(con, home: Path, tenant: str, use_case: str | None = None) -> Ingestion:
@@ -72,19 +81,36 @@ def ingest_closed_segments(con, home: Path, tenant: str, use_case: str | None = 
     A segment's name is recorded in the same transaction as its rows, so a segment is never loaded
     twice, even if moving it aside afterwards fails; the service only ever renames complete
     segments into ``closed/``, so a segment being written is never read.
+
+    First, the journals of dead workers (a crashed service) are converted into closed segments
+    (``recover_journals``, exactly once). A segment that cannot be read (damaged, truncated, not a
+    prediction-log segment) is moved to ``quarantine/`` with a ``.reason`` file and the others are
+    loaded.
     """
-    folder = prediction_log_dir(home, tenant, _log_folder_use_case(use_case))
+    log_use_case = _log_folder_use_case(use_case)
+    folder = prediction_log_dir(home, tenant, log_use_case)
     table = prediction_log_table(use_case)
-    closed = sorted((folder / "closed").glob("segment-*.parquet"))
-    loaded = skipped = rows = 0
     con.execute(prediction_log_ddl(table))
     con.execute(SEGMENTS_DDL)
     done = {r[0] for r in con.execute("SELECT segment FROM ingested_log_segments").fetchall()}
-    for path in closed:
+    try:
+        recovered = recover_journals(home)
+    except Exception as exc:  # the closed segments are still ingested; the next run tries again
+        print(f"prediction log: recovering the journals of dead workers failed: {exc!r}")
+        recovered = None
+    closed = sorted((folder / "closed").glob("segment-*.parquet"))
+    loaded = skipped = rows = 0
+    quarantined: list[Path] = []
+    for path in list(closed):
         if path.name in done:
             skipped += 1
             continue
-        frame = pd.read_parquet(path)
+        try:
+            frame = _read_segment(path)
+        except _UnreadableSegment as exc:
+            quarantined.append(quarantine(path, folder / QUARANTINE_FOLDER, str(exc)))
+            closed.remove(path)
+            continue
         if (frame["tenant"] != tenant).any():
             raise ForeignSegmentError(f"segment {path.name} holds rows of another tenant; refusing to ingest it")
         frame = frame[list(PREDICTION_LOG_COLUMNS)].assign(segment=path.name)
@@ -96,7 +122,28 @@ def ingest_closed_segments(con, home: Path, tenant: str, use_case: str | None = 
         loaded += 1
         rows += len(frame)
     total = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - derived name
-    return Ingestion(closed, loaded, skipped, rows, total)
+    return Ingestion(closed, loaded, skipped, rows, total, quarantined, recovered)
+
+
+class _UnreadableSegment(ValueError):
+    pass
+
+
+def _read_segment(path: Path) -> pd.DataFrame:
+    """A segment's rows, or ``_UnreadableSegment`` naming why it cannot be ingested."""
+    import pyarrow as pa
+
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise _UnreadableSegment(f"not a readable Parquet file (damaged or truncated): {exc}") from exc
+    missing = [c for c in PREDICTION_LOG_COLUMNS if c not in frame.columns]
+    if missing:
+        raise _UnreadableSegment(f"not a prediction-log segment: no column(s) {', '.join(missing)}")
+    nulls = [c for c in PREDICTION_LOG_COLUMNS if frame[c].isna().any()]
+    if nulls:
+        raise _UnreadableSegment(f"missing values in column(s) {', '.join(nulls)}")
+    return frame
 
 
 def archive_segments(home: Path, tenant: str, segments: list[Path], use_case: str | None = None) -> None:
