@@ -1,8 +1,9 @@
 """`bentoml build` produces two bentos, CPU and GPU, that serve from the packaged serving bundle.
 
 Each bento is built for real (the bentofiles in bentos/, in a temporary BENTOML_HOME) from a copy
-of the project's code plus a small serving bundle, inside a network namespace with no network
-where `unshare` allows it: building must not reach a package index. No Docker engine is needed:
+of the project's code plus a small serving bundle, under a socket guard over the build's process tree
+(tests/socket_guard.py: any off-machine connect or name lookup is recorded and refused), and inside a
+network namespace with no network where `unshare` allows it: building must not reach a package index. No Docker engine is needed:
 the tests read the generated Dockerfile, requirements and bento.yaml.
 
 The pinned requirement files are generated from the environment (whose versions uv.lock fixes);
@@ -27,6 +28,7 @@ import pytest
 import yaml
 
 from mlops.core.serving import compile_model
+from tests.socket_guard import control_run, guarded_env, read_record
 
 REPO = Path(__file__).resolve().parents[1]
 BENTOS = REPO / "bentos"
@@ -185,7 +187,7 @@ def _no_network_prefix() -> list[str]:
     return []
 
 
-def _build(ctx: Path, home: Path, variant: str, isolate: list[str]) -> tuple[Path, float]:
+def _build(ctx: Path, home: Path, variant: str, isolate: list[str], guard: Path) -> tuple[Path, float, Path]:
     env = {
         **os.environ,
         "BENTOML_HOME": str(home),
@@ -201,6 +203,7 @@ def _build(ctx: Path, home: Path, variant: str, isolate: list[str]) -> tuple[Pat
     }
     env.pop("MLOPS_HOME", None)
     env.pop("MLOPS_SERVING_DIR", None)
+    env, record = guarded_env(guard / variant, env)
     cmd = [*isolate, sys.executable, "-m", "bentoml", "build", "-f", VARIANTS[variant]["bentofile"],
            "--output", "tag", str(ctx)]
     start = time.perf_counter()
@@ -209,7 +212,7 @@ def _build(ctx: Path, home: Path, variant: str, isolate: list[str]) -> tuple[Pat
     assert proc.returncode == 0, f"bentoml build ({variant}) failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     match = re.search(r"__tag__:([^:\s]+):(\S+)", proc.stdout)
     assert match, proc.stdout[-2000:]
-    return home / "bentos" / match.group(1) / match.group(2), elapsed
+    return home / "bentos" / match.group(1) / match.group(2), elapsed, record
 
 
 @pytest.fixture(scope="module")
@@ -218,11 +221,13 @@ def bentos(tmp_path_factory):
     manifest = _stage_context(ctx)
     home = tmp_path_factory.mktemp("bentoml_home")
     isolate = _no_network_prefix()
-    built = {variant: _build(ctx, home, variant, isolate) for variant in VARIANTS}
-    for variant, (_, seconds) in built.items():
+    guard = tmp_path_factory.mktemp("socket_guard")
+    built = {variant: _build(ctx, home, variant, isolate, guard) for variant in VARIANTS}
+    for variant, (_, seconds, _) in built.items():
         print(f"bentoml build {variant}: {seconds:.1f}s{' (in a network namespace without network)' if isolate else ''}")
-    return {"manifest": manifest, "isolated": bool(isolate), "context": ctx,
-            **{v: path for v, (path, _) in built.items()}}
+    return {"manifest": manifest, "isolated": bool(isolate), "context": ctx, "guard": guard,
+            "records": {v: record for v, (_, _, record) in built.items()},
+            **{v: path for v, (path, _, _) in built.items()}}
 
 
 def _bento_yaml(path: Path) -> dict:
@@ -305,9 +310,14 @@ def test_gpu_bento(bentos):
 
 
 def test_builds_ran_without_network(bentos):
-    if not bentos["isolated"]:
-        pytest.skip("unshare --net is not permitted here; the builds ran with offline settings only")
-    # Reaching this point means both builds succeeded inside a network namespace with no network.
+    """Every Python process of both builds ran under the socket guard and none tried to reach off the
+    machine (a package index, a telemetry host); the control proves the guard records such a try."""
+    for variant, record in bentos["records"].items():
+        loaded, attempts = read_record(record)
+        assert loaded, f"the socket guard was not loaded in the {variant} build"
+        assert attempts == [], f"bentoml build ({variant}) tried to reach off the machine: {attempts}"
+    loaded, caught, _ = control_run(bentos["guard"] / "control")
+    assert len(loaded) == 2 and [a["call"] for a in caught] == ["connect_ex", "create_connection"], caught
 
 
 # --- the bento carries everything its code imports -----------------------------------------------

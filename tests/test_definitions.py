@@ -45,18 +45,41 @@ def test_every_stage_is_in_the_asset_graph():
     assert all(graph.get(k).partitions_def is not None for k in graph.get_all_asset_keys())
 
 
-def test_telemetry_is_switched_off_by_the_project(monkeypatch):
-    from mlops.core.environment import TELEMETRY_OFF, configure_environment
+CI_MARKERS = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI", "JENKINS_URL", "TRAVIS",
+              "TF_BUILD", "BUILDKITE", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "TEAMCITY_VERSION")
 
-    for key in TELEMETRY_OFF:
-        monkeypatch.delenv(key, raising=False)
-    configure_environment()
-    import os
 
-    assert os.environ["NML_DISABLE_USAGE_LOGGING"] == "1"
-    assert os.environ["BENTOML_DO_NOT_TRACK"] == "true"
-    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
-    assert os.environ["DAGSTER_DISABLE_TELEMETRY"] == "1"
+def test_a_build_opens_no_connection_off_the_machine(tmp_path):
+    """`mlops add-tenant` and `mlops build` for a tiny tenant (both use cases: data, features,
+    training, MLflow registry, gates, notebooks, publication) run under a socket guard over the whole
+    process tree, with none of the telemetry variables set by the caller: the project must switch
+    every library's usage reporting off itself. Any off-machine connect or name lookup is recorded
+    and refused; the record must hold none. The control proves the guard catches one (and without
+    the project's switches, this build's MLflow asks config.mlflow-telemetry.io: the guard records it)."""
+    from mlops.core.environment import TELEMETRY_OFF
+    from tests.socket_guard import control_run, guarded_env, read_record
+
+    loaded, caught, out = control_run(tmp_path / "control")
+    assert len(loaded) == 2, "the guard must be loaded in a guarded process and in its child"
+    assert [(a["call"], a["target"]) for a in caught] == [
+        ("connect_ex", "('203.0.113.1', 443)"), ("create_connection", "('telemetry.example.com', 80)")], caught
+    assert "refused" in out and "loopback ok" in out
+
+    env, record = guarded_env(tmp_path / "build")
+    # Nothing set by the caller: no telemetry switch, and none of the variables by which a library
+    # (MLflow) turns its telemetry off on its own in a test or CI run, as on a customer's machine.
+    for key in (*TELEMETRY_OFF, *CI_MARKERS, "MLOPS_HOME", "DAGSTER_HOME", "BENTOML_HOME", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    home = tmp_path / "home"
+    for args in (["add-tenant", "tiny", "--accounts", "400", "--days", "120", "--seed", "3"],
+                 ["build", "--tenant", "tiny"]):
+        proc = subprocess.run([sys.executable, "-m", "mlops.cli", "--home", str(home), *args], cwd=PROJECT_ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"mlops {args[0]}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert "churn-tiny: champion=1" in proc.stdout and "fraud-tiny: champion=1" in proc.stdout, proc.stdout
+    loaded, attempts = read_record(record)
+    assert len(loaded) >= 2, "the guard was not loaded in the build's processes"
+    assert attempts == [], f"a build tried to reach off the machine: {attempts}"
 
 
 def test_the_closed_loop_is_wired_and_on_by_default():

@@ -18,14 +18,10 @@ from nannyml.thresholds import ConstantThreshold
 from assets.automation import decay_retrain_sensor, retrain_job
 from mlops.core.model_inputs import CATEGORICAL_FEATURES, FEATURE_COLUMNS
 from mlops.core.monitoring import (
-    PREDICTED,
-    SCORE,
-    TARGET,
     TIMESTAMP,
     TenantMonitor,
     compute_kpis,
     decay_alerts,
-    prepare,
 )
 from mlops.replay import first_decay_day, replay_tenant
 from resources.monitoring import MonitoringPolicy
@@ -46,64 +42,147 @@ def stable():
     return replay_tenant(TenantSpec(**SPEC), START, START + 60)
 
 
+def platform_decay_alerts(replayed, first: int, last: int, policy: MonitoringPolicy) -> list[tuple[int, dict]]:
+    """The decay alerts the monitoring asset would raise, day by day from ``first`` to ``last``: each
+    day the platform's own step (``monitoring_step``: incremental results judged against the version's
+    floor from ``decay_floor``, each alerting chunk alerted once) over the predictions logged before
+    that day and the labels matured by then. What a day finds stored is cut from one full run (chunks
+    before the day; realized values only where the labels had matured), which the incremental step
+    equals (test_incremental_monitoring_equals_a_full_run): the daily steps then recompute nothing,
+    and decide exactly as the asset does."""
+    import duckdb
+
+    from mlops.core.loop import decay_floor
+    from mlops.core.monitoring import monitoring_step
+    from resources.feature_store import LABEL_HORIZON_DAYS
+    from usecases.churn.simulator import SIMULATION_START
+
+    monitor = TenantMonitor(policy, replayed.reference)
+    with duckdb.connect() as con:
+        floor, _ = decay_floor(con, "churn", "1", monitor.own_bound)
+    full = monitor.run(replayed.analysis_as_of(last)).results
+    realized = full["metric"] == monitor.realized_metric
+    raised, found = set(), []
+    for today in range(first, last + 1):
+        now = pd.Timestamp(SIMULATION_START) + pd.Timedelta(days=today)
+        analysis = replayed.analysis_as_of(today)
+        analysis = analysis[analysis[TIMESTAMP] >= now - pd.Timedelta(days=policy.analysis_window_days)]
+        mature = full["chunk_start"] + pd.Timedelta(days=LABEL_HORIZON_DAYS) <= now
+        stored = full[(full["chunk_start"] < now) & (~realized | mature)]
+        fresh, _, decay = monitoring_step(monitor, analysis, stored, raised, floor, policy)
+        assert fresh.empty, f"day {today}: the stored cut is not what the platform would have stored"
+        raised |= {(a["metric"], a["chunk"]) for a in decay}
+        found += [(today, a) for a in decay]
+    return found
+
+
 def test_concept_drift_alert_fires_within_seven_days(drifted):
-    found = first_decay_day(drifted, MonitoringPolicy(), DRIFT + 8)
-    assert found is not None, "no decay alert within 8 days of the concept drift"
-    day, alert = found
+    found = platform_decay_alerts(drifted, DRIFT - 10, DRIFT + 8, MonitoringPolicy())
+    assert found, "no decay alert within 8 days of the concept drift"
+    day, alert = found[0]
     assert DRIFT <= day <= DRIFT + 7, f"decay alert on day {day}, drift began on day {DRIFT}"
     assert alert["value"] < alert["threshold"]
+    # the offline shortcut (one run, the rule applied afterwards) agrees with the platform's daily steps
+    assert first_decay_day(drifted, MonitoringPolicy(), DRIFT + 8)[0] == day
 
 
 def test_no_drift_means_no_decay_alert_in_sixty_days(stable):
-    assert first_decay_day(stable, MonitoringPolicy(), START + 60) is None
+    found = platform_decay_alerts(stable, START + 1, START + 60, MonitoringPolicy())
+    assert found == [], f"decay alerts without a drift: {found[:3]}"
+
+
+def _nannyml_inputs(drifted, today: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Reference and analysis as NannyML reads them, built here from the replay's raw frames (the
+    scores logged per account and day, the churn events), not by the platform's ``prepare`` or
+    ``analysis_as_of``: a label is known once its 30-day window has closed by ``today``."""
+    from mlops.core.monitoring import DECISION_THRESHOLD
+    from resources.feature_store import LABEL_HORIZON_DAYS
+    from usecases.churn.simulator import SIMULATION_START
+
+    def nannyml_frame(frame: pd.DataFrame, label: pd.Series) -> pd.DataFrame:
+        out = pd.DataFrame({c: frame[c].astype("float64") for c in FEATURE_COLUMNS if c not in CATEGORICAL_FEATURES})
+        out = out.assign(**{c: frame[c].astype(object) for c in CATEGORICAL_FEATURES},
+                         timestamp=pd.to_datetime(frame["timestamp"]), score=frame["score"].astype("float64"),
+                         predicted=(frame["score"] >= DECISION_THRESHOLD).astype(int), label=label.astype("float64"))
+        return out.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+    reference = nannyml_frame(drifted.reference, drifted.reference["churned"])
+    now = pd.Timestamp(SIMULATION_START) + pd.Timedelta(days=today)
+    logged = drifted.predictions[drifted.predictions["timestamp"] < now]
+    churned = dict(zip(drifted.churn["account_id"], drifted.churn["churned_at"], strict=True))
+    window_end = logged["timestamp"] + pd.Timedelta(days=LABEL_HORIZON_DAYS)
+    churned_at = pd.to_datetime(logged["account_id"].map(churned))
+    label = (churned_at < window_end).astype(float).where(window_end <= now)
+    return reference, nannyml_frame(logged, label)
 
 
 def test_monitoring_equals_nannyml_called_directly(drifted):
-    """Same reference and analysis, same settings: the platform's values and alerts are NannyML's."""
+    """Same reference and analysis, same settings: every value and alert the platform reports (each
+    feature's univariate drift, multivariate drift, estimated and realized ROC AUC, missing and unseen
+    values per column) is NannyML's own, with inputs built independently of the platform's code."""
+    from sklearn.metrics import roc_auc_score
+
     policy = MonitoringPolicy()
-    analysis = drifted.analysis_as_of(DRIFT + 5)
-    report = TenantMonitor(policy, drifted.reference).run(analysis)
+    today = DRIFT + 5
+    report = TenantMonitor(policy, drifted.reference).run(drifted.analysis_as_of(today))
+    ours = report.results
 
-    reference, data = prepare(drifted.reference), prepare(analysis)
-    floor = report.reference_roc_auc - policy.max_auc_drop
-    common = dict(timestamp_column_name=TIMESTAMP, chunk_period=policy.chunk_period)
-    cbpe = nml.CBPE(metrics=["roc_auc"], y_pred_proba=SCORE, y_pred=PREDICTED, y_true=TARGET,
-                    problem_type="classification_binary", thresholds={"roc_auc": ConstantThreshold(lower=floor)},
-                    **common).fit(reference)
-    direct_cbpe = cbpe.estimate(data).filter(period="analysis").to_df()
-    ours = report.results[report.results["metric"] == "estimated_roc_auc"].sort_values("chunk_start")
-    np.testing.assert_allclose(ours["value"].to_numpy(), direct_cbpe[("roc_auc", "value")].to_numpy())
-    assert ours["alert"].tolist() == direct_cbpe[("roc_auc", "alert")].tolist()
+    reference, data = _nannyml_inputs(drifted, today)
+    assert len(data) == int(ours.loc[ours["metric"] == "estimated_roc_auc", "chunk_rows"].sum())
+    floor = roc_auc_score(reference["label"], reference["score"]) - policy.max_auc_drop
+    assert report.reference_roc_auc - policy.max_auc_drop == pytest.approx(floor, abs=1e-12)
+    common = dict(timestamp_column_name="timestamp", chunk_period=policy.chunk_period)
+    classification = dict(y_pred_proba="score", y_pred="predicted", y_true="label", metrics=["roc_auc"],
+                          problem_type="classification_binary", thresholds={"roc_auc": ConstantThreshold(lower=floor)})
+    features, categorical = list(FEATURE_COLUMNS), list(CATEGORICAL_FEATURES)
+    # NannyML's own calculators, each column of each result a (metric, feature, method) of ours
+    direct = {
+        "estimated_roc_auc": nml.CBPE(**classification, **common).fit(reference).estimate(data),
+        "realized_roc_auc": nml.PerformanceCalculator(**classification, **common).fit(reference).calculate(data),
+        "missing_values_rate": nml.MissingValuesCalculator(column_names=features, **common)
+        .fit(reference).calculate(data),
+        "unseen_values_rate": nml.UnseenValuesCalculator(column_names=categorical, **common)
+        .fit(reference).calculate(data),
+        "univariate_drift": nml.UnivariateDriftCalculator(
+            column_names=features, treat_as_categorical=categorical,
+            continuous_methods=["jensen_shannon"], categorical_methods=["chi2"],
+            thresholds={"jensen_shannon": ConstantThreshold(upper=policy.jensen_shannon_threshold)},
+            **common).fit(reference).calculate(data),
+    }
+    probe = nml.DataReconstructionDriftCalculator(column_names=features, **common).fit(reference)
+    reference_error = probe.calculate(reference).to_df()[("reconstruction_error", "value")].mean()
+    direct["multivariate_drift"] = nml.DataReconstructionDriftCalculator(
+        column_names=features, threshold=ConstantThreshold(upper=reference_error * (1 + policy.multivariate_drift_margin)),
+        **common).fit(reference).calculate(data)
 
-    realized = nml.PerformanceCalculator(metrics=["roc_auc"], y_pred_proba=SCORE, y_pred=PREDICTED, y_true=TARGET,
-                                         problem_type="classification_binary",
-                                         thresholds={"roc_auc": ConstantThreshold(lower=floor)}, **common).fit(reference)
-    direct_real = realized.calculate(data).filter(period="analysis").to_df()
-    ours = report.results[report.results["metric"] == "realized_roc_auc"].sort_values("chunk_start")
-    np.testing.assert_allclose(ours["value"].to_numpy(), direct_real[("roc_auc", "value")].to_numpy(), equal_nan=True)
-    assert ours["alert"].tolist() == direct_real[("roc_auc", "alert")].fillna(False).tolist()
-    assert ours["alert"].any(), "the drifted analysis should contain alerting chunks"
-
-    uni = nml.UnivariateDriftCalculator(
-        column_names=list(FEATURE_COLUMNS), treat_as_categorical=list(CATEGORICAL_FEATURES),
-        continuous_methods=policy.continuous_drift_methods, categorical_methods=policy.categorical_drift_methods,
-        thresholds={"jensen_shannon": ConstantThreshold(upper=policy.jensen_shannon_threshold)}, **common).fit(reference)
-    direct_uni = uni.calculate(data).filter(period="analysis").to_df()
-    for feature, method in (("seat_utilisation_7d", "jensen_shannon"), ("plan", "chi2")):
-        mine = report.results[(report.results["metric"] == "univariate_drift") & (report.results["feature"] == feature)]
-        mine = mine.sort_values("chunk_start")
-        np.testing.assert_allclose(mine["value"].to_numpy(), direct_uni[(feature, method, "value")].to_numpy())
-        assert mine["alert"].tolist() == direct_uni[(feature, method, "alert")].tolist()
-
-    monitor = TenantMonitor(policy, drifted.reference)
-    multi = nml.DataReconstructionDriftCalculator(
-        column_names=list(FEATURE_COLUMNS), threshold=ConstantThreshold(upper=monitor.multivariate_threshold),
-        **common).fit(reference)
-    direct_multi = multi.calculate(data).filter(period="analysis").to_df()
-    mine = report.results[report.results["metric"] == "multivariate_drift"].sort_values("chunk_start")
-    np.testing.assert_allclose(mine["value"].to_numpy(), direct_multi[("reconstruction_error", "value")].to_numpy(),
-                               rtol=1e-6)
-    assert mine["alert"].tolist() == direct_multi[("reconstruction_error", "alert")].tolist()
+    expected = {}
+    for metric, result in direct.items():
+        frame = result.filter(period="analysis").to_df()
+        keys = frame[next(c for c in frame.columns if c[0] == "chunk" and c[-1] == "key")].astype(str).tolist()
+        columns = {c[:-1] for c in frame.columns if c[0] != "chunk" and c[-1] == "value"}
+        for column in columns:
+            feature = {"estimated_roc_auc": None, "realized_roc_auc": None, "multivariate_drift": None}.get(
+                metric, column[0])
+            def col(name, column=column, frame=frame):
+                found = frame[(*column, name)] if (*column, name) in frame.columns else pd.Series(np.nan, frame.index)
+                return pd.to_numeric(found, errors="coerce")
+            for key, *row in zip(keys, col("value"), col("lower_threshold"), col("upper_threshold"),
+                                 frame[(*column, "alert")].fillna(False), strict=True):
+                expected[(metric, feature, key)] = (*map(float, row[:3]), bool(row[3]))
+    mine = {(r.metric, None if pd.isna(r.feature) else r.feature, r.chunk_key):
+            (float(r.value), float(r.lower_threshold), float(r.upper_threshold), bool(r.alert))
+            for r in ours.itertuples()}
+    # every metric the platform reports, and for every feature, is one NannyML computed here
+    assert set(mine) == set(expected), (set(mine) ^ set(expected))
+    assert {m for m, _, _ in mine} == set(direct)
+    assert {f for m, f, _ in mine if m == "univariate_drift"} == set(features)
+    keys = sorted(expected, key=str)
+    for i, what in enumerate(("value", "lower threshold", "upper threshold")):
+        np.testing.assert_allclose([mine[k][i] for k in keys], [expected[k][i] for k in keys], rtol=1e-6,
+                                   equal_nan=True, err_msg=what)
+    assert [mine[k][3] for k in keys] == [expected[k][3] for k in keys]
+    assert any(mine[k][3] for k in keys if k[0] == "realized_roc_auc"), "the drifted analysis should alert"
+    assert any(mine[k][3] for k in keys if k[0] == "univariate_drift")
 
 
 def test_incremental_monitoring_equals_a_full_run(drifted):
@@ -232,7 +311,7 @@ def test_decay_sensor_retrains_only_what_the_loop_decided_once_per_decision(eval
             "trigger": "decay_alert", "decaying_version": "3",
             "alert": json.dumps([{"metric": "realized_roc_auc"}]), "alert_storage_id": str(alert_id),
             "dagster/partition": "a", "dagster/partition_set": "churn_retrain_partition_set",
-            "dagster/sensor_name": "decay_retrain_sensor"}
+            "dagster/sensor_name": "decay_retrain_sensor", "dagster/max_retries": "1"}
         assert result.cursor == str(last_id)
 
         # The next days' alerts of the same episode: the loop holds (a challenger in shadow, too few
@@ -386,25 +465,17 @@ def test_kpis_from_audit_log_and_health_checks():
 
 
 NO_NETWORK_SCRIPT = """
-import os, socket
-for key in ("NML_DISABLE_USAGE_LOGGING", "DO_NOT_TRACK"):
-    os.environ.pop(key, None)
-attempts = []
-def guard(self, address):
-    attempts.append(address)
-    raise OSError("network disabled in this test")
-socket.socket.connect = guard
-real_getaddrinfo = socket.getaddrinfo
-def resolve_guard(host, *args, **kwargs):
-    if host not in ("localhost", "127.0.0.1", "::1", None):
-        attempts.append(host)
-        raise OSError("name resolution disabled in this test")
-    return real_getaddrinfo(host, *args, **kwargs)
-socket.getaddrinfo = resolve_guard
+import os, sys
 import numpy as np, pandas as pd
+import segment.analytics as segment  # nannyml's analytics client
 from mlops.core.model_inputs import CATEGORICAL_FEATURES, NUMERIC_FEATURES
 from mlops.core.monitoring import TenantMonitor
 from resources.monitoring import MonitoringPolicy
+if sys.argv[1] == "undo":  # the control: the platform's switch undone after import
+    os.environ.pop("NML_DISABLE_USAGE_LOGGING")
+tracked = []
+real_track = segment.track
+segment.track = lambda *a, **k: (tracked.append(a[1]), real_track(*a, **k))
 rng = np.random.default_rng(0)
 def frame(n, start):
     data = {c: rng.gamma(2.0, 3.0, n) for c in NUMERIC_FEATURES}
@@ -413,23 +484,44 @@ def frame(n, start):
     data["churned"] = (rng.random(n) < data["score"]).astype(int)
     data["timestamp"] = pd.Timestamp(start) + pd.to_timedelta(rng.integers(0, 5, n), unit="D")
     return pd.DataFrame(data)
-TenantMonitor(MonitoringPolicy(), frame(3000, "2026-01-01")).run(frame(3000, "2026-02-01"))
-import time; time.sleep(1)  # nannyml's analytics client sends from a background thread
-assert not attempts, attempts
-print("no network")
+TenantMonitor(MonitoringPolicy(), frame(1000, "2026-01-01")).run(frame(1000, "2026-02-01"))
+if segment.default_client is not None:
+    segment.flush()  # returns once every queued event was sent (here: refused by the socket guard)
+print("tracked", len(tracked))
 """
 
 
-def test_monitoring_never_calls_home():
-    """NannyML reports usage to an analytics host unless told not to; importing the platform tells it."""
+def test_monitoring_never_calls_home(tmp_path):
+    """NannyML reports usage to an analytics host (Segment) unless told not to; importing the platform
+    tells it. A monitoring run under the socket guard (tests/socket_guard.py), with no telemetry
+    variable set by the caller, queues no usage event and opens no connection off the machine; the
+    analytics queue is flushed before the check, so a late send from its background thread cannot
+    slip past. The control (run alongside) undoes the platform's switch: events are queued and the
+    guard records the attempt to send them."""
     import subprocess
     import sys
 
-    from mlops.core.environment import PROJECT_ROOT
+    from mlops.core.environment import TELEMETRY_OFF
+    from tests.socket_guard import guarded_env, read_record
 
-    proc = subprocess.run([sys.executable, "-c", NO_NETWORK_SCRIPT], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and "no network" in proc.stdout, proc.stderr[-3000:]
+    runs = {}
+    for switch in ("platform", "undo"):
+        env, record = guarded_env(tmp_path / switch)
+        for key in TELEMETRY_OFF:
+            env.pop(key, None)
+        proc = subprocess.Popen([sys.executable, "-c", NO_NETWORK_SCRIPT, switch], cwd=tmp_path / switch, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs[switch] = (proc, record)
+    found = {}
+    for switch, (proc, record) in runs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        loaded, attempts = read_record(record)
+        assert loaded, "the socket guard was not loaded"
+        found[switch] = (int(out.split("tracked")[-1]), attempts)
+    assert found["platform"] == (0, []), found["platform"]
+    tracked, attempts = found["undo"]
+    assert tracked > 0 and any("segment.io" in a["target"] for a in attempts), (tracked, attempts)
 
 
 def test_operational_summary_is_computed_in_duckdb_with_pandas_percentiles():
@@ -465,3 +557,75 @@ def test_operational_summary_is_computed_in_duckdb_with_pandas_percentiles():
                            part["latency_ms"].quantile([0.5, 0.95, 0.99]).to_numpy(), rtol=1e-12)
     assert summary["errors"].tolist() == [2, 1, 0]
     assert summary["last_24h"].tolist() == [3, 1, 0]
+
+
+# --- the fitted-monitor cache and the delivery KPIs asset ----------------------------------------
+def test_fitted_monitor_is_cached_per_version_and_policy(drifted, tmp_path):
+    """``load_or_fit`` fits a version's monitor once and reuses the stored one after (the reference
+    is not even read again); another version (another reference) or another policy fits anew."""
+    from mlops.core.monitoring import load_or_fit, monitor_path
+
+    loads = []
+
+    def loader(frame):
+        return lambda: loads.append(len(frame)) or frame
+
+    policy, reference = MonitoringPolicy(), drifted.reference
+    analysis = drifted.analysis_as_of(START + 40)
+    first, fitted = load_or_fit(tmp_path, "mon", "1", policy, loader(reference))
+    assert fitted and loads == [len(reference)] and monitor_path(tmp_path, "mon", "1", policy).exists()
+    stored = monitor_path(tmp_path, "mon", "1", policy).stat().st_mtime_ns
+    again, fitted = load_or_fit(tmp_path, "mon", "1", policy, loader(reference))
+    assert not fitted and loads == [len(reference)], "a cached monitor must not read its reference again"
+    assert again is not first and monitor_path(tmp_path, "mon", "1", policy).stat().st_mtime_ns == stored
+    pd.testing.assert_frame_equal(again.run(analysis).results, first.run(analysis).results)
+
+    # version 2: its own reference (here: the newer half of the holdout), fitted on first use
+    newer = reference[reference[TIMESTAMP] >= reference[TIMESTAMP].median()]
+    second, fitted = load_or_fit(tmp_path, "mon", "2", policy, loader(newer))
+    assert fitted and loads == [len(reference), len(newer)]
+    assert second.reference_roc_auc != pytest.approx(first.reference_roc_auc, abs=1e-9)
+    # another policy of the same version: another file, fitted anew with the new thresholds
+    stricter = MonitoringPolicy(max_auc_drop=0.01)
+    third, fitted = load_or_fit(tmp_path, "mon", "1", stricter, loader(reference))
+    assert fitted and len(loads) == 3 and third.auc_floor == pytest.approx(first.reference_roc_auc - 0.01)
+    assert monitor_path(tmp_path, "mon", "1", stricter) != monitor_path(tmp_path, "mon", "1", policy)
+
+
+def test_delivery_kpis_asset_counts_what_the_audit_log_and_runs_say(platform_home):
+    """The delivery KPIs asset, materialized in the session home, reports the figures of the tenant's
+    audit log (read here with SQL) and of its Dagster runs."""
+    from assets.monitoring import delivery_kpis
+    from tests.conftest import TEST_TENANT
+
+    tenant, defs = TEST_TENANT.name, platform_home["defs"]
+    warehouse = defs.resources["warehouse"]
+    with warehouse.connect(tenant, read_only=True) as con:
+        log = con.execute("SELECT seq, action, outcome, details, recorded_at FROM audit_log ORDER BY seq").df()
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        episodes = con.execute("SELECT count(*) FROM loop_episodes").fetchone()[0] if "loop_episodes" in tables else 0
+    champions = sum("champion" in json.loads(d or "{}").get("aliases", []) for d, a in
+                    zip(log["details"], log["action"], strict=True) if a == "alias_assigned")
+    assert champions >= 1, "the session pipeline assigns a first champion"
+    gate_failures = int((log["action"].str.startswith("gate:") | (log["action"] == "promotion_gate"))
+                        .where(log["outcome"] == "failed", False).sum())
+    with platform_home["instance"]() as instance:
+        runs_before = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": tenant}))
+        result = dg.materialize([delivery_kpis], partition_key=tenant, instance=instance,
+                                resources={k: defs.resources[k] for k in ("warehouse", "settings")})
+        assert result.success
+        stored = instance.fetch_materializations(dg.AssetKey("delivery_kpis"), limit=1).records[0]
+    metadata = {k: v.value for k, v in result.asset_materializations_for_node("delivery_kpis")[0].metadata.items()}
+    assert stored.event_log_entry.asset_materialization.partition == tenant
+    promotions = int((log["action"] == "promotion").sum())
+    assert metadata["decay_alerts"] == int((log["action"] == "decay_alert").sum())
+    assert metadata["promotions"] == promotions
+    assert metadata["deployments"] == promotions + champions
+    assert metadata["rollbacks"] == int((log["action"] == "rollback").sum())
+    assert metadata["gate_failures"] == gate_failures
+    span_days = max((log["recorded_at"].max() - log["recorded_at"].min()).total_seconds() / 86400, 1.0)
+    assert metadata["deployments_per_week"] == pytest.approx((promotions + champions) / span_days * 7)
+    # the run history: every run of the tenant's partition before, and this one (in progress)
+    assert metadata["runs"] == len(runs_before) + 1
+    assert metadata["failed_runs"] == sum(r.status == dg.DagsterRunStatus.FAILURE for r in runs_before)
+    assert metadata["decay_episodes"] == episodes

@@ -55,6 +55,41 @@ def images(path: Path) -> int:
     return sum("image/png" in out.get("data", {}) for out in outputs(path))
 
 
+def figures_by_section(path: Path) -> dict[str, list[tuple[int, int, int]]]:
+    """The figures of an executed notebook under each of its ``## `` section headings: per figure,
+    the PNG's width, height and number of distinct colours (decoded from the output itself)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    found: dict[str, list[tuple[int, int, int]]] = {}
+    section = ""
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "markdown" and cell.source.startswith("## "):
+            section = cell.source.splitlines()[0][3:].strip()
+        for out in cell.get("outputs", []):
+            if "image/png" in out.get("data", {}):
+                image = Image.open(io.BytesIO(base64.b64decode(out["data"]["image/png"]))).convert("RGB")
+                colours = image.getcolors(maxcolors=1 << 16)
+                found.setdefault(section, []).append((*image.size, 1 << 16 if colours is None else len(colours)))
+    return found
+
+
+def assert_figures(path: Path, expected: dict[str, int]) -> None:
+    """Each section of ``expected`` shows that many figures (at least), each a plausible size for the
+    notebook's figsize at 80 dpi and drawn, not blank: a blank (or failed) figure has a colour or
+    two, an axes with its text a few hundred (the report's flattest figure, the importance bars,
+    261). Whether the right data was drawn is checked by the tables and numbers beside them."""
+    found = figures_by_section(path)
+    for section, count in expected.items():
+        shown = found.get(section, [])
+        assert len(shown) >= count, f"{path.name}: section {section!r} shows {len(shown)} figures, expected {count}"
+        for width, height, colours in shown:
+            assert 250 <= width <= 2000 and 180 <= height <= 3000, (section, width, height)
+            assert colours >= 64, f"{path.name}: a figure of {section!r} is blank: {colours} colours"
+
+
 def html_tables(path: Path) -> list[str]:
     return [out["data"]["text/html"] for out in outputs(path)
             if "<table" in out.get("data", {}).get("text/html", "")]
@@ -166,7 +201,9 @@ def test_eda_report_has_distributions_churn_over_time_and_missing_values(platfor
     assert len(injected) == 1 and f'tenant = "{TEST_TENANT.name}"' in injected[0].source
 
     # churn rate over time, features per segment, features per outcome, categorical mix
-    assert images(notebook) >= 4 and meta["figures"] == images(notebook)
+    assert_figures(notebook, {"Churn rate over time": 1, "Feature distributions per segment": 1,
+                              "Feature distributions by outcome": 1, "Categorical features": 1})
+    assert meta["figures"] == images(notebook) >= 4
     missing = table_with(notebook, "Missing values per column", "missing_share")
     assert all(col in missing for col in FEATURE_COLUMNS)
     per_segment = table_with(notebook, "mean per segment")
@@ -174,6 +211,13 @@ def test_eda_report_has_distributions_churn_over_time_and_missing_values(platfor
     table_with(notebook, "churn rate by segment")
     assert meta["training_rows"] > 1000 and 0 < meta["churn_rate"] < 0.2
     assert meta["columns_with_missing_values"] == 0
+    # the numbers the report states are the warehouse's
+    with platform_home["defs"].resources["warehouse"].connect(TEST_TENANT.name, read_only=True) as con:
+        rows, accounts, dates, rate = con.execute(
+            "SELECT count(*), count(DISTINCT account_id), count(DISTINCT prediction_time), avg(churned) "
+            "FROM churn_training_set").fetchone()
+    assert (meta["training_rows"], meta["accounts"], meta["prediction_dates"]) == (rows, accounts, dates)
+    assert meta["churn_rate"] == pytest.approx(rate, abs=1e-12)
 
     html = html_path.read_text()
     assert html.count("data:image/png;base64") >= 4
@@ -194,7 +238,18 @@ def test_model_report_has_curves_confusion_matrix_explanations_and_fairness(plat
     assert 0.75 <= meta["roc_auc"] <= 0.95 and meta["threshold"] == 0.3
 
     # ROC+PR, calibration, confusion matrix, importance, explanations
-    assert images(notebook) >= 5 and meta["figures"] == images(notebook)
+    assert_figures(notebook, {"ROC and precision-recall curves": 1, "Calibration": 1,
+                              "Confusion matrix at the threshold": 1, "Feature importance": 1,
+                              "Individual predictions": 1})
+    assert meta["figures"] == images(notebook) >= 5
+    # the ROC AUC the report states is that of the version's holdout scores in the warehouse
+    from sklearn.metrics import roc_auc_score
+
+    with platform_home["defs"].resources["warehouse"].connect(TEST_TENANT.name, read_only=True) as con:
+        holdout = con.execute("SELECT churned, score FROM model_holdout_scores WHERE model_version = ?",
+                              [meta["model_version"]]).df()
+    assert meta["holdout_rows"] == len(holdout) > 0
+    assert meta["roc_auc"] == pytest.approx(roc_auc_score(holdout["churned"], holdout["score"]), abs=1e-6)
     confusion = table_with(notebook, "confusion matrix at threshold 0.3")
     assert all(label in confusion for label in
                ("actual: retained", "actual: churned", "predicted: retained", "predicted: churned"))
@@ -239,7 +294,9 @@ def test_drift_report_has_drift_over_time_cbpe_against_realized_alerts_and_data_
     assert meta["features_with_drift_alerts"] >= 1 and meta["multivariate_drift_alerts"] >= 1
 
     # Heatmap, small multiples, multivariate drift, CBPE against realized, data quality.
-    assert images(notebook) >= 5 and meta["figures"] == images(notebook)
+    assert_figures(notebook, {"Per-feature drift over time": 2, "Multivariate drift": 1,
+                              "Estimated (CBPE) against realized ROC AUC": 1, "Data quality": 1})
+    assert meta["figures"] == images(notebook) >= 5
     per_feature = table_with(notebook, "Univariate drift per feature", "jensen_shannon", "chi2", "alerting_chunks")
     assert all(feature in per_feature for feature in FEATURE_COLUMNS)
     per_chunk = table_with(notebook, "CBPE estimate against realized ROC AUC per chunk", "estimated_roc_auc",
@@ -341,7 +398,9 @@ def test_papermill_by_hand_compares_a_new_version_with_the_champion(platform_hom
     comparison = table_with(out, f"v{second.version} against the champion v{champion.version} on the same holdout")
     assert "roc_auc" in comparison and "difference" in comparison
     table_with(out, "confusion matrix at threshold 0.2")
-    assert images(out) >= 6  # the five figures of the report and the ROC comparison
+    # the five figures of the report and the ROC comparison
+    assert_figures(out, {"ROC and precision-recall curves": 1, "Calibration": 1, "Confusion matrix at the threshold": 1,
+                         "Feature importance": 1, "Individual predictions": 1, "Comparison with the champion": 1})
     summary = next(o["data"]["application/json"] for o in outputs(out) if "application/json" in o.get("data", {}))
     assert summary["model_version"] == str(second.version) and summary["is_champion"] is False
     assert summary["champion_roc_auc"] == pytest.approx(summary["roc_auc"])  # the same model, registered twice

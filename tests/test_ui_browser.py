@@ -1,14 +1,18 @@
 """Browser test: the real Dagster webserver, on loopback, shows the platform's asset graph.
 
-Starts ``dagster-webserver -w workspace.yaml`` against a temporary MLOPS_HOME and drives the
-global asset lineage page in headless Debian chromium (``apt-get install chromium``) through
-Playwright. Nothing is materialized: the graph of definitions alone must render.
+Starts ``dagster-webserver -w workspace.yaml`` against a temporary MLOPS_HOME with one tenant
+partition and drives the UI in headless Debian chromium (``apt-get install chromium``) through
+Playwright. Nothing is materialized: the graph of definitions alone must render. What the pages must
+show is derived from the platform's ``Definitions`` (every asset group and every asset node of the
+global lineage, every sensor and schedule, a sensor's target, monitored asset and running status,
+the tenant partition), not written down here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,9 +41,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-GROUPS = ["ingestion", "features", "training", "deployment"]
-# Asset names short enough that the graph renders them untruncated.
-ASSETS = ["raw_accounts", "raw_churn_events", "churn_training_set", "churn_model"]
+UI_TENANT = "uitenant"
 SERVER_READY_TIMEOUT_S = 120
 UI_TIMEOUT_MS = 30_000
 
@@ -88,6 +90,10 @@ def dagster_webserver(tmp_path_factory):
     """A running ``dagster-webserver`` over workspace.yaml and a fresh MLOPS_HOME; yields its URL."""
     home = tmp_path_factory.mktemp("ui_mlops_home")
     PlatformSettings(home=str(home)).ensure_home()
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(home / "dagster")) as instance:
+        instance.add_dynamic_partitions("tenant", [UI_TENANT])
     env = {
         **os.environ,
         **TELEMETRY_OFF,
@@ -109,6 +115,8 @@ def dagster_webserver(tmp_path_factory):
             start_new_session=True,
         )
     try:
+        # what the pages must show, read while the server starts
+        expected = _expected(home)
         deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
         while True:
             if proc.poll() is not None:
@@ -128,7 +136,7 @@ def dagster_webserver(tmp_path_factory):
                     f"{_tail(log_path)}"
                 )
             time.sleep(0.5)
-        yield {"url": base_url, "log": log_path}
+        yield {"url": base_url, "log": log_path, "home": home, "expected": expected}
     finally:
         _stop(proc)
 
@@ -162,34 +170,118 @@ def browser_page(dagster_webserver):
             browser.close()
 
 
-def test_asset_graph_shows_groups(request, tmp_path):
+def _expected(home: Path) -> dict:
+    """What the UI must show, from the platform's Definitions over the server's home: asset keys by
+    group, sensors (target job, monitored asset, default status) and schedules."""
+    saved = dict(os.environ)  # build_definitions points this process's variables at its home
+    try:
+        from definitions import build_definitions
+
+        defs = build_definitions(str(home))
+        graph = defs.resolve_asset_graph()
+        groups: dict[str, list[list[str]]] = {}
+        for key in graph.get_all_asset_keys():
+            groups.setdefault(graph.get(key).group_name, []).append(list(key.path))
+        sensors = {s.name: {"job": s.job_name if s.has_jobs else None, "running": s.default_status.value == "RUNNING",
+                            "asset": getattr(s, "asset_key", None) and s.asset_key.to_user_string()}
+                   for s in defs.sensors}
+        return {"groups": groups, "sensors": sensors, "schedules": sorted(s.name for s in defs.schedules)}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _shows(displayed: str, name: str) -> bool:
+    """The graph shows an asset by the last part of its key, middle-truncated with an ellipsis when
+    the node is too narrow for it (``raw_ac…_attributes``)."""
+    if displayed == name:
+        return True
+    head, sep, tail = displayed.partition("…")
+    return bool(sep) and len(head) + len(tail) < len(name) and name.startswith(head) and name.endswith(tail)
+
+
+def _unmatched(displayed: list[str], names: list[str]) -> tuple[list[str], list[str]]:
+    """Pair each expected name with a node showing it (exact ones first); what is left on each side."""
+    left = list(displayed)
+    missing = []
+    for name in sorted(names, key=lambda n: n not in left):
+        match = next((d for d in left if d == name), None) or next((d for d in left if _shows(d, name)), None)
+        if match is None:
+            missing.append(name)
+        else:
+            left.remove(match)
+    return missing, left
+
+
+def _field(text: str, label: str) -> str | None:
+    """The value a detail page shows next to ``label`` (an asset key as the UI writes it, ``a / b``,
+    in the key's own ``a/b`` form)."""
+    found = re.search(rf"^{re.escape(label)}\t\s*(\S.*)$", text, re.M)
+    return found.group(1).strip().replace(" / ", "/") if found else None
+
+
+def _fail_with_page(page, server, tmp_path, what: str, exc: Exception | None = None):
+    page.screenshot(path=str(tmp_path / "ui_failure.png"))
+    raise AssertionError(f"{what}; page text:\n{page.inner_text('body')[:3000]}\n"
+                         f"server log:\n{_tail(server['log'])}") from exc
+
+
+def test_ui_shows_every_group_asset_sensor_and_the_tenant_partition(request, tmp_path):
     # Checked in the test body, not only in the fixtures, so a missing browser reports as a test
     # failure rather than a setup error.
     _require_chromium()
-    dagster_webserver = request.getfixturevalue("dagster_webserver")
+    server = request.getfixturevalue("dagster_webserver")
     page = request.getfixturevalue("browser_page")
+    expected = server["expected"]
+    groups = expected["groups"]
+    assert {"ingestion", "features", "training", "deployment", "monitoring", "reports"} <= set(groups)
+
     # Global asset lineage with every group expanded (the same URL the UI builds for "Expand all
     # groups"); group ids are ``global@global:<group>`` on this page.
-    expanded = ",".join(f"global@global:{group}" for group in GROUPS)
-    page.goto(f"{dagster_webserver['url']}/asset-groups?expanded={quote(expanded)}")
-
+    expanded = ",".join(f"global@global:{group}" for group in sorted(groups))
+    page.goto(f"{server['url']}/asset-groups?expanded={quote(expanded)}")
     # The graph is an <svg> whose nodes (group boxes and asset cards) are <foreignObject>s; the
     # sidebar tree repeats the group names outside it, so scope the checks to the graph.
     graph = page.locator("svg foreignObject")
+    names = [path[-1] for keys in groups.values() for path in keys]
+    nodes = graph.locator('[class*="AssetNode_assetName"]')
     try:
-        for name in GROUPS + ASSETS:
-            graph.get_by_text(name, exact=True).first.wait_for(state="visible")
+        for group in groups:
+            graph.get_by_text(group, exact=True).first.wait_for(state="visible")
+        page.wait_for_function("n => document.querySelectorAll('svg foreignObject [class*=\"AssetNode_assetName\"]')"
+                               ".length >= n", arg=len(names))
     except Exception as exc:
-        page.screenshot(path=str(tmp_path / "asset_graph_failure.png"))
-        raise AssertionError(
-            f"asset graph did not show {name!r}; page text:\n{page.inner_text('body')[:3000]}\n"
-            f"server log:\n{_tail(dagster_webserver['log'])}"
-        ) from exc
-
+        _fail_with_page(page, server, tmp_path, "the asset graph did not show every group and asset", exc)
     assert page.get_by_text("Global asset lineage").first.is_visible()
-    for name in GROUPS + ASSETS:
-        assert graph.get_by_text(name, exact=True).count() >= 1, name
+    # every asset of every group is a node of the graph, and the graph has no node the platform lacks
+    missing, extra = _unmatched([t.strip() for t in nodes.all_text_contents()], names)
+    assert (missing, extra) == ([], []), f"graph nodes: missing {missing}, not in the definitions {extra}"
 
-    shot = tmp_path / "asset_graph.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 0
+    # Every sensor and schedule is listed; the decay sensor's page shows its target, the asset it
+    # watches and that it is running (its default status), as the definitions say.
+    page.goto(f"{server['url']}/automation")
+    try:
+        for name in [*expected["sensors"], *expected["schedules"]]:
+            page.get_by_text(name, exact=True).first.wait_for(state="visible")
+    except Exception as exc:
+        _fail_with_page(page, server, tmp_path, "the automation page did not list every sensor and schedule", exc)
+    for name, sensor in expected["sensors"].items():
+        if sensor["asset"] is None:
+            continue
+        page.goto(f"{server['url']}/locations/definitions/sensors/{name}")
+        try:
+            page.get_by_text("Monitored assets").first.wait_for(state="visible")
+        except Exception as exc:
+            _fail_with_page(page, server, tmp_path, f"the page of sensor {name} did not render", exc)
+        text = page.inner_text("body")
+        fields = text[text.index("Latest tick"):text.index("Cursor")]
+        shown = {"target": _field(fields, "Target"), "asset": _field(fields, "Monitored assets")}
+        assert shown == {"target": sensor["job"], "asset": sensor["asset"]}, fields
+        assert ("\nRunning\n" in fields) == sensor["running"], fields
+
+    # The tenant is a partition of the per-tenant assets.
+    page.goto(f"{server['url']}/assets/raw_accounts?view=partitions")
+    try:
+        page.get_by_text(UI_TENANT, exact=True).first.wait_for(state="visible")
+    except Exception as exc:
+        _fail_with_page(page, server, tmp_path, f"the partitions of raw_accounts did not show {UI_TENANT}", exc)
