@@ -80,6 +80,11 @@ def weekly_retrain_schedule(context: dg.ScheduleEvaluationContext):
 
 
 MONITORING_ASSET = dg.AssetKey("model_monitoring")
+# A retrain the loop decided on is launched once (its run key names the decision). Should its run
+# worker crash (killed, out of memory), Dagster's run retries re-execute it once, with the same tags
+# and partition, linked to the failed run in the UI; a failed step (a gate) is not retried: the
+# instance's ``run_retries.retry_on_asset_or_op_failure`` is false (resources/settings.py).
+DECISION_RUN_RETRY = {"dagster/max_retries": "1"}
 
 
 def build_decay_sensor(name: str, monitoring_asset: dg.AssetKey, job, run_key_prefix: str = "decay"):
@@ -92,7 +97,8 @@ def build_decay_sensor(name: str, monitoring_asset: dg.AssetKey, job, run_key_pr
         decay alert the closed loop answered with ``retrain`` (``loop_action``; ``mlops.core.loop``
         decides: retrain, hold for the shadow or for new labels, or escalate to a person) launches
         the retraining job for that tenant only. The run key names the episode and the retrain
-        (``loop_run_key``), so each decision launches one run, however often the sensor sees it.
+        (``loop_run_key``), so each decision launches one run, however often the sensor sees it;
+        a run whose worker crashed is re-executed once by Dagster (``DECISION_RUN_RETRY``).
 
         Why ``@dg.asset_sensor`` and not ``@dg.multi_asset_sensor``: only an ``AssetSensorDefinition``
         names the asset it watches in the definitions the UI reads (``SensorMetadataSnap.asset_keys``
@@ -127,7 +133,8 @@ def build_decay_sensor(name: str, monitoring_asset: dg.AssetKey, job, run_key_pr
                 run_key=f"{run_key_prefix}:{tenant}:{metadata['loop_run_key'].value}",
                 partition_key=tenant,
                 tags={"trigger": "decay_alert", "decaying_version": version,
-                      "alert": json.dumps(alerts)[:1000], "alert_storage_id": str(record.storage_id)},
+                      "alert": json.dumps(alerts)[:1000], "alert_storage_id": str(record.storage_id),
+                      **DECISION_RUN_RETRY},
             ))
         for note in notes:
             context.log.info(note)

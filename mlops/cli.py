@@ -215,11 +215,15 @@ def init(home: str | None) -> None:
 def verify_audit(home: str | None, tenant: str) -> None:
     """Check the tenant's audit log hash chain."""
     from mlops.core import audit
+    from resources.warehouse import WarehouseBusyError
 
     r = _resources(home)
     _known_tenant(r, tenant)
-    with r["warehouse"].connect(tenant, read_only=True) as con:
-        report = audit.verify_chain(con)
+    try:
+        with r["warehouse"].connect(tenant, read_only=True) as con:
+            report = audit.verify_chain(con)
+    except (WarehouseBusyError, FileNotFoundError) as exc:  # a writer holds it past the wait; never built
+        raise click.ClickException(f"cannot verify the audit log of {tenant}: {exc}") from None
     if not report.ok:
         click.echo(f"audit log of {tenant}: chain broken at entry {report.first_bad_seq}", err=True)
         raise SystemExit(1)
@@ -328,22 +332,30 @@ def _deployment_command(action: str, who: str):
 @_deployment_command("promotion", "promotes")
 def promote(home: str | None, tenant: str, reason: str, actor: str) -> None:
     """Move TENANT's champion alias to its challenger and republish; the service swaps within a second."""
-    from mlops.core.deployment import NothingToDeployError, promote_challenger
+    from mlops.core.deployment import (
+        DeploymentMismatchError,
+        NothingToDeployError,
+        RegistryUnavailableError,
+        promote_challenger,
+    )
 
     r = _resources(home)
     _known_tenant(r, tenant)
     try:
+        previous = r["registry"].alias_version(tenant, CHAMPION)
         entry = promote_challenger(tenant, r["registry"], r["feature_store"], r["settings"], r["warehouse"],
                                    reason=reason, actor=actor)
-    except NothingToDeployError as exc:
+    except (NothingToDeployError, RegistryUnavailableError, DeploymentMismatchError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{tenant}: champion is now v{entry['champion']['version']}")
+    _alert_deployment(r, "promotion", tenant, previous.version if previous else None, entry["champion"]["version"],
+                      reason, actor)
 
 
 @_deployment_command("rollback", "rolls back")
 def rollback(home: str | None, tenant: str, reason: str, actor: str) -> None:
     """Serve TENANT's previous champion again (manifest and registry alias)."""
-    from mlops.core.deployment import rollback_champion
+    from mlops.core.deployment import DeploymentMismatchError, RegistryUnavailableError, rollback_champion
     from mlops.core.serving import NoPreviousChampionError, NotDeployedError
 
     r = _resources(home)
@@ -351,9 +363,28 @@ def rollback(home: str | None, tenant: str, reason: str, actor: str) -> None:
     try:
         current, previous = rollback_champion(tenant, r["registry"], r["settings"], r["warehouse"], reason=reason,
                                               actor=actor)
-    except (NotDeployedError, NoPreviousChampionError) as exc:
+    except (NotDeployedError, NoPreviousChampionError, RegistryUnavailableError, DeploymentMismatchError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{tenant}: champion rolled back from v{current} to v{previous}")
+    _alert_deployment(r, "rollback", tenant, current, previous, reason, actor)
+
+
+def _alert_deployment(r: dict, action: str, tenant: str, from_version, to_version, reason: str, actor: str) -> None:
+    """Tell the alert webhook (if one is configured) about a manual promotion or rollback. The
+    change is done whatever the webhook says; an alert it did not take is retried by the sensors."""
+    import uuid
+
+    from mlops.core.alerts import deployment_event
+
+    alerts = r["alerts"]
+    if not alerts.enabled:
+        return
+    event = deployment_event(action, tenant, registered_model_name(tenant), from_version and str(from_version),
+                             str(to_version), reason, actor, event_id=f"{action}:{tenant}:cli:{uuid.uuid4().hex}",
+                             ui_base_url=alerts.ui_base_url)
+    delivery = alerts.notifier().notify([event])
+    if delivery.pending or delivery.abandoned:
+        click.echo(f"warning: {action} alert not delivered yet ({delivery.summary()})", err=True)
 
 
 @main.command("env")

@@ -14,10 +14,21 @@ Nothing else is scripted: the decay sensor, the retraining run, the gates, the s
 the promotion are the platform acting on its own. The driver only watches and prints a timeline.
 A tenant's daily cycle waits while a run of that tenant is in flight (its warehouse admits one
 writer), as the run queue's per-tenant limit does for queued runs.
+
+Stopping (Ctrl-C, which a terminal sends to the whole foreground process group, or SIGTERM to the
+driver): the driver alone decides. The tenant workers run in sessions of their own, so the
+terminal's SIGINT never reaches them; the driver gives the day in flight ``STOP_GRACE_S`` to
+complete, then interrupts it (Dagster marks that run failed; every step writes atomically, in one
+DuckDB transaction or a temporary file renamed, so nothing is half-written), stops the service, the
+daemon and the webserver (SIGTERM to their process groups, then SIGKILL to whatever of their
+process trees is left) and says on the terminal what it stopped. Every process the driver starts
+also dies with it (``PR_SET_PDEATHSIG``), should the driver itself be killed. The replay always
+starts from an empty home: run it again with ``--reset``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -30,7 +41,7 @@ from pathlib import Path
 
 import requests
 
-from mlops.core.environment import PROJECT_ROOT, HomeLayout, configure_environment
+from mlops.core.environment import PROJECT_ROOT, HomeLayout, configure_environment, write_atomic
 from mlops.core.names import CHALLENGER, CHAMPION
 from resources.tenants import TenantSpec
 
@@ -39,6 +50,12 @@ DRIFT_AFTER = 32  # concept drift starts this many simulated days after the buil
 REPLAY_DAYS = 100  # give up if the loop has not restored performance after this many days
 FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 SERVICE_WORKERS = 2
+# The budget of a stop, 15 s in all: a tenant's daily cycle in flight may complete within
+# STOP_GRACE_S; then an interrupted one has STOP_INTERRUPT_S to mark its run failed; the service,
+# daemon and webserver, signalled first, have STOP_CHILDREN_S from the signal to exit.
+STOP_GRACE_S = 4.0
+STOP_INTERRUPT_S = 3.0
+STOP_CHILDREN_S = 9.0
 
 
 def demo_tenants(small: bool = False) -> list[TenantSpec]:
@@ -98,6 +115,16 @@ def _worker_init(home: str) -> None:
     import logging
     import warnings
 
+    # A session of its own: the terminal's Ctrl-C (SIGINT to the foreground group) reaches the
+    # driver only, which decides how the day in flight ends (SIGINT from the driver interrupts a
+    # Dagster run cleanly: the run is marked failed). Should the driver die without stopping it
+    # (kill -9), the kernel sends SIGUSR1: the worker interrupts its run the same way and exits
+    # within STOP_INTERRUPT_S (it would otherwise wait on its task queue forever). Not SIGTERM:
+    # Dagster's in-process execution maps SIGTERM to its SIGINT handler.
+    os.setsid()
+    signal.signal(signal.SIGUSR1, _worker_orphaned)
+    _die_with_parent(signal.SIGUSR1)
+
     from dagster import BetaWarning, DagsterInstance, PreviewWarning
 
     warnings.filterwarnings("ignore", category=BetaWarning)
@@ -110,10 +137,18 @@ def _worker_init(home: str) -> None:
     _WORKER.update(defs=defs, instance=DagsterInstance.from_config(str(defs.resources["settings"].dagster_home)))
 
 
+def _worker_orphaned(signum, frame) -> None:
+    import threading
+
+    threading.Timer(STOP_INTERRUPT_S, os._exit, args=(1,)).start()
+    os.kill(os.getpid(), signal.SIGINT)
+
+
 def _worker_build(tenant: str) -> dict:
     defs, instance = _WORKER["defs"], _WORKER["instance"]
     result = defs.resolve_job_def("churn_pipeline").execute_in_process(
-        instance=instance, partition_key=tenant, raise_on_error=False, run_config=_quiet())
+        instance=instance, partition_key=tenant, raise_on_error=False, run_config=_quiet(),
+        tags={"trigger": "demo_build"})
     if not result.success:
         raise RuntimeError(f"the initial build of {tenant} failed (run {result.run_id})")
     version = defs.resources["registry"].alias_version(tenant, CHAMPION).version
@@ -200,6 +235,8 @@ class ClosedLoopDemo:
         self.until_restored = until_restored
         self.events: list[Event] = []
         self.processes: list[subprocess.Popen] = []
+        self.process_names: dict[int, str] = {}
+        self.in_flight: dict = {}
         self.t0 = time.monotonic()
         self.day = DEMO_START_DAY
         self.keys: dict[str, str] = {}
@@ -250,6 +287,7 @@ class ClosedLoopDemo:
     def for_each_tenant(self, fn, *args) -> None:
         """Run ``fn(tenant, *args)`` for every tenant in the workers and put its events on the timeline."""
         futures = {t: self.pool.submit(fn, t, *args) for t in self.tenants}
+        self.in_flight = futures
         for tenant, future in futures.items():
             outcome = future.result()
             for kind, detail, *once in outcome["events"]:
@@ -346,8 +384,12 @@ class ClosedLoopDemo:
 
         def spawn(name: str, argv: list[str]) -> None:
             out = (logs / f"{name}.log").open("ab")
+            # A process group of its own (the driver stops it as a whole), and SIGTERM to it should
+            # the driver die without stopping it (SIGKILL, say).
             self.processes.append(subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdout=out,
-                                                   stderr=subprocess.STDOUT, start_new_session=True))
+                                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                                   preexec_fn=_child_dies_with(os.getpid())))
+            self.process_names[self.processes[-1].pid] = name
 
         spawn("service", [sys.executable, "-m", "bentoml", "serve", "bentos.service:ChurnService",
                           "--host", "127.0.0.1", "--port", str(self.service_port)])
@@ -371,17 +413,102 @@ class ClosedLoopDemo:
         self.emit("-", "service ready", self.service_url + ("" if self.headless else
                                                              f"; Dagster UI http://127.0.0.1:{self.ui_port}"))
 
-    def stop_processes(self) -> None:
+    def signal_processes(self) -> None:
+        """SIGTERM to each child's process group; remembers their process trees (a BentoML worker,
+        say, lives in a session of its own) for ``stop_processes``."""
+        self.process_trees = {proc.pid: _descendants(proc.pid) for proc in self.processes}
         for proc in self.processes:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
+                _signal_group(proc.pid, signal.SIGTERM)
+
+    def stop_processes(self, deadline: float) -> list[str]:
+        """Wait for the signalled children until ``deadline``, then SIGKILL their groups and
+        whatever is left of their process trees; returns the names of what was stopped."""
+        if not hasattr(self, "process_trees"):
+            self.signal_processes()
+        stopped = []
         for proc in self.processes:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+            stopped.append(self.process_names.get(proc.pid, str(proc.args[1:3])))
+        _kill_leftovers([pid for tree in self.process_trees.values() for pid in tree], deadline)
         self.processes.clear()
+        return stopped
+
+    def stop_workers(self) -> str | None:
+        """Stop the tenant workers: the day in flight gets ``STOP_GRACE_S`` to complete, then it is
+        interrupted (SIGINT: Dagster marks its run failed), then the workers are killed. Returns
+        what happened to the day in flight, for the terminal."""
+        pool = getattr(self, "pool", None)
+        if pool is None:
+            return None
+        workers = list(getattr(pool, "_processes", {}).values())
+        pending = {t: f for t, f in getattr(self, "in_flight", {}).items() if not f.done()}
+        for future in pending.values():
+            future.cancel()  # not started yet: never starts
+        running = {t: f for t, f in pending.items() if not f.cancelled()}
+        deadline = time.monotonic() + STOP_GRACE_S
+        while running and not all(f.done() for f in running.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        completed = [t for t, f in running.items() if f.done() and f.exception() is None]
+        interrupted = [t for t, f in running.items() if t not in completed]
+        if interrupted:
+            for worker in workers:
+                _signal(worker.pid, signal.SIGINT)
+            deadline = time.monotonic() + STOP_INTERRUPT_S
+            while not all(f.done() for t, f in running.items() if t in interrupted) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:  # their sessions too: Dagster's log capture processes
+            _signal_group(worker.pid, signal.SIGKILL)
+            _signal(worker.pid, signal.SIGKILL)
+        for worker in workers:
+            worker.join(timeout=5)
+        self.pool = None
+        self.fail_orphaned_runs()
+        if not running:
+            return None
+        parts = []
+        if completed:
+            parts.append(f"{', '.join(completed)} completed the day")
+        if interrupted:
+            parts.append(f"{', '.join(interrupted)} interrupted (its run is marked failed in Dagster; every step "
+                         "writes atomically, so nothing is half-written)")
+        return f"day {self.day}: " + "; ".join(parts)
+
+    def fail_orphaned_runs(self) -> None:
+        """A worker killed in the middle of a step (one that did not reach a point where Dagster
+        takes the interrupt) leaves its run 'started': mark it failed, as Dagster would have."""
+        from dagster import DagsterRunStatus, RunsFilter
+
+        instance = getattr(self, "instance", None)
+        if instance is None:
+            return
+        unfinished = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+        for trigger in ("demo_build", "demo_replay"):
+            for record in instance.get_run_records(RunsFilter(tags={"trigger": trigger}, statuses=unfinished)):
+                instance.report_run_failed(record.dagster_run, "the demo was stopped and killed this run's tenant "
+                                                               "worker mid-step; every step writes atomically")
+
+    def stop(self, signal_name: str | None) -> None:
+        """Stop everything this demo started, saying so on the terminal when a signal asked."""
+        start = time.monotonic()
+        if signal_name:
+            print(f"\nstopping ({signal_name}): the day in flight gets {STOP_GRACE_S:.0f} s to complete, then "
+                  "everything this demo started is stopped", flush=True)
+        self.signal_processes()  # they stop while the day in flight ends
+        day = self.stop_workers()
+        stopped = self.stop_processes(deadline=start + STOP_CHILDREN_S)
+        if signal_name:
+            if day:
+                print(day, flush=True)
+            what = ", ".join(stopped) if stopped else "no server had started"
+            print(f"stopped the tenant workers and {what} in {time.monotonic() - start:.1f} s. {self.root} is "
+                  f"consistent (mlops verify-audit <tenant>); the replay starts from an empty home: "
+                  f"mlops demo --reset", flush=True)
 
     # --- one simulated day ----------------------------------------------------------------------
     def active_accounts(self, tenant: str) -> list[str]:
@@ -467,8 +594,11 @@ class ClosedLoopDemo:
         print(f"MLOPS_HOME {self.root}; concept drift for "
               f"{', '.join(f'{s.name} from day {s.drift_day} ({SIMULATION_START + dt.timedelta(days=s.drift_day)})' for s in drifted)}",
               flush=True)
-        # A SIGTERM (a CI timeout, kill) must stop the processes this demo started, like Ctrl-C.
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        # Ctrl-C, SIGTERM (a CI timeout, kill) and a closed terminal all stop every process this demo
+        # started; a second signal while stopping does not cut the stop short.
+        stopper = _Stopper()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, stopper)
         try:
             self.build()
             self.start_processes()
@@ -502,14 +632,11 @@ class ClosedLoopDemo:
         except KeyboardInterrupt:
             return 0 if self.restored_on is not None or self.promoted_on is not None else 130
         finally:
-            self.stop_processes()
-            if getattr(self, "pool", None) is not None:
-                workers = list(getattr(self.pool, "_processes", {}).values())
-                self.pool.shutdown(wait=False, cancel_futures=True)
-                for worker in workers:  # a worker may be mid-cycle: it holds nothing worth waiting for
-                    worker.kill()
-                for worker in workers:
-                    worker.join(timeout=10)
+            stopper.stopping = True
+            self.stop(stopper.received)
+            if stopper.received:
+                self.emit("-", "stopped", f"by {stopper.received}")
+                write_atomic(self.root / "demo_timeline.json", json.dumps(self.timeline_json(), indent=2).encode())
 
 
 def _served_entry(entry: dict) -> dict:
@@ -529,8 +656,102 @@ def _sensor_cursor(instance, name: str) -> int:
     return -1
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _Stopper:
+    """The driver's handler of SIGINT, SIGTERM and SIGHUP: the first raises ``KeyboardInterrupt``
+    (the replay unwinds to its ``finally``, which stops everything); later ones are noted only."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.stopping = False
+
+    def __call__(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received or self.stopping:
+            print(f"({name}: already stopping)", flush=True)
+            return
+        self.received = name
+        raise KeyboardInterrupt
+
+
+def _prctl():
+    """libc's ``prctl`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(signum: int) -> None:
+    """Ask the kernel to send ``signum`` to this process when its parent dies (Linux)."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+
+
+def _child_dies_with(parent: int):
+    """A ``preexec_fn``: SIGTERM to the child when ``parent`` (the driver) dies, even by SIGKILL.
+    libc is looked up here, before the fork: the child only calls it."""
+    prctl = _prctl()
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the driver died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _kill_leftovers(pids: list[int], deadline: float) -> None:
+    """SIGKILL the processes of ``pids`` still alive at ``deadline`` (ids checked against their
+    start, so a reused id is never hit)."""
+    starts = {pid: _start_time(pid) for pid in pids}
+    alive = [pid for pid, started in starts.items() if started is not None]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if _start_time(pid) == starts[pid]]
+    for pid in alive:
+        if _start_time(pid) == starts[pid]:
+            _signal(pid, signal.SIGKILL)
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (None when gone or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
 
 
 def _quiet() -> dict:

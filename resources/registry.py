@@ -7,6 +7,7 @@ Tracking is SQLite under MLOPS_HOME; artifacts go under MLOPS_HOME too, never in
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
 import subprocess
 import sys
@@ -22,10 +23,15 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlops.core.deployment import RegistryUnavailableError
 from mlops.core.environment import PROJECT_ROOT
 from mlops.core.names import EXPERIMENT_NAME, registered_model_name
 from mlops.core.pyfunc_model import booster_from_model_dir
 from resources.settings import PlatformSettings
+
+# The registry's answers for a model or alias that does not exist (``INVALID_PARAMETER_VALUE``: an
+# alias not found); any other error means the registry did not answer.
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 LINEAGE_TAGS = (
     "tenant",
@@ -77,6 +83,9 @@ class ModelRegistry(dg.ConfigurableResource):
 
     @cached_property
     def client(self) -> MlflowClient:
+        # MLflow logs a database error with its traceback before raising it; every one reaches the
+        # caller as an exception naming the operation (``RegistryUnavailableError``), once.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         return MlflowClient(tracking_uri=self.settings.mlflow_tracking_uri,
                             registry_uri=self.settings.mlflow_tracking_uri)
 
@@ -92,16 +101,40 @@ class ModelRegistry(dg.ConfigurableResource):
             return self.client.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
 
     def alias_version(self, tenant: str, alias: str, use_case: str = "churn") -> ModelVersion | None:
+        """The version the alias names; None when the model or the alias does not exist. A registry
+        that does not answer raises ``RegistryUnavailableError``: read as "no champion", it would
+        let the next version take the champion alias."""
+        name = registered_model_name(tenant, use_case)
         try:
-            return self.client.get_model_version_by_alias(registered_model_name(tenant, use_case), alias)
-        except MlflowException:
-            return None
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                return None
+            raise self._unavailable(f"reading {name}@{alias}", exc) from exc
 
     def set_alias(self, tenant: str, alias: str, version: str | int, use_case: str = "churn") -> None:
-        self.client.set_registered_model_alias(registered_model_name(tenant, use_case), alias, str(version))
+        name = registered_model_name(tenant, use_case)
+        try:
+            self.client.set_registered_model_alias(name, alias, str(version))
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                raise
+            raise self._unavailable(f"setting {name}@{alias} to v{version}", exc) from exc
 
     def delete_alias(self, tenant: str, alias: str, use_case: str = "churn") -> None:
-        self.client.delete_registered_model_alias(registered_model_name(tenant, use_case), alias)
+        name = registered_model_name(tenant, use_case)
+        try:
+            self.client.delete_registered_model_alias(name, alias)
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                raise
+            raise self._unavailable(f"deleting {name}@{alias}", exc) from exc
+
+    def _unavailable(self, what: str, exc: MlflowException) -> RegistryUnavailableError:
+        detail = str(exc.message).splitlines()[0][:300]
+        return RegistryUnavailableError(
+            f"the model registry ({self.settings.mlflow_tracking_uri}) did not answer {what}: {detail}. "
+            "That change was not made; retry when the registry is available")
 
     def version(self, tenant: str, version: str | int, use_case: str = "churn") -> ModelVersion:
         return self.client.get_model_version(registered_model_name(tenant, use_case), str(version))

@@ -30,6 +30,21 @@ run_coordinator:
         value:
           applyLimitPerUniqueValue: true
         limit: 1
+# A run whose worker dies (killed, out of memory) is marked failed by the code server that
+# launched it. Run monitoring also fails a run stuck starting or running past any sane length, and
+# never resumes one (the default run launcher cannot).
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  max_runtime_seconds: 7200
+  max_resume_run_attempts: 0
+  poll_interval_seconds: 5
+# A run tagged ``dagster/max_retries`` (the decay sensor's retraining) is re-executed once when
+# its worker crashed, never when a step failed (a gate failing again on the same data).
+run_retries:
+  enabled: true
+  max_retries: 0
+  retry_on_asset_or_op_failure: false
 """
 
 
