@@ -13,6 +13,7 @@ import time
 
 import dagster as dg
 
+from mlops.core.alerts import probe_readyz
 from mlops.core.monitoring import record_health_check
 from resources.inbox import move_aside, unknown_tenant_folders
 from resources.monitoring import MonitoringPolicy
@@ -170,18 +171,10 @@ def _materializations_through(instance: dg.DagsterInstance, cursor: str | None, 
 @dg.sensor(minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
 def service_health_sensor(context: dg.SensorEvaluationContext, settings: PlatformSettings,
                           monitoring_policy: MonitoringPolicy):
-    """Probes the serving endpoint's ``/readyz``; the probes are the uptime record of the KPIs."""
-    import urllib.error
-    import urllib.request
-
+    """Probes the serving endpoint's ``/readyz``; the probes are the uptime record of the KPIs (the
+    alert to a person when it stops answering is ``assets.alerts.service_alert_sensor``'s)."""
     url = monitoring_policy.service_url.rstrip("/") + "/readyz"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            ok, detail = response.status == 200, f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        ok, detail = False, f"HTTP {exc.code}"
-    except OSError as exc:
-        ok, detail = False, f"unreachable: {exc}"
+    ok, detail = probe_readyz(url)
     record_health_check(settings.root, ok, detail, time.time())
     return dg.SkipReason(f"{url}: {detail}")
 

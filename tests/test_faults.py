@@ -81,7 +81,10 @@ def _new_version(resources) -> str:
     """Another registered version of the tenant's model (the champion's artifacts)."""
     registry = resources["registry"]
     champion = registry.alias_version(TENANT, "champion")
-    return str(registry.client.create_model_version(champion.name, champion.source, run_id=champion.run_id).version)
+    # The artifacts' storage location, not the version's ``models:/m-...`` source: MLflow resolves a
+    # logged model's id through the process-wide tracking URI, which another test may have set.
+    location = registry.client.get_model_version_download_uri(champion.name, champion.version)
+    return str(registry.client.create_model_version(champion.name, location, run_id=champion.run_id).version)
 
 
 @pytest.fixture()
