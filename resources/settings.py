@@ -103,6 +103,10 @@ class PlatformSettings(dg.ConfigurableResource):
         for path in (layout.root, layout.mlflow_dir / "artifacts", layout.dagster_home, layout.inbox_root):
             path.mkdir(parents=True, exist_ok=True)
         dagster_yaml = layout.dagster_home / "dagster.yaml"
-        if not dagster_yaml.exists():
+        # A file the platform wrote (its first line says so) follows the platform's config when that
+        # changes (an existing home gains run monitoring and retries); one a person edited is kept.
+        current = dagster_yaml.read_text() if dagster_yaml.exists() else None
+        platform_written = current is not None and current.startswith(DAGSTER_YAML.splitlines()[0])
+        if current is None or (platform_written and current != DAGSTER_YAML):
             write_atomic(dagster_yaml, DAGSTER_YAML.encode())
         return self.root

@@ -107,3 +107,22 @@ def test_the_closed_loop_is_wired_and_on_by_default():
     assert schedules["weekly_retrain_schedule"].job_name == "churn_retrain"
     assert schedules["weekly_retrain_schedule"].default_status == dg.DefaultScheduleStatus.RUNNING
     assert schedules["daily_cycle_schedule"].job_name == "daily_cycle"
+
+
+def test_a_platform_written_instance_config_follows_the_platform_and_an_edited_one_is_kept(tmp_path):
+    """An existing home gains what the platform's dagster.yaml adds (run monitoring, retries); a
+    dagster.yaml a person wrote is never overwritten."""
+    from resources.settings import DAGSTER_YAML, PlatformSettings
+
+    settings = PlatformSettings(home=str(tmp_path))
+    settings.ensure_home()
+    config = tmp_path / "dagster" / "dagster.yaml"
+    older = DAGSTER_YAML.split("run_monitoring:")[0]
+    assert older != DAGSTER_YAML
+    config.write_text(older)
+    settings.ensure_home()
+    assert config.read_text() == DAGSTER_YAML
+    edited = "# my instance\ntelemetry:\n  enabled: false\n"
+    config.write_text(edited)
+    settings.ensure_home()
+    assert config.read_text() == edited
