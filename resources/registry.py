@@ -27,6 +27,7 @@ from mlops.core.deployment import RegistryUnavailableError
 from mlops.core.environment import PROJECT_ROOT
 from mlops.core.names import EXPERIMENT_NAME, registered_model_name
 from mlops.core.pyfunc_model import booster_from_model_dir
+from mlops.core.serving import MANIFEST, read_manifest, serving_dir
 from resources.settings import PlatformSettings
 
 # The registry's answers for a model or alias that does not exist (``INVALID_PARAMETER_VALUE``: an
@@ -86,8 +87,24 @@ class ModelRegistry(dg.ConfigurableResource):
         # MLflow logs a database error with its traceback before raising it; every one reaches the
         # caller as an exception naming the operation (``RegistryUnavailableError``), once.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        self._refuse_a_lost_database()
         return MlflowClient(tracking_uri=self.settings.mlflow_tracking_uri,
                             registry_uri=self.settings.mlflow_tracking_uri)
+
+    def _refuse_a_lost_database(self) -> None:
+        """MLflow creates an empty database where its file is missing. In a home that has published
+        models (the serving manifest names some) a missing file is a lost registry, not a new one:
+        refuse, naming it, instead of promoting or rolling back against an empty registry."""
+        database = self.settings.mlflow_dir / "mlflow.db"
+        manifest = serving_dir(self.settings.root) / MANIFEST
+        if database.exists() or not manifest.exists():
+            return
+        published = read_manifest(serving_dir(self.settings.root))
+        if published.get("tenants") or published.get("use_cases"):
+            raise RegistryUnavailableError(
+                f"the model registry's database {database} is missing, but {manifest} names published "
+                "models: restore the database (e.g. from a backup) before promoting, rolling back or "
+                "training; an empty registry is not created in its place")
 
     def ensure_experiment(self) -> str:
         """Create the experiment with its artifact root under MLOPS_HOME (idempotent)."""

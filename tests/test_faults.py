@@ -158,6 +158,24 @@ def test_a_locked_registry_fails_promote_and_rollback_clearly_and_changes_nothin
     assert after["alias_champion"] == previous and after["alias_challenger"] is None
 
 
+def test_a_lost_registry_database_is_refused_not_recreated_empty(home, resources, champion_and_challenger):
+    """MLflow would create an empty database in place of a missing one; in a home that has published
+    models the rollback must refuse, naming the file, and create nothing."""
+    before = champion_and_challenger
+    database = home / "mlflow" / "mlflow.db"
+    aside = database.with_name("mlflow.db.aside")
+    database.rename(aside)
+    try:
+        rollback = _mlops(home, "rollback", TENANT)
+        code, (out, err) = rollback.wait(timeout=180), rollback.communicate()
+        assert code == 1, (out, err)
+        assert f"the model registry's database {database} is missing" in err and "Traceback" not in err, err
+        assert not database.exists()  # no empty registry created in its place
+    finally:
+        aside.rename(database)
+    assert _state(resources) == before
+
+
 def test_a_registry_lock_released_within_the_busy_timeout_lets_the_promotion_complete(home, resources,
                                                                                     champion_and_challenger):
     from mlops.core.deployment import promote_challenger
