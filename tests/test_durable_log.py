@@ -5,6 +5,7 @@ the rest. Real processes, real files, a real DuckDB."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -416,3 +417,27 @@ def test_the_fsync_policy_is_checked():
     assert log_fsync_policy("") == "interval" and log_fsync_policy("ALWAYS") == "always"
     with pytest.raises(ValueError, match="MLOPS_LOG_FSYNC='sometimes': expected one of none, interval, always"):
         log_fsync_policy("sometimes")
+
+
+def test_partial_segments_of_killed_workers_are_removed_by_recovery(tmp_path):
+    """A worker killed while writing a segment leaves ``.<segment>.tmp-<pid>-<thread>`` in closed/
+    (its rows are in its journal); recovery deletes it, but never a live process's file or a fresh one."""
+    from mlops.core.serving import journal_dir, prediction_log_dir, recover_journals
+
+    journal_dir(tmp_path).mkdir(parents=True)
+    closed = prediction_log_dir(tmp_path, "acme") / "closed"
+    closed.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = time.time() - 3600
+    orphan = closed / f".segment-1.parquet.tmp-{dead.pid}-1"
+    live = closed / f".segment-2.parquet.tmp-{os.getpid()}-1"
+    fresh = closed / f".segment-3.parquet.tmp-{dead.pid}-2"
+    published = closed / "segment-4.parquet"
+    for path in (orphan, live, fresh, published):
+        path.write_bytes(b"partial")
+    for path in (orphan, live, published):
+        os.utime(path, (old, old))
+    report = recover_journals(tmp_path)
+    assert report.temporaries_removed == 1
+    assert not orphan.exists() and live.exists() and fresh.exists() and published.exists()

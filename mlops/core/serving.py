@@ -1006,6 +1006,7 @@ class JournalRecovery:
     segments: list[Path] = field(default_factory=list)
     torn: list[str] = field(default_factory=list)
     quarantined: list[Path] = field(default_factory=list)
+    temporaries_removed: int = 0  # partial segments of killed workers deleted
 
 
 @dataclass(frozen=True)
@@ -1146,7 +1147,37 @@ def recover_journals(home: Path) -> JournalRecovery:
         with contextlib.suppress(OSError):
             if time.time() - stale.stat().st_mtime > 60:
                 stale.unlink()
+    report.temporaries_removed = remove_orphan_temporaries(folder.parent)
     return report
+
+
+def remove_orphan_temporaries(log_root: Path, min_age_s: float = 60.0) -> int:
+    """Delete the partial segments (``atomic_path``'s ``.<name>.tmp-<pid>-<thread>``) that a worker
+    killed while writing left in a ``closed/`` folder under ``log_root``: their rows are still in
+    the worker's journal, which recovery converts. Only files of a process that no longer exists and
+    older than ``min_age_s`` (so a reused pid's fresh file is left alone). Returns how many."""
+    removed = 0
+    for path in log_root.glob("**/closed/.*.tmp-*"):
+        try:
+            pid = int(path.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        with contextlib.suppress(OSError):
+            if _process_alive(pid) or time.time() - path.stat().st_mtime < min_age_s:
+                continue
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _recover_journal(home: Path, folder: Path, token: str, report: JournalRecovery) -> None:
