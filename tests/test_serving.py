@@ -286,14 +286,20 @@ def test_promotion_under_load_drops_no_request_then_rollback(service, with_chall
         wait_until(lambda: len(load.results) >= 30, "30 answers before the promotion")
         promoted_at = time.monotonic()
         promote_challenger(TENANT, r["registry"], r["feature_store"], r["settings"], r["warehouse"], reason="test")
-        wait_until(lambda: sum(v == challenger_version for _, _, v in load.answered_after(promoted_at)) >= 20,
-                   "20 answers of the promoted version")
+        # every worker has swapped (its status file says so); then 20 more answers
+        wait_until(lambda: (workers := served_by_workers(service)) and all(
+            w.get(TENANT, {}).get("champion") == challenger_version for w in workers.values()),
+            f"every service worker to serve champion {challenger_version}")
+        swapped_at = time.monotonic()
+        wait_until(lambda: len(load.answered_after(swapped_at)) >= 20, "20 answers after every worker swapped")
     # leaving the block failed had a client thread died; every request of every client got a 200
     load.assert_every_request_answered()
     results = load.results
     assert len(results) > 50
     assert {v for t, _, v in results if t < promoted_at} == {"1"}
-    assert results[-1][2] == challenger_version
+    # a request being scored while its worker swapped may carry the old version; the last ten, sent
+    # after every worker had swapped, carry the promoted one
+    assert {v for _, _, v in results[-10:]} == {challenger_version}
     assert str(r["registry"].alias_version(TENANT, "champion").version) == challenger_version
 
     rollback_champion(TENANT, r["registry"], r["settings"], r["warehouse"], reason="test rollback")
