@@ -4,6 +4,7 @@ full daily cycle.
     python -m benchmarks.loop                       # churn: 10 seeds x 4 scenarios on the simulated clock
     python -m benchmarks.loop --seeds 3 --scenarios concept_drift none
     python -m benchmarks.loop --only none:10 concept_drift:1
+    python -m benchmarks.loop --decay-confidence 0.99   # a realized decay must be beyond the accounts' noise
     python -m benchmarks.loop --demo                # the full daily cycle (Dagster, the service) on the demo
 
 The simulated clock (``mlops.loop_replay``) runs each day what the daily cycle and the decay sensor
@@ -58,13 +59,15 @@ def oracle_for(spec) -> float | None:
 
 
 def replay_one(args: tuple) -> dict:
-    seed, scenario, tolerance = args
+    seed, scenario, tolerance, decay_confidence = args
     warnings.simplefilter("ignore")
     from mlops.loop_replay import LoopReplay
+    from resources.monitoring import MonitoringPolicy
 
     started = time.perf_counter()
     spec = spec_for(seed, scenario)
-    replay = LoopReplay(spec, START_DAY, END_DAY).run()
+    policy = MonitoringPolicy() if decay_confidence is None else MonitoringPolicy(decay_confidence=decay_confidence)
+    replay = LoopReplay(spec, START_DAY, END_DAY, policy=policy).run()
     oracle = oracle_for(spec)
     out = replay.summary(oracle=oracle, tolerance=tolerance)
     out |= {"oracle": oracle, "wall_s": round(time.perf_counter() - started, 1),
@@ -152,12 +155,17 @@ def main() -> int:
                         help="replay just these, e.g. none:10 concept_drift:1")
     parser.add_argument("--demo", action="store_true", help="check the full daily cycle against the simulated clock")
     parser.add_argument("--service-port", type=int, default=3011)
+    parser.add_argument("--decay-confidence", type=float, default=None,
+                        help="MonitoringPolicy.decay_confidence (default: the policy's); e.g. 0.99 to require "
+                             "a realized decay beyond the noise of the accounts")
     args = parser.parse_args()
     if args.demo:
         return demo_check(args.service_port)
-    jobs = [(seed, scenario, args.tolerance) for scenario in args.scenarios for seed in range(1, args.seeds + 1)]
+    jobs = [(seed, scenario, args.tolerance, args.decay_confidence)
+            for scenario in args.scenarios for seed in range(1, args.seeds + 1)]
     if args.only:
-        jobs = [(int(seed), scenario, args.tolerance) for scenario, seed in (o.split(":") for o in args.only)]
+        jobs = [(int(seed), scenario, args.tolerance, args.decay_confidence)
+                for scenario, seed in (o.split(":") for o in args.only)]
     started = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
         rows = list(pool.map(replay_one, jobs))

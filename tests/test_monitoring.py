@@ -257,6 +257,37 @@ def test_decay_alert_needs_consecutive_chunks():
     assert [(a["metric"], a["chunk"]) for a in found] == [("realized_roc_auc", "d3")]
 
 
+def test_a_realized_decay_alert_must_be_beyond_the_noise_of_its_accounts():
+    """The same accounts are scored every day and one label window spans many daily chunks, so three
+    consecutive chunks are nearly one observation: a pooled ROC AUC of 0.74 over 36 churners is not
+    evidence against a 0.81 floor, over 360 it is, and a model at chance is at once."""
+    from types import SimpleNamespace
+
+    from mlops.core.monitoring import CHURN_SPEC, decay_evidence
+
+    def evidence(n_accounts: int, separation: float):
+        rng = np.random.default_rng(3)
+        churns = rng.random(n_accounts) < 0.04
+        scores = churns * separation + rng.normal(size=n_accounts)  # per account, the same every day
+        days = pd.date_range("2026-03-01", periods=3)
+        analysis = pd.concat([pd.DataFrame({"account_id": np.arange(n_accounts), TIMESTAMP: day,
+                                            CHURN_SPEC.target: churns.astype(float), "score": scores})
+                              for day in days], ignore_index=True)
+        results = pd.DataFrame({"metric": "realized_roc_auc", "value": 0.7, "chunk_start": days,
+                                "chunk_end": days + pd.Timedelta(days=1) - pd.Timedelta(microseconds=1)})
+        alert = {"metric": "realized_roc_auc", "consecutive_chunks": 3}
+        return decay_evidence(SimpleNamespace(spec=CHURN_SPEC), analysis, results, alert, bound=0.81,
+                              confidence=0.99)
+
+    noise, upper = evidence(900, 1.2)  # ROC AUC 0.738 over 35 churners
+    assert not noise and upper > 0.81
+    assert evidence(9000, 1.05)[0]  # ROC AUC 0.744 over ten times the accounts
+    assert evidence(900, 0.0)[0]  # at chance
+    label_free = {"metric": "estimated_roc_auc", "consecutive_chunks": 3}
+    assert decay_evidence(SimpleNamespace(spec=CHURN_SPEC), pd.DataFrame(), pd.DataFrame(), label_free,
+                          bound=0.81, confidence=0.99) == (True, None)
+
+
 # --- the retraining sensor ---------------------------------------------------------------------
 def _report(instance, tenant: str, version: str, decay: bool, action: str = "retrain", run_key: str = "e1.r1") -> int:
     """A monitoring result for one tenant and the loop's decision on it; returns its storage id."""

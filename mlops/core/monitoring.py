@@ -599,7 +599,49 @@ def monitoring_step(monitor: TenantMonitor, analysis: pd.DataFrame, stored: pd.D
     fresh, everything = run_incremental(monitor, analysis, stored, policy)
     fresh, everything = monitor.apply_bound(fresh, bound), monitor.apply_bound(everything, bound)
     decay = [a for a in monitor.decay_alerts(everything) if (a["metric"], a["chunk"]) not in raised]
+    if policy.decay_confidence:
+        decay = [a for a in decay
+                 if decay_evidence(monitor, analysis, everything, a, bound, policy.decay_confidence)[0]]
     return fresh, everything, decay
+
+
+def decay_evidence(monitor: TenantMonitor, analysis: pd.DataFrame, results: pd.DataFrame, alert: dict,
+                   bound: float, confidence: float, n_boot: int = 400) -> tuple[bool, float | None]:
+    """Whether a realized decay alert is beyond the noise: the realized metric pooled over the
+    alert's consecutive chunks, with an interval from a bootstrap clustered by entity (an account is
+    scored every day and its one label window covers many daily chunks, so consecutive chunks share
+    most of their positives and are nearly one observation), must lie wholly on the wrong side of
+    ``bound`` at ``confidence`` (one-sided). Returns (significant, the interval's bound nearest the
+    floor). Label-free estimates and problem types other than binary are not re-judged."""
+    metric = alert["metric"]
+    if monitor.spec.problem_type != "binary" or not metric.startswith("realized_"):
+        return True, None
+    rows = results[(results["metric"] == metric) & results["value"].notna()].sort_values("chunk_start")
+    newest = rows.tail(int(alert.get("consecutive_chunks", 1)))
+    start, end = pd.Timestamp(newest["chunk_start"].min()), pd.Timestamp(newest["chunk_end"].max())
+    stamps = pd.to_datetime(analysis[TIMESTAMP])
+    target = monitor.spec.target
+    pooled = analysis[(stamps >= start) & (stamps <= end) & analysis[target].notna()]
+    y, score = pooled[target].to_numpy(dtype=float), pooled[SCORE].to_numpy(dtype=float)
+    if len(pooled) == 0 or len(np.unique(y)) < 2:
+        return True, None
+    groups = pooled["account_id"].to_numpy() if "account_id" in pooled else np.arange(len(pooled))
+    _, cluster = np.unique(groups, return_inverse=True)
+    from sklearn import metrics
+
+    measure = metrics.average_precision_score if metric.endswith("average_precision") else metrics.roc_auc_score
+    rng = np.random.default_rng(0)
+    values = []
+    for _ in range(n_boot):
+        weights = rng.multinomial(cluster.max() + 1, np.full(cluster.max() + 1, 1 / (cluster.max() + 1)))[cluster]
+        keep = weights > 0
+        if len(np.unique(y[keep])) < 2:
+            continue
+        values.append(measure(y[keep], score[keep], sample_weight=weights[keep]))
+    if not values:
+        return True, None
+    upper = float(np.quantile(values, confidence))
+    return upper < bound, upper
 
 
 # --- the data monitoring reads ------------------------------------------------------------------
