@@ -34,8 +34,8 @@ class MonitoringPolicy(dg.ConfigurableResource):
     # ...and, for a realized binary metric, beyond the noise when this is set: pooled over those
     # chunks, the one-sided upper bound of an entity-clustered bootstrap interval at this confidence
     # must be under the floor (``mlops.core.monitoring.decay_evidence``). Off (0) by default: on the
-    # loop benchmark 0.99 removes every retrain without a drift but detects drifts 2-8 days later
-    # (docs/BENCHMARKS.md); the demo's timeline is measured without it.
+    # loop benchmark 0.99 removes every retrain without a drift and every worse promotion, but detects
+    # learnable drifts 0-4 days later (docs/BENCHMARKS.md); the demo's timeline is measured without it.
     decay_confidence: float = 0.0
     continuous_drift_methods: list[str] = Field(default_factory=lambda: ["jensen_shannon"])
     # Univariate drift alert: Jensen-Shannon distance over this (chi-squared uses its p-value).
