@@ -80,6 +80,8 @@ def ingest_prediction_log(context, warehouse: DuckDBWarehouse, settings: Platfor
         except ForeignSegmentError as exc:
             raise dg.Failure(str(exc)) from exc
     archive_segments(settings.root, tenant, ingestion.closed, use_case=use_case)
+    if ingestion.recovery_error:
+        context.log.warning(f"{ingestion.recovery_error}; the closed segments were ingested, the next run retries")
     for path in ingestion.quarantined:
         context.log.warning(f"quarantined unreadable segment {path.name}: see {path.name}.reason beside it")
     recovered = ingestion.recovered

@@ -114,6 +114,7 @@ class Load:
         self.results: list[tuple[float, int | None, str | None]] = []
         self.errors: list[str] = []
         self.crashed: list[str] = []
+        self.ids: list[str] = []  # the prediction_id of every 200 answer
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, name=f"load-{n}", daemon=True) for n in range(threads)]
 
@@ -133,12 +134,14 @@ class Load:
                 self.errors.append(repr(exc))
             else:
                 try:
-                    version = response.json().get("model_version") if response.status_code == 200 else None
+                    body = response.json() if response.status_code == 200 else {}
                 except ValueError as exc:  # a 200 that is not the JSON of the contract: a failed request
                     self.results.append((time.monotonic(), None, None))
                     self.errors.append(f"200 with a body that is not JSON: {exc!r}")
                 else:
-                    self.results.append((time.monotonic(), response.status_code, version))
+                    if "prediction_id" in body:
+                        self.ids.append(body["prediction_id"])
+                    self.results.append((time.monotonic(), response.status_code, body.get("model_version")))
             i += 1
 
     def answered_after(self, moment: float) -> list[tuple[float, int | None, str | None]]:

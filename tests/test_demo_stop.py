@@ -81,11 +81,7 @@ def _assert_stopped_cleanly(demo: Demo, tree: list[psutil.Process], sent_at: flo
     except subprocess.TimeoutExpired:
         demo.kill()
         pytest.fail(f"the driver still ran {STOP_BUDGET_S:.0f} s after {signal_name}:\n{demo.output[-3000:]}")
-    _, alive = psutil.wait_procs(tree, timeout=max(0.1, sent_at + STOP_BUDGET_S - time.monotonic()))
-    survivors = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in alive if p.is_running()
-                 and p.status() != psutil.STATUS_ZOMBIE]
-    for p in alive:
-        p.kill()
+    survivors = _survivors(tree, timeout=max(0.1, sent_at + STOP_BUDGET_S - time.monotonic()))
     assert not survivors, f"still running {STOP_BUDGET_S:.0f} s after {signal_name}: {survivors}"
     print(f"{signal_name}: everything stopped within {time.monotonic() - sent_at:.1f} s")
     demo._reader.join(timeout=5)
@@ -118,6 +114,16 @@ def _assert_home_consistent(home) -> None:
         challenger = registry.alias_version(spec.name, "challenger")
         served = (entry["challenger"] or entry["champion"])["version"]
         assert challenger is None or str(challenger.version) == served, (spec.name, entry, challenger.version)
+
+
+def _survivors(tree: list[psutil.Process], timeout: float) -> list[str]:
+    """The processes of ``tree`` still running (not zombies) after ``timeout``, named; killed afterwards."""
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    survivors = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in alive if p.is_running()
+                 and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        p.kill()
+    return survivors
 
 
 def test_ctrl_c_stops_the_demo_and_everything_it_started(tmp_path):
@@ -177,11 +183,7 @@ def test_no_process_outlives_a_killed_driver(tmp_path):
         sent_at = time.monotonic()
         os.kill(demo.proc.pid, signal.SIGKILL)
         demo.proc.wait(timeout=10)
-        _, alive = psutil.wait_procs(tree[1:], timeout=STOP_BUDGET_S)
-        survivors = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in alive if p.is_running()
-                     and p.status() != psutil.STATUS_ZOMBIE]
-        for p in alive:
-            p.kill()
+        survivors = _survivors(tree[1:], timeout=STOP_BUDGET_S)
         assert not survivors, f"still running {STOP_BUDGET_S:.0f} s after the driver was killed: {survivors}"
         print(f"SIGKILL: every child ended within {time.monotonic() - sent_at:.1f} s")
     finally:

@@ -296,27 +296,6 @@ def _tiny_bundle(home: Path) -> str:
     return ApiKeyStore(serving_dir(home)).create(TENANT)
 
 
-class IdLoad(Load):
-    """``Load`` that also keeps the prediction_id of every 200 answer."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.ids: list[str] = []
-
-    def _run(self) -> None:
-        session, i = requests.Session(), 0
-        while not self._stop.is_set():
-            try:
-                response = session.post(self.url, json=self.body(i), headers=self.headers, timeout=30)
-                body = response.json() if response.status_code == 200 else {}
-                if response.status_code == 200:
-                    self.ids.append(body["prediction_id"])
-                self.results.append((time.monotonic(), response.status_code, body.get("model_version")))
-            except Exception:
-                self.results.append((time.monotonic(), None, None))
-            i += 1
-
-
 def _workers(proc) -> list[psutil.Process]:
     return [p for p in psutil.Process(proc.pid).children(recursive=True)
             if "bentos.service:ChurnService" in " ".join(p.cmdline()) and "--worker-id" in " ".join(p.cmdline())]
@@ -328,8 +307,8 @@ def tiny_home(tmp_path_factory):
     return home, _tiny_bundle(home)
 
 
-def _load(url: str, key: str) -> IdLoad:
-    return IdLoad(f"{url}/v1/predict", {"Authorization": f"Bearer {key}"},
+def _load(url: str, key: str) -> Load:
+    return Load(f"{url}/v1/predict", {"Authorization": f"Bearer {key}"},
                   lambda i: {"tenant": TENANT, "account_id": f"acc-{i % 400:04d}"}, threads=4)
 
 

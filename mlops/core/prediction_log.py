@@ -73,6 +73,7 @@ class Ingestion:
     total_rows: int
     quarantined: list[Path] = field(default_factory=list)  # unreadable segments moved to ``quarantine/``
     recovered: JournalRecovery | None = None  # dead workers' journals converted to segments first
+    recovery_error: str | None = None  # why that recovery failed (it is tried again on the next run)
 
 
 def ingest_closed_segments(con, home: Path, tenant: str, use_case: str | None = None) -> Ingestion:
@@ -96,8 +97,9 @@ def ingest_closed_segments(con, home: Path, tenant: str, use_case: str | None = 
     try:
         recovered = recover_journals(home)
     except Exception as exc:  # the closed segments are still ingested; the next run tries again
-        print(f"prediction log: recovering the journals of dead workers failed: {exc!r}")
-        recovered = None
+        recovered, recovery_error = None, f"recovering the journals of dead workers failed: {exc!r}"
+    else:
+        recovery_error = None
     closed = sorted((folder / "closed").glob("segment-*.parquet"))
     loaded = skipped = rows = 0
     quarantined: list[Path] = []
@@ -122,7 +124,7 @@ def ingest_closed_segments(con, home: Path, tenant: str, use_case: str | None = 
         loaded += 1
         rows += len(frame)
     total = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - derived name
-    return Ingestion(closed, loaded, skipped, rows, total, quarantined, recovered)
+    return Ingestion(closed, loaded, skipped, rows, total, quarantined, recovered, recovery_error)
 
 
 class _UnreadableSegment(ValueError):
