@@ -7,7 +7,6 @@ built-in demo tenants plus any added under ``MLOPS_HOME/tenants.json``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mlops.core.environment import write_atomic
+from mlops.core.environment import file_lock, write_atomic
 
 TENANT_PARTITIONS = dg.DynamicPartitionsDefinition(name="tenant")
 
@@ -122,18 +121,8 @@ class TenantCatalog(dg.ConfigurableResource):
         custom[spec.name] = asdict(spec)
         write_atomic(path, json.dumps(custom, indent=2, sort_keys=True).encode())
 
-    @contextlib.contextmanager
     def _locked(self):
         """One read-modify-write of ``tenants.json`` at a time across processes: two writers (the
         demo's tenant workers moving their clocks) would otherwise each write back the other's
         tenant as it was, and a tenant's clock would go back a day."""
-        import fcntl
-
-        lock = Path(self.tenants_file).with_suffix(".lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with lock.open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return file_lock(Path(self.tenants_file).with_suffix(".lock"))

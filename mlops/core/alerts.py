@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import time
@@ -32,7 +31,7 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from mlops.core.environment import write_atomic
+from mlops.core.environment import file_lock, write_atomic
 
 DEFAULT_UI_BASE_URL = "http://127.0.0.1:3000"
 WEBHOOK_URL_ENV = "MLOPS_ALERT_WEBHOOK_URL"
@@ -146,13 +145,8 @@ class Ledger:
     @contextlib.contextmanager
     def locked(self) -> Iterator[dict[str, dict]]:
         """Hold the lock; yields the current state of every event (id -> latest line)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                yield self._read()
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            yield self._read()
 
     def _read(self) -> dict[str, dict]:
         state: dict[str, dict] = {}

@@ -7,6 +7,7 @@ touches the disk at import time.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import threading
 from collections.abc import Iterator
@@ -156,6 +157,34 @@ def write_atomic(path: Path, data: bytes) -> None:
     with atomic_path(path, fsync=True) as tmp:
         tmp.write_bytes(data)
 
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created, with its folder, if missing) for the block:
+    one read-modify-write of a shared file at a time across processes *and* threads.
+
+    Each call opens its own file description, and ``flock`` locks belong to the open file
+    description, not to the process: a second open of the same file in the same process (another
+    thread, or a nested call) waits like another process would. So no per-process threading lock is
+    needed on top (``flock`` releases the GIL while it waits). Caveats: a nested call on the same
+    path in one thread deadlocks (the lock is not reentrant); and on NFS, where Linux emulates
+    ``flock`` with per-process POSIX locks, threads of one process would not exclude each other.
+
+    The descriptor is close-on-exec, so a subprocess started inside the block does not inherit it;
+    the lock is released explicitly (``LOCK_UN``) before closing, so a child forked inside the
+    block, which shares the description, does not keep holding it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def platform_variables(home: str | os.PathLike | None = None) -> dict[str, str]:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 
-from mlops.core.environment import HomeLayout, atomic_path, write_atomic
+from mlops.core.environment import HomeLayout, atomic_path, file_lock, write_atomic
 from mlops.core.names import CHALLENGER, CHAMPION
 
 MANIFEST = "manifest.json"
@@ -93,21 +93,10 @@ class NoPreviousChampionError(ValueError):
     pass
 
 
-_manifest_thread_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _manifest_lock(folder: Path):
-    """Serializes read-modify-write of the manifest across threads and processes (tenant workers,
-    run workers, the CLI): without it, two publications at once each write back what they read, and
-    the first one's tenant disappears from the manifest."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with _manifest_thread_lock, open(folder / ".manifest.lock", "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+# Serializes read-modify-write of the manifest across threads and processes (tenant workers, run
+# workers, the CLI): without it, two publications at once each write back what they read, and the
+# first one's tenant disappears from the manifest.
+_MANIFEST_LOCK = ".manifest.lock"
 
 
 # --- compiled models ---------------------------------------------------------------------------
@@ -183,7 +172,7 @@ def _publish(folder: Path, use_case: str | None, tenant: str, *, champion: tuple
         entries[version] = _model_entry(folder, prefix, version)  # compiled before the manifest names it
     snap_version, snap_source = snapshot
     _copy_atomic(snap_source, online / snap_source.name)
-    with _manifest_lock(folder):
+    with file_lock(folder / _MANIFEST_LOCK):
         manifest = read_manifest(folder)
         tenants = _tenant_entries(manifest, use_case)
         if declaration is not None:
@@ -204,7 +193,7 @@ def _publish(folder: Path, use_case: str | None, tenant: str, *, champion: tuple
 
 def _rollback(folder: Path, use_case: str | None, tenant: str) -> tuple[str, str]:
     what = f"tenant {tenant!r}" if use_case is None else f"tenant {tenant!r} of use case {use_case!r}"
-    with _manifest_lock(folder):
+    with file_lock(folder / _MANIFEST_LOCK):
         manifest = read_manifest(folder)
         if use_case is not None and use_case not in manifest["use_cases"]:
             raise NotDeployedError(f"use case {use_case!r} is not deployed")
