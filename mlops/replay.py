@@ -14,7 +14,7 @@ import duckdb
 import pandas as pd
 
 from mlops.core import modeling
-from mlops.core.monitoring import TIMESTAMP, TenantMonitor
+from mlops.core.monitoring import TIMESTAMP, TenantMonitor, decay_evidence
 from resources.feature_store import (
     LABEL_HORIZON_DAYS,
     build_feature_table,
@@ -90,16 +90,25 @@ def first_decay_day(replayed: ReplayedTenant, policy: MonitoringPolicy, until_da
     One run suffices: a chunk's estimated ROC AUC does not change as days pass, and its realized
     ROC AUC is final from the day its label window closes. The alert rule (the newest
     ``consecutive_chunks`` valued chunks all under the threshold) is then met on the day the last
-    chunk of the first alerting run of chunks got its value."""
-    report = TenantMonitor(policy, replayed.reference).run(replayed.analysis_as_of(until_day))
+    chunk of an alerting run of chunks got its value; with ``policy.decay_confidence`` a realized
+    alert also needs the platform's evidence (``decay_evidence``) over those chunks, judged on the
+    labels known that day."""
+    monitor = TenantMonitor(policy, replayed.reference)
+    report = monitor.run(replayed.analysis_as_of(until_day))
     found = []
     for metric, delay in (("estimated_roc_auc", 1), ("realized_roc_auc", LABEL_HORIZON_DAYS)):
         rows = report.results[(report.results["metric"] == metric) & report.results["value"].notna()]
         rows = rows.sort_values("chunk_start").reset_index(drop=True)
         alerts = rows["alert"].rolling(policy.consecutive_chunks).sum() == policy.consecutive_chunks
-        if alerts.any():
-            row = rows[alerts].iloc[0]
+        for index in rows.index[alerts]:
+            row = rows.loc[index]
             day = (pd.Timestamp(row["chunk_start"]) - pd.Timestamp(SIMULATION_START)).days + delay
-            found.append((day, {"metric": metric, "chunk": row["chunk_key"], "value": float(row["value"]),
-                                "threshold": float(row["lower_threshold"])}))
+            alert = {"metric": metric, "chunk": row["chunk_key"], "value": float(row["value"]),
+                     "threshold": float(row["lower_threshold"]), "consecutive_chunks": policy.consecutive_chunks}
+            if policy.decay_confidence and not decay_evidence(
+                    monitor, replayed.analysis_as_of(day), rows.loc[:index], alert, alert["threshold"],
+                    policy.decay_confidence)[0]:
+                continue
+            found.append((day, {k: alert[k] for k in ("metric", "chunk", "value", "threshold")}))
+            break
     return min(found, key=lambda f: f[0]) if found else None

@@ -31,12 +31,13 @@ class MonitoringPolicy(dg.ConfigurableResource):
     max_rmse_increase: float = DECAY_DEFAULTS["max_rmse_increase"]
     # ...in this many consecutive chunks (the newest ones that have a value).
     consecutive_chunks: int = int(DECAY_DEFAULTS["consecutive_chunks"])
-    # ...and, for a realized binary metric, beyond the noise when this is set: pooled over those
-    # chunks, the one-sided upper bound of an entity-clustered bootstrap interval at this confidence
-    # must be under the floor (``mlops.core.monitoring.decay_evidence``). Off (0) by default: on the
-    # loop benchmark 0.99 removes every retrain without a drift and every worse promotion, but detects
-    # learnable drifts 0-4 days later (docs/BENCHMARKS.md); the demo's timeline is measured without it.
-    decay_confidence: float = 0.0
+    # ...and, for a realized binary metric, beyond the noise: pooled over those chunks, the one-sided
+    # upper bound of an entity-clustered bootstrap interval at this confidence must be under the
+    # floor (``mlops.core.monitoring.decay_evidence``; 0 turns it off). An account is scored every
+    # day and one label window covers ~30 daily chunks, so "3 consecutive chunks" alone is about one
+    # observation: on the loop benchmark 0.99 removes every retrain without a drift and every worse
+    # promotion, and detects learnable drifts 0-5 days later than without it (docs/BENCHMARKS.md).
+    decay_confidence: float = 0.99
     continuous_drift_methods: list[str] = Field(default_factory=lambda: ["jensen_shannon"])
     # Univariate drift alert: Jensen-Shannon distance over this (chi-squared uses its p-value).
     jensen_shannon_threshold: float = 0.1

@@ -62,11 +62,13 @@ def test_demo_exits_zero_with_a_closed_loop(demo):
     assert _events(demo["timeline"], kind="loop closed")
 
 
-def test_alert_only_for_the_drifted_tenant_within_a_week(demo):
+def test_alert_only_for_the_drifted_tenant_within_twelve_days(demo):
+    """Within twelve days: the default policy alerts only on evidence beyond the accounts' noise
+    (``MonitoringPolicy.decay_confidence``; tests/test_monitoring.py)."""
     drift_day = {s.name: s.drift_day for s in demo_tenants(small=True)}["acme"]
     alerts = _events(demo["timeline"], "acme", "decay alert")
     assert alerts, "no decay alert for the drifted tenant"
-    assert drift_day <= alerts[0]["day"] <= drift_day + 7
+    assert drift_day <= alerts[0]["day"] <= drift_day + 12
     assert not _events(demo["timeline"], "globex", "decay alert")
 
 
