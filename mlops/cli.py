@@ -162,18 +162,27 @@ def usecase_check(folder: str) -> None:
               help="Stop once realized performance is back above the floor, or the day after the first promotion.")
 @click.option("--service-port", type=click.IntRange(1, 65535), default=3001, show_default=True)
 @click.option("--ui-port", type=click.IntRange(1, 65535), default=3000, show_default=True)
+@click.option("--use-cases", "use_cases", default=None,
+              help="Comma-separated use cases to build and replay: churn, fraud  [default: churn]")
 @click.pass_obj
 def demo(home: str | None, headless: bool, small: bool, reset: bool, max_days: int, until: str, service_port: int,
-         ui_port: int) -> None:
+         ui_port: int, use_cases: str | None) -> None:
     """The closed loop: build, start Dagster and the service, replay days with concept drift for one
-    tenant until the platform has retrained, promoted and restored performance on its own."""
-    from mlops.demo import ClosedLoopDemo, prepare_home
+    tenant until the platform has retrained, promoted and restored performance on its own, for
+    every use case (churn and payment fraud)."""
+    from mlops.demo import DEFAULT_USE_CASES, DEMO_USE_CASES, ClosedLoopDemo, prepare_home
 
+    names = DEFAULT_USE_CASES if use_cases is None else tuple(
+        dict.fromkeys(n.strip() for n in use_cases.split(",") if n.strip()))
+    unknown = [n for n in names if n not in DEMO_USE_CASES]
+    if not names or unknown:
+        raise click.BadParameter(f"{', '.join(unknown) or 'none given'}: the demo replays "
+                                 f"{', '.join(DEMO_USE_CASES)}", param_hint="--use-cases")
     _quiet_libraries()
     prepare_home(home, reset=reset)
     raise SystemExit(ClosedLoopDemo(home, headless=headless, small=small, max_days=max_days,
                                     service_port=service_port, ui_port=ui_port,
-                                    until_restored=until == "restored").run())
+                                    until_restored=until == "restored", use_cases=names).run())
 
 
 @main.command("add-tenant")

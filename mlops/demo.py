@@ -5,10 +5,13 @@ Dagster daemon (sensors, run queue), the Dagster webserver (unless headless) and
 service, then replays one simulated day at a time:
 
 1. the world moves: each tenant's clock advances one day (``TenantCatalog.set_today``);
-2. the tenant's ``daily_cycle`` runs (its schedule in production; here the driver launches it,
-   in process, against the same Dagster instance): new data, features, online snapshot, prediction
-   log ingestion, NannyML monitoring, shadow comparison, promotion;
-3. traffic: every active account of every tenant is scored through the service's HTTP API.
+2. each use case's daily cycle runs for every tenant (churn's ``daily_cycle``, then
+   ``fraud_daily_cycle`` with ``--use-cases churn,fraud``; their schedules in production, here
+   the driver launches them, in process, against the same Dagster instance): new data, features,
+   online snapshot, prediction log ingestion, NannyML monitoring, shadow comparison, promotion;
+3. traffic through the service's HTTP API: every live customer of every tenant is scored for churn
+   (``/v1/predict_batch``) and every payment the tenant's customers settle that day for fraud
+   (``/v1/fraud/predict_batch``: the payment's fields, joined to its account's online aggregates).
 
 Nothing else is scripted: the decay sensor, the retraining run, the gates, the shadow scoring and
 the promotion are the platform acting on its own. The driver only watches and prints a timeline.
@@ -42,7 +45,7 @@ from pathlib import Path
 import requests
 
 from mlops.core.environment import PROJECT_ROOT, HomeLayout, configure_environment, write_atomic
-from mlops.core.names import CHALLENGER, CHAMPION
+from mlops.core.names import CHALLENGER, CHAMPION, CHURN
 from resources.tenants import TenantSpec
 
 DEMO_START_DAY = 150  # the clock when the platform is first built: 150 days of history
@@ -56,6 +59,11 @@ SERVICE_WORKERS = 2
 STOP_GRACE_S = 4.0
 STOP_INTERRUPT_S = 3.0
 STOP_CHILDREN_S = 9.0
+# The use cases the demo can build and replay (it simulates their traffic), and those it does by
+# default (``--use-cases``): every one is scored, monitored and retrained by the platform, and the
+# drifted tenant's drift hits each of them.
+DEMO_USE_CASES = ("churn", "fraud")
+DEFAULT_USE_CASES = ("churn",)
 
 
 def demo_tenants(small: bool = False) -> list[TenantSpec]:
@@ -101,10 +109,54 @@ class Event:
     tenant: str
     kind: str
     detail: str
+    use_case: str = "-"
 
     def line(self, start: dt.date) -> str:
         date = start + dt.timedelta(days=self.day)
-        return f"day {self.day:3d} {date}  +{self.wall_s:7.1f}s  {self.tenant:8s} {self.kind:22s} {self.detail}"
+        return (f"day {self.day:3d} {date}  +{self.wall_s:7.1f}s  {self.tenant:8s} {self.use_case:6s} "
+                f"{self.kind:22s} {self.detail}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoUseCase:
+    """The names one use case's lifecycle has in the definitions: churn's own jobs, sensor and asset
+    keys (``assets/``), or those ``assets.usecases`` generates for a declared use case."""
+
+    name: str
+
+    @property
+    def is_churn(self) -> bool:
+        return self.name == CHURN
+
+    @property
+    def pipeline_job(self) -> str:
+        return "churn_pipeline" if self.is_churn else f"{self.name}_pipeline"
+
+    @property
+    def daily_job(self) -> str:
+        return "daily_cycle" if self.is_churn else f"{self.name}_daily_cycle"
+
+    @property
+    def retrain_job(self) -> str:
+        return "churn_retrain" if self.is_churn else f"{self.name}_retrain"
+
+    @property
+    def sensor(self) -> str:
+        return "decay_retrain_sensor" if self.is_churn else f"{self.name}_decay_sensor"
+
+    def asset(self, name: str) -> list[str]:
+        """An asset's key path (``model_monitoring`` or ``fraud/model_monitoring``)."""
+        return [name] if self.is_churn else [self.name, name]
+
+    def local(self, key: str) -> str | None:
+        """The asset name of a key string of this use case's assets, None for another's."""
+        if self.is_churn:
+            return key if "/" not in key else None
+        prefix = f"{self.name}/"
+        return key[len(prefix):] if key.startswith(prefix) else None
+
+    def route(self, endpoint: str) -> str:
+        return f"/v1/{endpoint}" if self.is_churn else f"/v1/{self.name}/{endpoint}"
 
 
 # --- tenant workers: one process per tenant, so tenants' days run in parallel -------------------
@@ -144,72 +196,86 @@ def _worker_orphaned(signum, frame) -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-def _worker_build(tenant: str) -> dict:
+def _worker_build(tenant: str, use_cases: tuple[str, ...]) -> dict:
     defs, instance = _WORKER["defs"], _WORKER["instance"]
-    result = defs.resolve_job_def("churn_pipeline").execute_in_process(
-        instance=instance, partition_key=tenant, raise_on_error=False, run_config=_quiet(),
-        tags={"trigger": "demo_build"})
-    if not result.success:
-        raise RuntimeError(f"the initial build of {tenant} failed (run {result.run_id})")
-    version = defs.resources["registry"].alias_version(tenant, CHAMPION).version
-    return {"events": [("built", f"champion v{version} trained, gated and published")]}
+    events = []
+    for uc in map(DemoUseCase, use_cases):
+        result = defs.resolve_job_def(uc.pipeline_job).execute_in_process(
+            instance=instance, partition_key=tenant, raise_on_error=False, run_config=_quiet(),
+            tags={"trigger": "demo_build"})
+        if not result.success:
+            raise RuntimeError(f"the initial build of {uc.name} for {tenant} failed (run {result.run_id})")
+        version = defs.resources["registry"].alias_version(tenant, CHAMPION, use_case=uc.name).version
+        events.append((uc.name, "built", f"champion v{version} trained, gated and published"))
+    return {"events": events}
 
 
-def _worker_day(tenant: str, day: int) -> dict:
-    """One tenant's daily cycle for one simulated day; returns what the timeline should show."""
+def _worker_day(tenant: str, day: int, use_cases: tuple[str, ...]) -> dict:
+    """One tenant's daily cycles (one per use case) for one simulated day; returns what the timeline
+    should show, which use cases promoted or were restored, and the monitoring materializations
+    whose decay alert a sensor must handle before the day goes on."""
     defs, instance = _WORKER["defs"], _WORKER["instance"]
     defs.resources["catalog"].set_today(tenant, day)
-    deadline = time.monotonic() + 600
-    # The tenant's warehouse admits one writer: wait for its runs in flight (a retrain, say).
-    while _in_flight(instance, tenant):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"runs of {tenant} still in flight after 600 s")
-        time.sleep(0.5)
-    result = defs.resolve_job_def("daily_cycle").execute_in_process(
-        instance=instance, partition_key=tenant, raise_on_error=False, run_config=_quiet(),
-        tags={"trigger": "demo_replay", "simulated_day": str(day)})
-    failed = [e.step_key for e in result.all_events if e.is_step_failure]
-    # A challenger failing the blocking promotion gate fails that step by design: it is retired.
-    if not result.success and failed != ["shadow_comparison"]:
-        raise RuntimeError(f"daily_cycle of {tenant} failed on day {day} in steps {failed} (run {result.run_id})")
-    events, promoted, alerted, restored = [], False, False, False
+    outcome: dict = {"events": [], "promoted": [], "restored": [], "alert_storage_ids": {}}
+    for uc in map(DemoUseCase, use_cases):
+        deadline = time.monotonic() + 600
+        # The tenant's warehouse admits one writer: wait for its runs in flight (a retrain, say).
+        while _in_flight(instance, tenant):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"runs of {tenant} still in flight after 600 s")
+            time.sleep(0.5)
+        result = defs.resolve_job_def(uc.daily_job).execute_in_process(
+            instance=instance, partition_key=tenant, raise_on_error=False, run_config=_quiet(),
+            tags={"trigger": "demo_replay", "simulated_day": str(day)})
+        failed = [e.step_key for e in result.all_events if e.is_step_failure]
+        # A challenger failing the blocking promotion gate fails that step by design: it is retired.
+        if not result.success and [uc.local(k.replace("__", "/")) for k in failed] != ["shadow_comparison"]:
+            raise RuntimeError(f"{uc.daily_job} of {tenant} failed on day {day} in steps {failed} "
+                               f"(run {result.run_id})")
+        _day_events(uc, result, outcome)
+        if uc.name in outcome["alert_storage_ids"]:  # the storage id the decay sensor's cursor must pass
+            from dagster import AssetKey, AssetRecordsFilter
+
+            records = instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=AssetKey(uc.asset("model_monitoring")), asset_partitions=[tenant]),
+                limit=1, ascending=False).records
+            outcome["alert_storage_ids"][uc.name] = records[0].storage_id
+    return outcome
+
+
+def _day_events(uc: DemoUseCase, result, outcome: dict) -> None:
+    """The timeline's events of one daily-cycle run of ``uc`` (into ``outcome``)."""
+    events = outcome["events"]
     for event in result.all_events:
         if not event.is_step_materialization:
             continue
         mat = event.step_materialization_data.materialization
         meta = {k: v.value for k, v in mat.metadata.items()}
-        key = mat.asset_key.to_user_string()
+        key = uc.local(mat.asset_key.to_user_string())
         if key == "model_monitoring" and meta.get("decay_alert"):
-            alerted = True
+            outcome["alert_storage_ids"][uc.name] = None
             action, episode = meta.get("loop_action"), meta.get("loop_episode")
             # The timeline shows an episode's first alert (the others come daily) and what the loop did.
             for alert in meta.get("decay_alerts", [])[:1]:
-                events.append(("decay alert", f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
-                                              f"(chunk {alert['chunk']}, v{meta['model_version']}); episode {episode}",
+                events.append((uc.name, "decay alert",
+                               f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
+                               f"(chunk {alert['chunk']}, v{meta['model_version']}); episode {episode}",
                                f"alert:{episode}"))
             if action in ("retrain", "escalate"):
-                events.append((f"loop: {action}", meta.get("loop_reason", "")))
+                events.append((uc.name, f"loop: {action}", meta.get("loop_reason", "")))
             elif action == "hold" and "first retrain" in meta.get("loop_reason", ""):
-                events.append(("loop: hold", meta.get("loop_reason", "").split(":")[0], f"hold:{episode}"))
+                events.append((uc.name, "loop: hold", meta.get("loop_reason", "").split(":")[0], f"hold:{episode}"))
         if key == "model_monitoring" and meta.get("loop_restored_episode"):
-            events.append(("restored", f"episode {meta['loop_restored_episode']}: realized "
-                                       f"{meta.get('realized_roc_auc', float('nan')):.3f} >= floor "
-                                       f"{meta.get('decay_floor', float('nan')):.3f} (v{meta['model_version']})"))
-            restored = True
+            metric = next((k for k in meta if k.startswith("realized_") and isinstance(meta[k], float)), None)
+            value = f"realized {meta[metric]:.3f}" if metric else "realized"
+            events.append((uc.name, "restored", f"episode {meta['loop_restored_episode']}: {value} >= floor "
+                                                f"{meta.get('decay_floor', float('nan')):.3f} (v{meta['model_version']})"))
+            outcome["restored"].append(uc.name)
         elif key == "shadow_comparison" and meta.get("decision") in ("promote", "retire"):
-            events.append((f"shadow: {meta['decision']}", str(meta.get("reason"))))
+            events.append((uc.name, f"shadow: {meta['decision']}", str(meta.get("reason"))))
         elif key == "champion_promotion" and meta.get("promoted"):
-            events.append(("promoted", f"champion v{meta['from_version']} -> v{meta['to_version']}"))
-            promoted = True
-    outcome = {"events": events, "promoted": promoted, "restored": restored}
-    if alerted:  # the storage id the decay sensor's cursor must pass before the day goes on
-        from dagster import AssetKey, AssetRecordsFilter
-
-        records = instance.fetch_materializations(
-            AssetRecordsFilter(asset_key=AssetKey("model_monitoring"), asset_partitions=[tenant]),
-            limit=1, ascending=False).records
-        outcome["alert_storage_id"] = records[0].storage_id
-    return outcome
+            events.append((uc.name, "promoted", f"champion v{meta['from_version']} -> v{meta['to_version']}"))
+            outcome["promoted"].append(uc.name)
 
 
 def _in_flight(instance, tenant: str) -> bool:
@@ -223,16 +289,17 @@ def _in_flight(instance, tenant: str) -> bool:
 class ClosedLoopDemo:
     def __init__(self, home: str | None, *, headless: bool, small: bool, service_port: int = 3001,
                  ui_port: int = 3000, max_days: int = REPLAY_DAYS, stop_after_promotion_days: int = 1,
-                 until_restored: bool = True):
+                 until_restored: bool = True, use_cases: tuple[str, ...] = DEFAULT_USE_CASES):
         self.root = configure_environment(home)
         self.headless, self.small = headless, small
         self.service_url = f"http://127.0.0.1:{service_port}"
         self.service_port, self.ui_port = service_port, ui_port
         self.max_days = max_days
         self.stop_after_promotion_days = stop_after_promotion_days
-        # Run until the episode is restored (realized performance back above the floor), or stop
-        # ``stop_after_promotion_days`` after the first promotion.
+        # Run until every drifted (tenant, use case) is restored (realized performance back above
+        # the floor), or stop ``stop_after_promotion_days`` after the last of them was promoted.
         self.until_restored = until_restored
+        self.use_cases = tuple(DemoUseCase(name) for name in use_cases)
         self.events: list[Event] = []
         self.processes: list[subprocess.Popen] = []
         self.process_names: dict[int, str] = {}
@@ -241,13 +308,14 @@ class ClosedLoopDemo:
         self.day = DEMO_START_DAY
         self.keys: dict[str, str] = {}
         self.seen_runs: set[str] = set()
-        self.shown: set[tuple[str, str]] = set()
+        self.shown: set[tuple[str, str, str]] = set()
+        self.payments: dict[str, object] = {}  # tenant -> its payments (fraud traffic), simulated once
 
     # --- timeline -------------------------------------------------------------------------------
-    def emit(self, tenant: str, kind: str, detail: str) -> None:
+    def emit(self, tenant: str, kind: str, detail: str, use_case: str = "-") -> None:
         from usecases.churn.simulator import SIMULATION_START
 
-        event = Event(self.day, time.monotonic() - self.t0, tenant, kind, detail)
+        event = Event(self.day, time.monotonic() - self.t0, tenant, kind, detail, use_case)
         self.events.append(event)
         print(event.line(SIMULATION_START), flush=True)
 
@@ -279,10 +347,14 @@ class ClosedLoopDemo:
         workers = max(1, min(len(self.tenants), os.cpu_count() or 1))
         self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
                                         initargs=(str(self.root),))
-        self.for_each_tenant(_worker_build)
+        self.for_each_tenant(_worker_build, self.use_case_names)
         store = ApiKeyStore(serving_dir(settings.root))
         store.path.parent.mkdir(parents=True, exist_ok=True)
         self.keys = {t: store.create(t) for t in self.tenants}
+
+    @property
+    def use_case_names(self) -> tuple[str, ...]:
+        return tuple(uc.name for uc in self.use_cases)
 
     def for_each_tenant(self, fn, *args) -> None:
         """Run ``fn(tenant, *args)`` for every tenant in the workers and put its events on the timeline."""
@@ -290,76 +362,86 @@ class ClosedLoopDemo:
         self.in_flight = futures
         for tenant, future in futures.items():
             outcome = future.result()
-            for kind, detail, *once in outcome["events"]:
-                if once and (tenant, once[0]) in self.shown:
+            for use_case, kind, detail, *once in outcome["events"]:
+                if once and (tenant, use_case, once[0]) in self.shown:
                     continue  # shown once per episode (an alert comes every day the decay lasts)
-                self.shown.update((tenant, key) for key in once)
-                self.emit(tenant, kind, detail)
+                self.shown.update((tenant, use_case, key) for key in once)
+                self.emit(tenant, kind, detail, use_case)
                 if kind == "decay alert":
-                    self.first_alert.setdefault(tenant, time.monotonic())
-            if outcome.get("promoted"):
-                self.promoted_on = self.promoted_on or self.day
-                self.promoted_tenants.append(tenant)
-            if outcome.get("restored"):
-                self.restored_on = self.restored_on or self.day
-            if "alert_storage_id" in outcome:
-                self.pending_alerts[tenant] = outcome["alert_storage_id"]
+                    self.first_alert.setdefault((tenant, use_case), time.monotonic())
+            for use_case in outcome.get("promoted", []):
+                self.promoted_on.setdefault((tenant, use_case), self.day)
+                self.promoted_pending.append((tenant, use_case))
+            for use_case in outcome.get("restored", []):
+                self.restored_on.setdefault((tenant, use_case), self.day)
+            for use_case, storage_id in outcome.get("alert_storage_ids", {}).items():
+                self.pending_alerts[(tenant, use_case)] = storage_id
 
     # --- waiting on observable state: what the platform sees must not depend on timing ----------
     def settle_automation(self, timeout: float = 600.0) -> None:
-        """Until the decay sensor has handled today's alerts (its cursor is past their monitoring
-        materializations) and the runs it launched for those tenants have finished: a retrain then
-        always trains on the day it was triggered, and its challenger shadows that day's traffic."""
+        """Until each use case's decay sensor has handled today's alerts (its cursor is past their
+        monitoring materializations) and the runs it launched for those tenants have finished: a
+        retrain then always trains on the day it was triggered, and its challenger shadows that
+        day's traffic."""
         if not self.pending_alerts:
             return
-        newest = max(self.pending_alerts.values())
         deadline = time.monotonic() + timeout
-        while _sensor_cursor(self.instance, "decay_retrain_sensor") < newest:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the decay sensor did not handle alert {newest} within {timeout:.0f} s")
-            time.sleep(0.25)
+        for uc in self.use_cases:
+            ids = [i for (_, name), i in self.pending_alerts.items() if name == uc.name]
+            if not ids:
+                continue
+            while _sensor_cursor(self.instance, uc.sensor) < max(ids):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{uc.sensor} did not handle alert {max(ids)} within {timeout:.0f} s")
+                time.sleep(0.25)
         self.watch_runs()
-        for tenant in self.pending_alerts:
+        for tenant in {t for t, _ in self.pending_alerts}:
             while _in_flight(self.instance, tenant):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"runs of {tenant} still in flight after {timeout:.0f} s")
                 time.sleep(0.5)
         self.pending_alerts.clear()
 
-    def wait_until_served(self, timeout: float = 60.0) -> None:
-        """Until every service worker serves what the manifest says for every tenant (today's
-        snapshot, its champion and challenger), read from the workers' status files: today's
-        traffic is then scored from today's features on every run alike."""
-        from mlops.core.monitoring import worker_statuses
+    def manifest_entries(self, uc: DemoUseCase) -> dict:
+        """The serving manifest's entries of a use case, by tenant."""
         from mlops.core.serving import read_manifest, serving_dir
 
-        entries = read_manifest(serving_dir(self.root))["tenants"]
-        want = {t: _served_entry(entries[t]) for t in self.tenants}
+        manifest = read_manifest(serving_dir(self.root))
+        return manifest["tenants"] if uc.is_churn else manifest["use_cases"].get(uc.name, {}).get("tenants", {})
+
+    def wait_until_served(self, timeout: float = 60.0) -> None:
+        """Until every service worker serves what the manifest says for every use case and tenant
+        (today's snapshot, its champion and challenger), read from the workers' status files: today's
+        traffic is then scored from today's features on every run alike."""
+        from mlops.core.monitoring import worker_statuses
+
+        want = {(uc.name, t): _served_entry(self.manifest_entries(uc)[t]) for uc in self.use_cases for t in self.tenants}
         deadline = time.monotonic() + timeout
         while True:
             workers = worker_statuses(self.root, fresh_within_s=10.0)
-            served = [w.get("serving", {}).get("churn", {}) for w in workers]
-            if len(workers) >= SERVICE_WORKERS and all(s.get(t) == v for s in served for t, v in want.items()):
+            served = [w.get("serving", {}) for w in workers]
+            if len(workers) >= SERVICE_WORKERS and all(s.get(uc, {}).get(t) == v for s in served
+                                                       for (uc, t), v in want.items()):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the service workers did not load the manifest within {timeout:.0f} s: "
                                    f"want {want}, workers serve {served}")
             time.sleep(0.1)
 
-    def wait_for_log(self, sent: dict[str, int], timeout: float = 60.0) -> None:
+    def wait_for_log(self, sent: dict[tuple[str, str], int], timeout: float = 60.0) -> None:
         """Until the service has written every prediction of today's traffic, and its shadow score,
         to closed log segments: tomorrow's ingestion then sees the whole day, on every run alike."""
         import pyarrow.parquet as pq
 
-        from mlops.core.serving import prediction_log_dir, read_manifest, serving_dir
+        from mlops.core.serving import prediction_log_dir
 
-        entries = read_manifest(serving_dir(self.root))["tenants"]
         deadline = time.monotonic() + timeout
-        for tenant, n in sent.items():
+        for (tenant, name), n in sent.items():
+            uc = DemoUseCase(name)
             expected = {CHAMPION: n}
-            if _served_entry(entries[tenant])["challenger"] is not None:
+            if _served_entry(self.manifest_entries(uc)[tenant])["challenger"] is not None:
                 expected[CHALLENGER] = n
-            folder = prediction_log_dir(self.root, tenant) / "closed"
+            folder = prediction_log_dir(self.root, tenant, None if uc.is_churn else uc.name) / "closed"
             counted: dict[str, dict[str, int]] = {}
             while True:
                 for path in sorted(folder.glob("segment-*.parquet")):
@@ -370,8 +452,8 @@ class ClosedLoopDemo:
                 if all(totals[role] >= want for role, want in expected.items()):
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{tenant}: the service logged {totals} of today's {expected} predictions "
-                                       f"within {timeout:.0f} s")
+                    raise RuntimeError(f"{tenant}/{name}: the service logged {totals} of today's {expected} "
+                                       f"predictions within {timeout:.0f} s")
                 time.sleep(0.1)
 
     def start_processes(self) -> None:
@@ -516,82 +598,138 @@ class ClosedLoopDemo:
         serves: the accounts its product would score today (``mlops.loop_replay.live_accounts``)."""
         import pandas as pd
 
-        from mlops.core.serving import read_manifest, serving_dir
+        from mlops.core.serving import serving_dir
         from mlops.loop_replay import live_accounts
         from usecases.churn.simulator import simulate_tenant
 
-        entry = read_manifest(serving_dir(self.root))["tenants"][tenant]
+        entry = self.manifest_entries(DemoUseCase(CHURN))[tenant]
         snapshot = pd.read_parquet(serving_dir(self.root) / entry["snapshot"]["file"], columns=["account_id"])
         spec = next(s for s in demo_tenants(self.small) if s.name == tenant)
         churn = simulate_tenant(dataclasses.replace(spec, today=self.day))["raw_churn_events"]
         return live_accounts(snapshot, churn, self.day)
 
-    def traffic(self, tenant: str) -> int:
-        """Score every active account of the tenant, in batches of 1,000."""
-        accounts = self.active_accounts(tenant)
+    def todays_payments(self, tenant: str) -> list[dict]:
+        """The payments the tenant's customers settle today, as the checkout sends them to be scored:
+        the payment's own fields and its account (whose online aggregates the service joins). The
+        world is simulated once (a payment does not depend on the clock, only its visibility); an
+        account that signed up today has no aggregates yet and is left out."""
+        import pandas as pd
+
+        from mlops.core.serving import serving_dir
+        from mlops.core.usecase import load_usecase
+        from mlops.core.usecase_store import load_simulator
+        from usecases.churn.simulator import SIMULATION_START
+
+        if tenant not in self.payments:
+            uc = load_usecase(PROJECT_ROOT / "usecases" / "fraud")
+            spec = next(s for s in demo_tenants(self.small) if s.name == tenant)
+            self.payments[tenant] = load_simulator(uc)(dataclasses.replace(spec, today=None))["raw_payments"]
+        payments = self.payments[tenant]
+        start = pd.Timestamp(SIMULATION_START) + pd.Timedelta(days=self.day)
+        today = payments[(payments["paid_at"] >= start) & (payments["paid_at"] < start + pd.Timedelta(days=1))]
+        entry = self.manifest_entries(DemoUseCase("fraud"))[tenant]
+        known = set(pd.read_parquet(serving_dir(self.root) / entry["snapshot"]["file"], columns=["account_id"])
+                    ["account_id"])
+        # Settled payments only, as the simulated-clock replay scores them (``mlops.usecase_replay``):
+        # a declined payment is never charged back, so no label ever tells how its score did.
+        today = today[today["account_id"].isin(known) & (today["status"] == "succeeded")]
+        today = today.sort_values(["paid_at", "payment_id"])
+        return [{"payment_id": r.payment_id, "account_id": r.account_id, "amount": float(r.amount),
+                 "currency": r.currency, "country": r.country, "payment_method": r.payment_method,
+                 "card_age_days": float(r.card_age_days), "hour_of_day": float(r.paid_at.hour)}
+                for r in today.itertuples(index=False)]
+
+    def traffic(self, tenant: str, uc: DemoUseCase) -> int:
+        """Today's requests of one use case for one tenant, in batches of 1,000: churn scores every
+        live customer; fraud scores the day's payments."""
         headers = {"Authorization": f"Bearer {self.keys[tenant]}"}
-        for i in range(0, len(accounts), 1000):
-            payload = {"tenant": tenant, "account_ids": accounts[i:i + 1000]}
-            response = requests.post(f"{self.service_url}/v1/predict_batch", headers=headers, timeout=60,
-                                     json=payload)
+        if uc.is_churn:
+            items, field = self.active_accounts(tenant), "account_ids"
+        elif uc.name == "fraud":
+            items, field = self.todays_payments(tenant), "instances"
+        else:
+            raise ValueError(f"the demo has no traffic for use case {uc.name!r}")
+        for i in range(0, len(items), 1000):
+            response = requests.post(f"{self.service_url}{uc.route('predict_batch')}", headers=headers, timeout=60,
+                                     json={"tenant": tenant, field: items[i:i + 1000]})
             response.raise_for_status()
-        return len(accounts)
+        self.last_request[(tenant, uc.name)] = items[0] if items else None
+        return len(items)
 
     def confirm_promotions(self) -> None:
         """After a promotion, wait until the service answers with the new champion."""
-        while self.promoted_tenants:
-            tenant = self.promoted_tenants.pop()
-            expected = str(self.registry.alias_version(tenant, CHAMPION).version)
-            account = self.active_accounts(tenant)[0]
+        while self.promoted_pending:
+            tenant, name = self.promoted_pending.pop()
+            expected = str(self.registry.alias_version(tenant, CHAMPION, use_case=name).version)
             deadline = time.monotonic() + 30
-            while (version := self.serving_version(tenant, account)) != expected and time.monotonic() < deadline:
+            while (version := self.serving_version(tenant, name)) != expected and time.monotonic() < deadline:
                 time.sleep(0.1)
-            since = time.monotonic() - self.first_alert.get(tenant, time.monotonic())
-            self.emit(tenant, "new champion serving", f"v{version} answers; {since:.1f}s after the first decay alert")
-            self.alert_to_serving_s = since
+            since = time.monotonic() - self.first_alert.get((tenant, name), time.monotonic())
+            self.emit(tenant, "new champion serving", f"v{version} answers; {since:.1f}s after the first decay alert",
+                      name)
+            self.alert_to_serving_s[(tenant, name)] = since
 
-    def serving_version(self, tenant: str, account: str) -> str:
-        """The model version the running service answers with for one account."""
-        response = requests.post(f"{self.service_url}/v1/predict", timeout=10,
-                                 headers={"Authorization": f"Bearer {self.keys[tenant]}"},
-                                 json={"tenant": tenant, "account_id": account})
+    def serving_version(self, tenant: str, name: str) -> str:
+        """The model version the running service answers with, for a request of yesterday's traffic
+        (a live account; one of the day's payments)."""
+        uc = DemoUseCase(name)
+        request = self.last_request.get((tenant, name))
+        if request is None:
+            request = self.active_accounts(tenant)[0] if uc.is_churn else self.todays_payments(tenant)[0]
+        body = {"tenant": tenant, "account_id": request} if uc.is_churn else {"tenant": tenant, **request}
+        response = requests.post(f"{self.service_url}{uc.route('predict')}", timeout=10, json=body,
+                                 headers={"Authorization": f"Bearer {self.keys[tenant]}"})
         response.raise_for_status()
         return str(response.json()["model_version"])
 
     def watch_runs(self) -> None:
-        """Report runs the platform launched on its own (the decay sensor's retraining)."""
+        """Report runs the platform launched on its own (the decay sensors' retraining)."""
         from dagster import RunsFilter
 
-        for record in self.instance.get_run_records(RunsFilter(job_name="churn_retrain"), limit=50):
-            run = record.dagster_run
-            tenant = run.tags.get("dagster/partition", "?")
-            trigger = run.tags.get("trigger", "manual")
-            if run.run_id not in self.seen_runs:
-                self.seen_runs.add(run.run_id)
-                self.emit(tenant, "retrain launched", f"by {trigger} (run {run.run_id[:8]})")
-            if run.status.value not in FINISHED or f"{run.run_id}:done" in self.seen_runs:
-                continue
-            self.seen_runs.add(f"{run.run_id}:done")
-            if run.status.value == "SUCCESS":
-                challenger = self.registry.alias_version(tenant, CHALLENGER)
-                self.emit(tenant, "retrain succeeded", f"gates passed; challenger v{challenger.version} "
-                                                       "published to shadow" if challenger else "no challenger")
-                self.retrained[tenant] = self.retrained.get(tenant, 0) + 1
-            else:
-                self.emit(tenant, f"retrain {run.status.value.lower()}", f"run {run.run_id[:8]}")
+        for uc in self.use_cases:
+            for record in self.instance.get_run_records(RunsFilter(job_name=uc.retrain_job), limit=50):
+                run = record.dagster_run
+                tenant = run.tags.get("dagster/partition", "?")
+                trigger = run.tags.get("trigger", "manual")
+                if run.run_id not in self.seen_runs:
+                    self.seen_runs.add(run.run_id)
+                    self.emit(tenant, "retrain launched", f"by {trigger} (run {run.run_id[:8]})", uc.name)
+                if run.status.value not in FINISHED or f"{run.run_id}:done" in self.seen_runs:
+                    continue
+                self.seen_runs.add(f"{run.run_id}:done")
+                if run.status.value == "SUCCESS":
+                    challenger = self.registry.alias_version(tenant, CHALLENGER, use_case=uc.name)
+                    self.emit(tenant, "retrain succeeded", f"gates passed; challenger v{challenger.version} "
+                                                           "published to shadow" if challenger else "no challenger",
+                              uc.name)
+                    self.retrained[(tenant, uc.name)] = self.retrained.get((tenant, uc.name), 0) + 1
+                else:
+                    self.emit(tenant, f"retrain {run.status.value.lower()}", f"run {run.run_id[:8]}", uc.name)
 
     # --- the replay -----------------------------------------------------------------------------
+    def closed(self) -> bool:
+        """Every drifted (tenant, use case) restored, or (``--until promoted``) promoted at least
+        ``stop_after_promotion_days`` ago."""
+        if self.until_restored:
+            return all(pair in self.restored_on for pair in self.drifted)
+        if not all(pair in self.promoted_on for pair in self.drifted):
+            return False
+        return self.day >= max(self.promoted_on[p] for p in self.drifted) + self.stop_after_promotion_days - 1
+
     def run(self) -> int:
         from usecases.churn.simulator import SIMULATION_START
 
-        self.promoted_on: int | None = None
-        self.restored_on: int | None = None
-        self.retrained: dict[str, int] = {}
-        self.first_alert: dict[str, float] = {}
-        self.promoted_tenants: list[str] = []
-        self.pending_alerts: dict[str, int] = {}
+        self.promoted_on: dict[tuple[str, str], int] = {}
+        self.restored_on: dict[tuple[str, str], int] = {}
+        self.retrained: dict[tuple[str, str], int] = {}
+        self.first_alert: dict[tuple[str, str], float] = {}
+        self.alert_to_serving_s: dict[tuple[str, str], float] = {}
+        self.promoted_pending: list[tuple[str, str]] = []
+        self.pending_alerts: dict[tuple[str, str], int] = {}
+        self.last_request: dict[tuple[str, str], object] = {}
         drifted = [s for s in demo_tenants(self.small) if s.scenario != "none"]
-        print(f"MLOPS_HOME {self.root}; concept drift for "
+        self.drifted = [(s.name, uc.name) for s in drifted for uc in self.use_cases]
+        print(f"MLOPS_HOME {self.root}; use cases {', '.join(self.use_case_names)}; concept drift for "
               f"{', '.join(f'{s.name} from day {s.drift_day} ({SIMULATION_START + dt.timedelta(days=s.drift_day)})' for s in drifted)}",
               flush=True)
         # Ctrl-C, SIGTERM (a CI timeout, kill) and a closed terminal all stop every process this demo
@@ -604,22 +742,29 @@ class ClosedLoopDemo:
             self.start_processes()
             for day in range(DEMO_START_DAY, DEMO_START_DAY + self.max_days):
                 self.day = day
-                self.for_each_tenant(_worker_day, day)
-                self.settle_automation()
+                # One use case at a time, its sensor's retrains settled before the next one's daily
+                # cycle: a tenant's warehouse admits one writer, and what each run sees must not
+                # depend on which of two processes got there first.
+                for uc in self.use_cases:
+                    self.for_each_tenant(_worker_day, day, (uc.name,))
+                    self.settle_automation()
                 self.watch_runs()
                 self.confirm_promotions()
                 self.wait_until_served()
-                scored = {t: self.traffic(t) for t in self.tenants}
+                scored = {(t, uc.name): self.traffic(t, uc) for uc in self.use_cases for t in self.tenants}
                 if self.day % 7 == 0:
-                    self.emit("-", "traffic", ", ".join(f"{t}: {n} accounts scored" for t, n in scored.items()))
+                    self.emit("-", "traffic", ", ".join(f"{t}/{uc}: {n}" for (t, uc), n in scored.items()))
                 self.wait_for_log(scored)
-                if self.restored_on is not None or (self.promoted_on is not None and not self.until_restored
-                                                    and self.day >= self.promoted_on + self.stop_after_promotion_days - 1):
+                if self.closed():
                     break
-            for tenant in self.tenants:
-                self.emit(tenant, "serving", f"model v{self.serving_version(tenant, self.active_accounts(tenant)[0])}")
-            closed = self.restored_on is not None or (self.promoted_on is not None and not self.until_restored)
-            outcome = ("performance restored" if self.restored_on is not None else "promoted") if closed else "NOT closed"
+            for uc in self.use_cases:
+                for tenant in self.tenants:
+                    self.emit(tenant, "serving", f"model v{self.serving_version(tenant, uc.name)}", uc.name)
+            closed = self.closed()
+            restored = ", ".join(f"{t}/{uc} on day {d}" for (t, uc), d in sorted(self.restored_on.items()))
+            promoted = ", ".join(f"{t}/{uc} on day {d}" for (t, uc), d in sorted(self.promoted_on.items()))
+            outcome = (f"performance restored: {restored}" if self.until_restored else f"promoted: {promoted}") \
+                if closed else f"NOT closed (promoted: {promoted or 'none'}; restored: {restored or 'none'})"
             self.emit("-", f"loop {'closed' if closed else 'NOT closed'}",
                       f"{outcome}; {sum(self.retrained.values())} retrain(s); wall {time.monotonic() - self.t0:.0f}s")
             (self.root / "demo_timeline.json").write_text(json.dumps(self.timeline_json(), indent=2))
@@ -630,7 +775,7 @@ class ClosedLoopDemo:
                     time.sleep(3600)
             return 0 if closed else 1
         except KeyboardInterrupt:
-            return 0 if self.restored_on is not None or self.promoted_on is not None else 130
+            return 0 if self.restored_on or self.promoted_on else 130
         finally:
             stopper.stopping = True
             self.stop(stopper.received)

@@ -26,14 +26,14 @@ STOP_BUDGET_S = 15.0
 class Demo:
     """``mlops demo --headless --small`` in a process group of its own, as a terminal starts it."""
 
-    def __init__(self, home):
+    def __init__(self, home, use_cases: str | None = None):
         self.home = home
         env = {**os.environ, **TELEMETRY_OFF, "PYTHONPATH": str(PROJECT_ROOT)}
         env.pop("MLOPS_HOME", None)
         env.pop("DAGSTER_HOME", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlops.cli", "--home", str(home), "demo", "--headless", "--small",
-             "--service-port", str(free_port())],
+             "--service-port", str(free_port()), *(["--use-cases", use_cases] if use_cases else [])],
             cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )
@@ -175,8 +175,9 @@ def test_sigterm_to_the_driver_alone_stops_the_build_and_marks_its_runs_failed(t
 
 def test_no_process_outlives_a_killed_driver(tmp_path):
     """kill -9 of the driver (nothing of it runs to stop the others): the kernel signals its
-    children (PR_SET_PDEATHSIG), and every process the demo started ends within 15 s."""
-    demo = Demo(tmp_path / "home")
+    children (PR_SET_PDEATHSIG), and every process the demo started ends within 15 s. (Churn alone:
+    the Ctrl-C test stops the default demo, churn and fraud.)"""
+    demo = Demo(tmp_path / "home", use_cases="churn")
     try:
         wait_until(demo.replay_started, "the replay's first daily cycle", timeout_s=240, interval_s=0.2)
         tree = demo.tree()

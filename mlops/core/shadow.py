@@ -230,6 +230,16 @@ def _delong(y: np.ndarray, champion: np.ndarray, challenger: np.ndarray) -> tupl
     return float(auc[1] - auc[0]), float(np.sqrt(max(var, 0.0)))
 
 
+def _value_order(y: np.ndarray, *scores: np.ndarray) -> np.ndarray:
+    """The permutation that sorts rows by their label, then by each score column (stable)."""
+    columns = {"y": y}
+    for i, values in enumerate(scores):
+        for j, column in enumerate(values.reshape(len(values), -1).T):
+            columns[f"s{i}_{j}"] = column
+    frame = pd.DataFrame(columns)
+    return frame.sort_values(list(frame.columns), kind="mergesort").index.to_numpy()
+
+
 def paired_difference(y, champion_scores, challenger_scores, metric: PromotionMetric = ROC_AUC, *,
                       n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
                       spec: MonitorSpec = CHURN_SPEC, method: str = "bootstrap") -> dict:
@@ -252,6 +262,11 @@ def paired_difference(y, champion_scores, challenger_scores, metric: PromotionMe
     rows = len(y)
     if len(champion) != rows or len(challenger) != rows:
         raise ValueError(f"{rows} labels but {len(champion)} champion and {len(challenger)} challenger scores")
+    # The resamples are drawn by position: put the rows in an order their values alone decide, so that
+    # the interval does not depend on how the log ordered them (by random prediction ids, say) and the
+    # same evidence gives the same decision on every run. Rows equal in every value are interchangeable.
+    order = _value_order(y, champion, challenger)
+    y, champion, challenger = y[order], champion[order], challenger[order]
     if not 0 < confidence < 1:
         raise ValueError(f"confidence {confidence}: between 0 and 1")
     sign = 1.0 if metric.higher_is_better else -1.0
