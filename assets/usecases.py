@@ -209,12 +209,23 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
         with warehouse.connect(tenant) as con:
             training = con.execute(f"SELECT * FROM {usecase_store.training_table(uc)} "  # noqa: S608 - declared name
                                    f"ORDER BY prediction_time, {uc.entity.key}").df()
+            episode = active_episode(con, name)
         if training.empty:
             raise dg.Failure(f"{name}/{tenant}: the training set is empty; nothing to train on")
         dataset_version = content_hash(training)
-        split = usecase_model.time_split(uc, training)
-        booster = usecase_model.train(uc, split.train)
-        scores = usecase_model.predict(uc, booster, split.holdout)
+        retrain = None
+        if episode is not None and uc.label.early_after_days is not None:
+            # A retrain in a decay episode learns the changed concept from the early labels too,
+            # weighted by the episode's onset estimate (mlops.core.retraining); the holdout stays matured.
+            with warehouse.transaction(tenant) as con:
+                early = usecase_store.build_provisional_set(con, uc)
+            retrain = usecase_model.fit_for_episode(uc, training, early, episode.onset_estimate,
+                                                    who=f"{name}/{tenant}")
+            split, booster, scores = retrain.split, retrain.booster, retrain.holdout_scores
+        else:
+            split = usecase_model.time_split(uc, training)
+            booster = usecase_model.train(uc, split.train)
+            scores = usecase_model.predict(uc, booster, split.holdout)
         metrics = usecase_model.evaluate(uc, split.holdout[uc.label.column].to_numpy(), scores)
         model_name = uc.registered_model_name(tenant)
         lineage = {"tenant": tenant, "use_case": name, "dataset_version": dataset_version,
@@ -222,7 +233,9 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
                    "dagster_run_id": context.run_id, "dagster_partition": tenant}
         run_id = mlflow.active_run().info.run_id
         mlf.log_params({**uc.model.params, "objective": uc.model.objective,
-                        "num_boost_round": uc.model.num_boost_round, "holdout_cutoff": str(split.cutoff.date())})
+                        "num_boost_round": uc.model.num_boost_round, "holdout_cutoff": str(split.cutoff.date()),
+                        **({"episode_training": retrain.candidate.name, "early_label_rows": retrain.early_rows,
+                            "change_point": str(retrain.change_point)} if retrain is not None else {})})
         mlf.log_metrics({**metrics, "train_rows": len(split.train), "holdout_rows": len(split.holdout)})
         mlf.set_tags(lineage)
         model_bytes = usecase_model.model_bytes(booster)
@@ -248,6 +261,7 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
             "dataset_version": dataset_version, "train_rows": dg.MetadataValue.int(len(split.train)),
             "holdout_rows": dg.MetadataValue.int(len(split.holdout)),
             **{k: dg.MetadataValue.float(float(v)) for k, v in metrics.items()},
+            "episode_training": dg.MetadataValue.json(retrain.summary() if retrain is not None else {}),
         })
 
     @dg.multi_asset_check(
@@ -365,9 +379,11 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
                 pairs = shadow_pairs(con, champ_v, chall_v, use_case=name)
                 if len(pairs) >= policy.shadow_min_predictions:
                     # The champion's logged rows: the shadow pairs' features and the labelled ones.
+                    # In an episode, early labels (a chargeback already reported) are evidence too.
                     logged = usecase_analysis_frame(
                         con, uc, online_dir(settings, catalog, uc, tenant), champ_v,
-                        policy.analysis_window_days + uc.label.horizon_days, origin)
+                        policy.analysis_window_days + uc.label.horizon_days, origin,
+                        early_after_days=uc.label.early_after_days if episode is not None else None)
                     references = {v: reference_frame(con, v, use_case=name) for v in (champ_v, chall_v)}
             comparison["require_improvement"] = episode is not None
             if len(pairs) < policy.shadow_min_predictions:

@@ -133,13 +133,17 @@ def fraud_training_rows(spec: TenantSpec):
 
 def fraud_oracle(seed: int, scenario: str = "concept_drift", *, n_accounts: int = FRAUD["n_accounts"],
                  drift_day: int = FRAUD["drift_day"], k_days: int = FRAUD["k_days"],
-                 window_days: int = FRAUD["window_days"], region: str = "eu") -> dict:
+                 window_days: int = FRAUD["window_days"], region: str = "eu", days: int | None = None) -> dict:
     """PR AUC (average precision) of the pre-drift fraud model before and after the drift, and of the
-    oracle (see the module's docstring). The tenant runs until the window's chargebacks are all in."""
+    oracle (see the module's docstring). The tenant runs until the window's chargebacks are all in;
+    ``days``: the simulated horizon (it shapes the world: pass the one a replay of the same tenant uses)."""
     started = time.perf_counter()
     horizon = 45  # the fraud use case's label.horizon_days: every chargeback is in by then
+    needed = drift_day + k_days + window_days + horizon
+    if days is not None and days < needed:
+        raise ValueError(f"days={days} ends before the evaluation window's chargebacks are all in (day {needed})")
     spec = TenantSpec(name="oracle", region=region, n_accounts=n_accounts, seed=seed,
-                      days=drift_day + k_days + window_days + horizon, scenario=scenario, drift_day=drift_day)
+                      days=days or needed, scenario=scenario, drift_day=drift_day)
     uc, rows = fraud_training_rows(spec)
     assert uc.label.horizon_days == horizon, uc.label.horizon_days
     day = _day(rows["prediction_time"], FRAUD_START)

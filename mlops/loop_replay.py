@@ -71,8 +71,88 @@ class Event:
     detail: str
 
 
-class LoopReplay:
+class ReplayOutcomes:
+    """What a simulated-clock replay measures with the ground truth the platform never has (every
+    prediction's eventual label): realized performance of what was served, day by day, the summary of
+    an episode, and promotions of a worse model. Shared by churn's replay and a declared use case's
+    (``mlops.usecase_replay``); a replay provides ``log`` (frames of logged predictions with ``role``,
+    ``model_version``, ``prediction_id``, ``score`` and ``timestamp``), ``events``, ``served`` (day ->
+    champion version), ``spec``, ``origin`` (day 0), ``logged(role, version)``, ``eventual_labels(rows)``
+    and ``labels_closed_before()`` (predictions before it have closed label windows)."""
+
+    metric_name = "roc_auc"  # the column of realized_by_day
+    realized_window_days = 7
+
+    def metric(self, y, scores) -> float:
+        return float(roc_auc_score(y, scores))
+
+    def eventual_labels(self, rows: pd.DataFrame) -> pd.Series:
+        raise NotImplementedError
+
+    def labels_closed_before(self) -> pd.Timestamp:
+        raise NotImplementedError
+
+    def realized_by_day(self, window: int | None = None) -> pd.DataFrame:
+        """Realized performance (``metric_name``) of what was served, from every prediction's eventual
+        label, pooled over ``window`` days from each day (days whose labels the horizon has not closed
+        are left out)."""
+        window = window or self.realized_window_days
+        served = pd.concat([f for f in self.log if f["role"].iat[0] == CHAMPION], ignore_index=True)
+        served["y"] = self.eventual_labels(served).to_numpy()
+        served = served[served[TIMESTAMP] < self.labels_closed_before()]
+        served["day"] = (served[TIMESTAMP] - self.origin).dt.days
+        out = []
+        for d in sorted(served["day"].unique()):
+            rows = served[(served["day"] >= d) & (served["day"] < d + window)]
+            if rows["day"].nunique() == window and rows["y"].nunique() == 2:
+                out.append({"day": int(d), self.metric_name: self.metric(rows["y"], rows["score"]),
+                            "version": self.served[int(d)]})
+        return pd.DataFrame(out)
+
+    def summary(self, oracle: float | None = None, tolerance: float = 0.03) -> dict:
+        """Detection day, retrains, promotions (and of worse models), realized performance before and
+        after, and days from the drift to realized performance within ``tolerance`` of ``oracle``."""
+        drift = self.spec.drift_day if self.spec.scenario != "none" else None
+        kinds = [e.kind for e in self.events]
+        realized = self.realized_by_day()
+        alert = next((e.day for e in self.events if e.kind == "decay alert"), None)
+        out = {"seed": self.spec.seed, "scenario": self.spec.scenario, "drift_day": drift, "alert_day": alert,
+               "retrains": kinds.count("challenger") + kinds.count("gates failed"),
+               "promotions": kinds.count("promoted"), "escalations": kinds.count("loop: escalate"),
+               "promotion_days": [e.day for e in self.events if e.kind == "promoted"]}
+        if drift is not None and len(realized):
+            value = realized[self.metric_name]
+            after_drift = realized[realized["day"] >= drift]
+            out["before"] = float(value[realized["day"] < drift].tail(7).mean())
+            out["after_drift"] = float(after_drift[self.metric_name].head(7).mean()) if len(after_drift) else None
+            out["final"] = float(value.tail(7).mean())
+            if oracle is not None:
+                ok = after_drift[after_drift[self.metric_name] >= oracle - tolerance]
+                out["restored_day"] = int(ok["day"].iloc[0]) if len(ok) else None
+                out["days_to_restore"] = None if out["restored_day"] is None else out["restored_day"] - drift
+        out["worse_promotions"] = self._worse_promotions(realized)
+        return out
+
+    def _worse_promotions(self, realized: pd.DataFrame) -> int:
+        """Promotions after which the served realized performance was lower than what the replaced
+        model scored on the same days (both models scored the shadowed days; ground-truth labels)."""
+        worse = 0
+        for e in self.events:
+            if e.kind != "promoted":
+                continue
+            old, new = e.detail.split(":")[0].replace("v", "").split(" -> ")
+            a, b = self.logged(CHAMPION, old), self.logged(CHALLENGER, new)
+            pairs = a.merge(b[["prediction_id", "score"]], on="prediction_id", suffixes=("", "_new"))
+            y = self.eventual_labels(pairs)
+            if y.nunique() == 2 and self.metric(y, pairs["score_new"]) < self.metric(y, pairs["score"]):
+                worse += 1
+        return worse
+
+
+class LoopReplay(ReplayOutcomes):
     """One tenant's closed loop, day by day, from ``start_day`` (the first champion) to ``end_day``."""
+
+    origin = START
 
     def __init__(self, spec: TenantSpec, start_day: int, end_day: int, policy: MonitoringPolicy | None = None,
                  gates: GatePolicy | None = None):
@@ -249,62 +329,13 @@ class LoopReplay:
             self.day(d)
         return self
 
-    # --- the ground truth ------------------------------------------------------------------------
-    def realized_by_day(self, window: int = 7) -> pd.DataFrame:
-        """Realized ROC AUC of what was served, from every prediction's eventual label, pooled over
-        ``window`` days from each day (days whose labels the horizon has not closed are left out)."""
-        served = pd.concat([f for f in self.log if f["role"].iat[0] == CHAMPION], ignore_index=True)
-        churned_at = served["account_id"].map(self.churned_at)
-        horizon = pd.Timedelta(days=LABEL_HORIZON_DAYS)
-        served["y"] = (churned_at.notna() & (churned_at >= served[TIMESTAMP])
-                       & (churned_at < served[TIMESTAMP] + horizon)).astype(int)
-        last = START + pd.Timedelta(days=min(self.spec.days, self.end_day + LABEL_HORIZON_DAYS) - LABEL_HORIZON_DAYS)
-        served = served[served[TIMESTAMP] < last]
-        served["day"] = (served[TIMESTAMP] - START).dt.days
-        out = []
-        for d in sorted(served["day"].unique()):
-            rows = served[(served["day"] >= d) & (served["day"] < d + window)]
-            if rows["day"].nunique() == window and rows["y"].nunique() == 2:
-                out.append({"day": int(d), "roc_auc": float(roc_auc_score(rows["y"], rows["score"])),
-                            "version": self.served[int(d)]})
-        return pd.DataFrame(out)
+    # --- the ground truth (``ReplayOutcomes``): churn's eventual labels ------------------------------
+    def eventual_labels(self, rows: pd.DataFrame) -> pd.Series:
+        """Whether each logged prediction's account churned within the horizon (the whole simulated
+        horizon's churn events)."""
+        churned_at = rows["account_id"].map(self.churned_at)
+        return (churned_at.notna() & (churned_at >= rows[TIMESTAMP])
+                & (churned_at < rows[TIMESTAMP] + pd.Timedelta(days=LABEL_HORIZON_DAYS))).astype(int)
 
-    def summary(self, oracle: float | None = None, tolerance: float = 0.03) -> dict:
-        """Detection day, retrains, promotions (and of worse models), realized performance before and
-        after, and days from the drift to realized performance within ``tolerance`` of ``oracle``."""
-        drift = self.spec.drift_day if self.spec.scenario != "none" else None
-        kinds = [e.kind for e in self.events]
-        realized = self.realized_by_day()
-        alert = next((e.day for e in self.events if e.kind == "decay alert"), None)
-        out = {"seed": self.spec.seed, "scenario": self.spec.scenario, "drift_day": drift, "alert_day": alert,
-               "retrains": kinds.count("challenger") + kinds.count("gates failed"),
-               "promotions": kinds.count("promoted"), "escalations": kinds.count("loop: escalate"),
-               "promotion_days": [e.day for e in self.events if e.kind == "promoted"]}
-        if drift is not None and len(realized):
-            after_drift = realized[realized["day"] >= drift]
-            out["before"] = float(realized.loc[realized["day"] < drift, "roc_auc"].tail(7).mean())
-            out["after_drift"] = float(after_drift["roc_auc"].head(7).mean()) if len(after_drift) else None
-            out["final"] = float(realized["roc_auc"].tail(7).mean())
-            if oracle is not None:
-                ok = after_drift[after_drift["roc_auc"] >= oracle - tolerance]
-                out["restored_day"] = int(ok["day"].iloc[0]) if len(ok) else None
-                out["days_to_restore"] = None if out["restored_day"] is None else out["restored_day"] - drift
-        out["worse_promotions"] = self._worse_promotions(realized)
-        return out
-
-    def _worse_promotions(self, realized: pd.DataFrame) -> int:
-        """Promotions after which the served realized ROC AUC was lower than what the replaced model
-        scored on the same days (both models scored the shadowed days; ground-truth labels)."""
-        worse = 0
-        for e in self.events:
-            if e.kind != "promoted":
-                continue
-            old, new = e.detail.split(":")[0].replace("v", "").split(" -> ")
-            a, b = self.logged(CHAMPION, old), self.logged(CHALLENGER, new)
-            pairs = a.merge(b[["prediction_id", "score"]], on="prediction_id", suffixes=("", "_new"))
-            churned_at = pairs["account_id"].map(self.churned_at)
-            y = (churned_at.notna() & (churned_at >= pairs[TIMESTAMP])
-                 & (churned_at < pairs[TIMESTAMP] + pd.Timedelta(days=LABEL_HORIZON_DAYS))).astype(int)
-            if y.nunique() == 2 and roc_auc_score(y, pairs["score_new"]) < roc_auc_score(y, pairs["score"]):
-                worse += 1
-        return worse
+    def labels_closed_before(self) -> pd.Timestamp:
+        return START + pd.Timedelta(days=min(self.spec.days, self.end_day + LABEL_HORIZON_DAYS) - LABEL_HORIZON_DAYS)

@@ -209,6 +209,134 @@ def test_training_rows_see_only_the_past_and_only_mature_labels(uc, sim):
                                                                                     row[column], value)
 
 
+def test_early_labels_are_the_open_windows_observed_long_enough_labelled_as_known_so_far(uc, sim):
+    """``build_provisional_set``: payments whose 45-day window is still open but that are at least
+    ``early_after_days`` old, labelled by the chargebacks reported before the clock, joined point in
+    time as the training set; the chargeback delay is right-skewed, so most frauds are known by then."""
+    assert uc.label.early_after_days == 14
+    spec = replace(SPEC, today=150)
+    frames = sim(spec)
+    con = warehouse(uc, frames)
+    as_of = st.clock(con, uc)
+    training = st.build_training_set(con, uc)
+    early = st.build_provisional_set(con, uc)
+    con.close()
+    assert len(early) > 1000 and set(training.columns) <= set(early.columns)
+    assert (early["prediction_time"] + 45 * DAY > as_of).all()
+    assert (early["prediction_time"] + 14 * DAY <= as_of).all()
+    assert early["prediction_time"].min() < as_of - 44 * DAY and early["prediction_time"].max() > as_of - 15 * DAY
+    assert np.allclose(early["observed_days"], (as_of - early["prediction_time"]) / DAY)
+    assert not set(early["payment_id"]) & set(training["payment_id"])
+    # the label as known at the clock: a reported chargeback is a known fraud, nothing else is
+    reported = frames["raw_chargebacks"].set_index("payment_id")["reported_at"]
+    known = early["payment_id"].map(reported)
+    assert (early["is_fraud"].to_numpy() == (known.notna() & (known < as_of)).to_numpy()).all()
+    truth = sim.__globals__["fraud_truth"](spec).set_index("payment_id")["is_fraud"]
+    eventual = truth.loc[early["payment_id"]].to_numpy()
+    assert (early["is_fraud"].to_numpy() <= eventual).all()  # a known positive is a positive
+    assert early["is_fraud"].sum() >= 0.8 * eventual.sum()  # most frauds are known 14 days on
+    assert (early["available_at"] == early["prediction_time"].dt.floor("D")).all()
+
+
+def test_early_after_days_is_checked_against_the_horizon_and_the_problem_type(uc, tmp_path):
+    import shutil
+
+    import yaml
+
+    from mlops.core.usecase import UseCaseError
+
+    for changes, message in (({"early_after_days": 45}, "label.early_after_days 45 must be under label.horizon_days"),
+                             ({"early_after_days": 0}, "label.early_after_days"),
+                             ({"classes": ["a", "b", "c"]}, None)):
+        folder = tmp_path / "fraud"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(FOLDER, folder)
+        raw = yaml.safe_load((folder / "usecase.yaml").read_text())
+        raw["label"].update(changes)
+        if "classes" in changes:  # a multiclass use case may not declare early labels
+            raw.update(problem_type="multiclass", monitoring={})
+            raw["model"]["objective"] = "multiclass"
+            message = "label.early_after_days: early labels are for a binary label"
+        (folder / "usecase.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(UseCaseError, match=message) as failure:
+            load_usecase(folder)
+        assert str(folder / "usecase.yaml") in str(failure.value)
+
+
+def test_the_analysis_frame_gives_early_labels_only_when_asked(uc, sim, tmp_path):
+    """``usecase_analysis_frame(..., early_after_days=14)``: logged payments whose window has closed
+    carry their label, those observed 14 days or more the label as known at the clock (the shadow
+    comparison's evidence in an episode), younger ones none; without it only the closed ones."""
+    from mlops.core.monitoring import TIMESTAMP, usecase_analysis_frame
+    from mlops.core.online import snapshot_file_name
+    from mlops.core.prediction_log import prediction_log_ddl, prediction_log_table
+
+    spec = replace(SPEC, today=150)
+    frames = sim(spec)
+    con = warehouse(uc, frames)
+    origin = st.clock(con, uc)
+    labels = st.labels_as_of(con, uc, origin).set_index("payment_id")["is_fraud"]
+    table = prediction_log_table(uc.name)
+    con.execute(prediction_log_ddl(table))
+    # snapshot version -> day: closed windows, three weeks of early ones, too young
+    days = dict(enumerate([100, *range(112, 133), 140], start=1))
+    payments = frames["raw_payments"]
+    for version, day in days.items():
+        at = pd.Timestamp("2026-04-01") + day * DAY
+        snapshot = con.execute(f"SELECT * FROM {st.feature_table(uc)} WHERE available_at = ?", [at]).df()  # noqa: S608
+        snapshot.to_parquet(tmp_path / snapshot_file_name(version))
+        paid = payments[(payments["paid_at"] >= at) & (payments["paid_at"] < at + DAY)
+                        & payments["payment_id"].isin(labels.index)]
+        log = pd.DataFrame({"prediction_id": paid["payment_id"], "tenant": "payco", "account_id": paid["payment_id"],
+                            "role": "champion", "model_version": "1", "score": 0.5, "latency_ms": 1.0,
+                            "snapshot_version": version, "endpoint": "predict", "requested_at": at,
+                            "segment": "segment-1"})
+        con.register("log_rows", log)
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM log_rows")  # noqa: S608 - derived name
+        con.unregister("log_rows")
+    plain = usecase_analysis_frame(con, uc, tmp_path, "1", 365, origin)
+    early = usecase_analysis_frame(con, uc, tmp_path, "1", 365, origin, early_after_days=14)
+    con.close()
+    assert len(early) == len(plain) > 1000 and early["prediction_id"].is_unique
+    age = (origin - pd.to_datetime(early[TIMESTAMP])) / DAY
+    closed, young = age >= 50, age < 14
+    assert early.loc[young, "is_fraud"].isna().all() and young.sum() > 100
+    assert early.loc[~young, "is_fraud"].notna().all() and (~young & ~closed).sum() > 500
+    known = early.loc[~young, "payment_id"].map(labels)
+    assert (early.loc[~young, "is_fraud"].to_numpy() == known.to_numpy()).all()
+    assert early.loc[~young & ~closed, "is_fraud"].sum() > 0  # chargebacks already reported
+    plain = plain.set_index("prediction_id").loc[early["prediction_id"]]
+    assert plain["is_fraud"].notna().to_numpy().tolist() == closed.tolist()
+
+
+def test_an_episode_retrain_learns_the_new_tactic_from_early_labels(uc, sim):
+    """``fit_for_episode`` on the labels of a clock a month after a new tactic started: the early
+    labels hold the new tactic's first weeks, and the retrain trains on them (the matured ones do not
+    hold it yet) and beats the routine model on the next weeks' payments."""
+    spec = TenantSpec(name="payco", region="eu", n_accounts=3000, seed=7, days=285, scenario="concept_drift",
+                      drift_day=150, today=195)
+    con = warehouse(uc, sim(spec))
+    training = st.build_training_set(con, uc)
+    early = st.build_provisional_set(con, uc)
+    con.close()
+    drift = pd.Timestamp("2026-04-01") + 150 * DAY
+    assert early.loc[early["prediction_time"] >= drift, "is_fraud"].sum() >= 20
+    retrained = um.fit_for_episode(uc, training, early, drift, who="payco")
+    assert retrained.early_rows == len(early) and len(retrained.comparison) > 1
+    assert len(retrained.split.train) > len(um.time_split(uc, training).train)  # the early rows are in
+    routine = um.train(uc, um.time_split(uc, training).train)
+    later = replace(spec, today=285)
+    con = warehouse(uc, sim(later))
+    future = st.build_training_set(con, uc)
+    con.close()
+    future = future[future["prediction_time"] >= pd.Timestamp("2026-04-01") + 195 * DAY]
+    y = future["is_fraud"].to_numpy()
+    from sklearn.metrics import average_precision_score
+
+    assert (average_precision_score(y, um.predict(uc, retrained.booster, future))
+            > average_precision_score(y, um.predict(uc, routine, future)) + 0.05)
+
+
 # --- the pipeline through the generated assets ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):

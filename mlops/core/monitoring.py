@@ -713,12 +713,18 @@ labels AS (
 )
 SELECT p.prediction_id, p.score, s.* EXCLUDE (snapshot_version), s.available_at AS timestamp,
        CASE WHEN s.available_at + to_days(CAST($horizon_days AS INTEGER)) <= CAST($as_of AS TIMESTAMP)
-            THEN l.label_value END AS (LABEL)
+            THEN l.label_value(EARLY_BRANCH) END AS (LABEL)
 FROM predictions p
 JOIN snapshots s ON CAST(s.(KEY) AS VARCHAR) = p.account_id AND s.snapshot_version = p.snapshot_version
 LEFT JOIN labels l ON l.label_key = p.account_id AND l.label_time = s.available_at
 WHERE s.available_at >= CAST($as_of AS TIMESTAMP) - INTERVAL (WINDOW) DAY
 """  # noqa: S608 - constant text
+
+
+# Early labels (``early_after_days``): rows whose snapshot row is that old get the label as known at $as_of.
+_USECASE_EARLY_BRANCH = """
+            WHEN s.available_at + to_days(CAST($early_days AS INTEGER)) <= CAST($as_of AS TIMESTAMP)
+            THEN l.label_value"""
 
 
 # A use case whose features are another entity's (a payment scored with its account's row): the
@@ -736,7 +742,7 @@ labels AS (
 SELECT p.prediction_id, p.score, p.account_id AS (KEY), s.* EXCLUDE (snapshot_version)(LFIELDS),
        s.available_at AS timestamp,
        CASE WHEN l.label_time + to_days(CAST($horizon_days AS INTEGER)) <= CAST($as_of AS TIMESTAMP)
-            THEN l.label_value END AS (LABEL)
+            THEN l.label_value(EARLY_BRANCH) END AS (LABEL)
 FROM predictions p
 JOIN labels l ON l.label_key = p.account_id
 JOIN snapshots s ON CAST(s.(FKEY) AS VARCHAR) = l.lookup_key AND s.snapshot_version = p.snapshot_version
@@ -745,7 +751,7 @@ WHERE s.available_at >= CAST($as_of AS TIMESTAMP) - INTERVAL (WINDOW) DAY
 
 
 def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_days: int, origin,
-                           role: str = CHAMPION) -> pd.DataFrame:
+                           role: str = CHAMPION, early_after_days: int | None = None) -> pd.DataFrame:
     """``analysis_frame`` for a declared use case (``mlops.core.usecase.UseCase``): the logged
     predictions of one model version (table ``prediction_log_table(usecase.name)``, the entity key
     in ``account_id``) with the snapshot row each was scored from (the use case's online folder)
@@ -756,7 +762,12 @@ def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_
     A use case scored with another entity's features (``features.key`` is not the entity key: a
     payment with its account's row) is joined to its label row by the entity key, which gives the
     lookup key, the request fields and ``prediction_time`` (``USECASE_LOOKUP_ANALYSIS_SQL``); its
-    label is kept where ``prediction_time + horizon_days <= origin``."""
+    label is kept where ``prediction_time + horizon_days <= origin``.
+
+    With ``early_after_days`` (a binary use case's ``label.early_after_days``), rows whose snapshot
+    row (``available_at``, as churn's) is that old but not yet mature get their label as known at
+    ``origin`` (the labels SQL runs at it: a positive already reported is a known positive), as
+    ``analysis_frame``'s early labels: the evidence of an episode's shadow comparison."""
     table = prediction_log_table(usecase.name)
     files = _logged_snapshot_files(con, table, online_dir, version, role)
     if not files:
@@ -767,11 +778,13 @@ def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_
     template = (USECASE_LOOKUP_ANALYSIS_SQL.replace("(FKEY)", usecase.feature_key)
                 .replace("(FIELDS)", "".join(f", l.{f}" for f in fields))
                 .replace("(LFIELDS)", "".join(f", l.{f}" for f in fields))) if lookup else USECASE_ANALYSIS_SQL
-    sql = (_analysis_sql(template, table, window_days)
+    early = "" if early_after_days is None else _USECASE_EARLY_BRANCH
+    sql = (_analysis_sql(template, table, window_days).replace("(EARLY_BRANCH)", early)
            .replace("(KEY)", usecase.entity.key).replace("(LABEL)", usecase.label.column)
            .replace("(LABELS_SQL)", labels_sql + "\n"))
     params = {"files": files, "role": role, "version": str(version), "as_of": origin,
-              "horizon_days": int(usecase.label.horizon_days)}
+              "horizon_days": int(usecase.label.horizon_days),
+              **({} if early_after_days is None else {"early_days": int(early_after_days)})}
     frame = con.execute(sql, params).df()
     if frame["prediction_id"].duplicated().any():
         raise ValueError(f"use case {usecase.name!r}: its labels SQL returns more than one label for an "

@@ -65,15 +65,19 @@ def retrain_for_episode(training: pd.DataFrame, early: pd.DataFrame | None, chan
                         metric: Callable[[np.ndarray, np.ndarray], float], label: str = "churned",
                         holdout_fraction: float = VALIDATION_FRACTION, who: str = "the tenant",
                         candidates: tuple[Candidate, ...] = CANDIDATES,
-                        acceptable: Callable[[np.ndarray, np.ndarray], str | None] | None = None) -> Retrained:
+                        acceptable: Callable[[np.ndarray, np.ndarray], str | None] | None = None,
+                        embargo_days: int | None = None) -> Retrained:
     """Train the candidates on the matured labels plus the early ones (``early``), weighted by the
     change point, compare them on the newest early labels (the freshest evidence of the new concept;
     the matured holdout when there are too few), and train the best one on everything (module
     docstring). ``fit(rows, weights)`` trains a model, ``score(model, rows)`` scores rows;
     ``acceptable(y_holdout, holdout_scores)`` names what the gates would refuse (None: nothing), and a
-    candidate the gates would refuse is chosen only if every one would be."""
+    candidate the gates would refuse is chosen only if every one would be. ``embargo_days``: the time
+    split's purge (default ``horizon_days``, churn's; a use case whose routine split has none, as a
+    payment's own label, passes 0 so that the holdout is the routine one)."""
     early = early if early is not None and len(early) else None
-    split = time_split(training, holdout_fraction, label=label, who=who, embargo_days=horizon_days)
+    split = time_split(training, holdout_fraction, label=label, who=who,
+                       embargo_days=horizon_days if embargo_days is None else embargo_days)
     change = None if change_point is None else pd.Timestamp(change_point)
     if early is None or change is None:
         candidates = candidates[:1]

@@ -178,6 +178,11 @@ class LabelSpec(_Spec):
     horizon_days: Annotated[int, Field(ge=0, le=3660)]
     # multiclass only: the classes, in the order of the model's outputs
     classes: tuple[str, ...] | None = None
+    # binary only, optional: labels whose window has not closed yet but that were observed at least
+    # this many days are known early (a positive already reported is a known positive; the rest are
+    # provisional negatives): a retrain inside a decay episode learns from them and the shadow
+    # comparison of an episode takes them as evidence (``mlops.core.retraining``). Under horizon_days.
+    early_after_days: Annotated[int, Field(ge=1, le=3660)] | None = None
 
 
 _OBJECTIVES = {
@@ -269,6 +274,13 @@ class UseCase(_Spec):
                 raise ValueError(problem)
         if self.problem_type == "multiclass" and not self.label.classes:
             raise ValueError("label.classes: a multiclass use case lists its classes")
+        early = self.label.early_after_days
+        if early is not None and self.problem_type != "binary":
+            raise ValueError(f"label.early_after_days: early labels are for a binary label (a positive already "
+                             f"reported is known); problem_type is {self.problem_type!r}")
+        if early is not None and early >= self.label.horizon_days:
+            raise ValueError(f"label.early_after_days {early} must be under label.horizon_days "
+                             f"{self.label.horizon_days}: a label observed that long has matured")
         if self.label.column in self.features.columns:
             raise ValueError(f"label.column {self.label.column!r} is also a feature")
         table = next((t for t in self.tables if t.name == self.features.clock_table), None)

@@ -103,17 +103,53 @@ def lgb_params(uc: UseCase) -> dict:
     return params
 
 
-def train(uc: UseCase, frame: pd.DataFrame) -> lgb.Booster:
-    """A LightGBM booster (native API) on ``frame``'s declared features and label."""
+def train(uc: UseCase, frame: pd.DataFrame, weight: np.ndarray | None = None) -> lgb.Booster:
+    """A LightGBM booster (native API) on ``frame``'s declared features and label (rows weighted by
+    ``weight`` when given: a retrain in a decay episode, ``fit_for_episode``)."""
     inputs = ModelInputs.of(uc)
     dataset = lgb.Dataset(inputs.to_model_frame(frame), label=label_array(uc, frame[uc.label.column]),
-                          free_raw_data=False)
+                          weight=None if weight is None else np.asarray(weight, dtype=float), free_raw_data=False)
     return lgb.train(lgb_params(uc), dataset, num_boost_round=uc.model.num_boost_round)
 
 
 def predict(uc: UseCase, booster: lgb.Booster, frame: pd.DataFrame, num_threads: int = 0) -> np.ndarray:
     """Probabilities (binary), class-probability rows in ``label.classes`` order (multiclass) or values."""
     return booster.predict(ModelInputs.of(uc).to_model_matrix(frame), num_threads=num_threads)
+
+
+def episode_metric(uc: UseCase):
+    """The metric a retrain in a decay episode compares its candidates on: the one the decay rule
+    watches (fraud: average precision), as ``f(y, scores)``."""
+    if uc.problem_type != "binary":
+        raise UseCaseError(f"use case {uc.name!r}: an episode retrain with early labels is for a binary label")
+    if uc.monitoring.get("decay_metric") == "average_precision":
+        return lambda y, p: float(average_precision_score(y, p)) if np.sum(y) else float("nan")
+    return _metric_fn(uc)
+
+
+def fit_for_episode(uc: UseCase, training: pd.DataFrame, early: pd.DataFrame | None, change_point, who: str):
+    """A binary use case's retrain in a decay episode (``mlops.core.retraining.retrain_for_episode``)
+    with its own trainer, scores and decay metric, as churn's ``fit_churn_for_episode``: matured labels
+    plus the early ones (``usecase_store.build_provisional_set``), weighted by the episode's change
+    point. A candidate the calibration or PR AUC gate would refuse is chosen only if every one would."""
+    from mlops.core.retraining import retrain_for_episode
+
+    limits = gate_thresholds(uc)
+
+    def acceptable(y, scores) -> str | None:
+        ece, max_ece = expected_calibration_error(y, scores), limits["max_expected_calibration_error"]
+        if max_ece is not None and ece > float(max_ece):
+            return f"ECE {ece:.3f} > {max_ece}"
+        floor = limits["min_pr_auc"]
+        if floor is not None and np.sum(y) and average_precision_score(y, scores) < float(floor):
+            return f"PR AUC {average_precision_score(y, scores):.3f} < {floor}"
+        return None
+
+    return retrain_for_episode(
+        training, early, change_point, horizon_days=uc.label.horizon_days,
+        fit=lambda rows, weight: train(uc, rows, weight=weight), score=lambda booster, rows: predict(uc, booster, rows),
+        metric=episode_metric(uc), label=uc.label.column, holdout_fraction=uc.model.holdout_fraction,
+        who=who, acceptable=acceptable, embargo_days=0)
 
 
 # --- metrics ---------------------------------------------------------------------------------------

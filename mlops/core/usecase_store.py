@@ -60,7 +60,9 @@ def feature_columns(uc: UseCase) -> list[str]:
 
 def feature_view_version(uc: UseCase) -> str:
     """A version of what a feature row and a label mean: the SQL and the declared features and label."""
-    spec = [uc.feature_sql, uc.labels_sql, uc.entity.model_dump(), uc.features.model_dump(), uc.label.model_dump()]
+    spec = [uc.feature_sql, uc.labels_sql, uc.entity.model_dump(), uc.features.model_dump(),
+            # early labels change when a label is used, not what it means
+            uc.label.model_dump(exclude={"early_after_days"})]
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -178,17 +180,24 @@ def build_feature_table(con: duckdb.DuckDBPyConnection, uc: UseCase) -> int:
     return con.execute(f"SELECT count(*) FROM {_ident(feature_table(uc))}").fetchall()[0][0]  # noqa: S608
 
 
-def build_training_set(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFrame:
-    """Mature labels joined point in time to the offline feature table, stored as the training table.
+def provisional_table(uc: UseCase) -> str:
+    return f"{uc.name}_provisional_set"
 
-    A label at ``prediction_time`` gets the newest feature row with ``available_at <= prediction_time``
-    (an ASOF join); labels whose window has not closed by ``$as_of`` are left out, and so are labels
-    of entities without a feature row by then.
-    """
+
+# Which label rows a set keeps, by the age of the label's window at ``$as_of``: the training set the
+# closed windows, the provisional set those observed ``$early_after_days`` or more but not closed yet.
+_MATURED = "CAST({pt} AS TIMESTAMP) + to_days(CAST($horizon_days AS INTEGER)) <= CAST($as_of AS TIMESTAMP)"
+_EARLY = ("CAST({pt} AS TIMESTAMP) + to_days(CAST($horizon_days AS INTEGER)) > CAST($as_of AS TIMESTAMP) "
+          "AND CAST({pt} AS TIMESTAMP) + to_days(CAST($early_after_days AS INTEGER)) <= CAST($as_of AS TIMESTAMP)")
+
+
+def _labelled_set(con: duckdb.DuckDBPyConnection, uc: UseCase, table: str, keep: str, extra: dict) -> pd.DataFrame:
+    """The label rows ``keep`` selects (run at ``$as_of``, the clock: a positive reported before it is
+    known), joined point in time to the offline feature table, stored as ``table``."""
     as_of = clock(con, uc)
     key, label, fkey = _ident(uc.entity.key), _ident(uc.label.column), _ident(uc.feature_key)
     sql = uc.labels_sql
-    params = {"as_of": as_of.to_pydatetime(), "horizon_days": int(uc.label.horizon_days)}
+    params = {"as_of": as_of.to_pydatetime(), "horizon_days": int(uc.label.horizon_days), **extra}
     # Beside the entity key and the label: the feature view's key (when it differs) and the request
     # fields, as the request carried them at prediction time.
     carried = [c for c in dict.fromkeys([uc.feature_key, *uc.request_field_names]) if c != uc.entity.key]
@@ -205,8 +214,7 @@ def build_training_set(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFr
             SELECT {key}, CAST({PREDICTION_TIME} AS TIMESTAMP) AS {PREDICTION_TIME}, {label}{carried_sql}
             FROM ({sql}
             ) _labels
-            WHERE CAST({PREDICTION_TIME} AS TIMESTAMP) + to_days(CAST($horizon_days AS INTEGER))
-                  <= CAST($as_of AS TIMESTAMP)
+            WHERE {keep.format(pt=PREDICTION_TIME)}
         )
         SELECT l.{key}, l.{PREDICTION_TIME}, l.{label}{carried_key}, f.{AVAILABLE_AT}, {features}{carried_out}
         FROM labels l
@@ -214,10 +222,44 @@ def build_training_set(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFr
           ON l.{fkey} = f.{fkey} AND l.{PREDICTION_TIME} >= f.{AVAILABLE_AT}
         ORDER BY l.{PREDICTION_TIME}, l.{key}
     """  # noqa: S608 - declared names, checked by _ident
-    con.execute(f"CREATE OR REPLACE TABLE {_ident(training_table(uc))} AS {query}", _bind(query, params))
-    return con.execute(
-        f"SELECT * FROM {_ident(training_table(uc))} ORDER BY {PREDICTION_TIME}, {key}"  # noqa: S608
-    ).df()
+    con.execute(f"CREATE OR REPLACE TABLE {_ident(table)} AS {query}", _bind(query, params))
+    return con.execute(f"SELECT * FROM {_ident(table)} ORDER BY {PREDICTION_TIME}, {key}").df()  # noqa: S608
+
+
+def labels_as_of(con: duckdb.DuckDBPyConnection, uc: UseCase, as_of) -> pd.DataFrame:
+    """The entity key, ``prediction_time`` and the label as the labels SQL gives them at ``as_of``
+    (every row, matured or not): what was known of each label then."""
+    key, label = _ident(uc.entity.key), _ident(uc.label.column)
+    sql = uc.labels_sql
+    params = {"as_of": pd.Timestamp(as_of).to_pydatetime(), "horizon_days": int(uc.label.horizon_days)}
+    query = (f"SELECT {key}, CAST({PREDICTION_TIME} AS TIMESTAMP) AS {PREDICTION_TIME}, {label} "  # noqa: S608
+             f"FROM ({sql}\n) _labels")
+    return con.execute(query, _bind(query, params)).df()
+
+
+def build_training_set(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFrame:
+    """Mature labels joined point in time to the offline feature table, stored as the training table.
+
+    A label at ``prediction_time`` gets the newest feature row with ``available_at <= prediction_time``
+    (an ASOF join); labels whose window has not closed by ``$as_of`` are left out, and so are labels
+    of entities without a feature row by then.
+    """
+    return _labelled_set(con, uc, training_table(uc), _MATURED, {})
+
+
+def build_provisional_set(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFrame:
+    """Early labels (``label.early_after_days``): the label rows whose window has not closed by the
+    clock but that were observed at least ``early_after_days``, with the label as known so far (a
+    positive reported before the clock is a known positive; the rest are provisional negatives),
+    joined point in time exactly as the training set (the same SQL), stored as
+    ``<use case>_provisional_set``, with the days each was observed (``observed_days``). Training
+    evidence for a retrain in a decay episode only (``mlops.core.retraining``)."""
+    early = uc.label.early_after_days
+    if early is None:
+        raise UseCaseError(f"use case {uc.name!r} declares no label.early_after_days: it has no early labels")
+    frame = _labelled_set(con, uc, provisional_table(uc), _EARLY, {"early_after_days": int(early)})
+    observed = (clock(con, uc) - pd.to_datetime(frame[PREDICTION_TIME])) / pd.Timedelta(days=1)
+    return frame.assign(observed_days=observed.to_numpy())
 
 
 # --- the online side -------------------------------------------------------------------------------
