@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 
 from assets.training import fit_churn_for_episode
 from mlops.core import loop, modeling
-from mlops.core.monitoring import TIMESTAMP, TenantMonitor, monitoring_step
+from mlops.core.monitoring import SCORE, TIMESTAMP, TenantMonitor, monitoring_step
 from mlops.core.names import CHALLENGER, CHAMPION, CHURN
 from mlops.replay import load_world
 from resources.feature_store import (
@@ -92,6 +92,95 @@ class ReplayOutcomes:
     def labels_closed_before(self) -> pd.Timestamp:
         raise NotImplementedError
 
+    # --- one day, as the daily cycle and the decay sensor run it (shared by every replay) ----------
+    # A replay provides ``loop_name`` (the use case whose loop tables it keeps), ``horizon`` (the label
+    # window), ``early_after_days`` (early labels in an episode's shadow evidence), ``con``, ``policy``,
+    # ``rules``, ``champion``/``challenger`` (``Model``), ``stored``, ``raised``, ``analysis(...)``,
+    # ``train(day, episode)`` and ``traffic(day, now)``; ``promotion_kwargs()`` adds
+    # ``decide_promotion``'s keywords (spec, metric, score) where they are not churn's.
+    early_after_days: int | None = None
+
+    def promotion_kwargs(self) -> dict:
+        return {}
+
+    def emit(self, day: int, kind: str, detail: str) -> None:
+        self.events.append(Event(day, kind, detail))
+
+    def logged(self, role: str, version: str) -> pd.DataFrame:
+        rows = [f for f in self.log if f["role"].iat[0] == role and f["model_version"].iat[0] == version]
+        return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+    def run(self):
+        for d in range(self.start_day, self.end_day):
+            self.day(d)
+        return self
+
+    def day(self, d: int) -> None:
+        now = self.origin + pd.Timedelta(days=d)
+        name = self.loop_name
+        self.shadow(d, now)  # the shadow comparison and promotion come first in the daily cycle
+        champion = self.champion
+        v = champion.version
+        analysis = self.analysis(v, d, self.policy.analysis_window_days)
+        action = "none"
+        if not analysis.empty:
+            floor = loop.decay_floor(self.con, name, v, champion.monitor.own_bound)
+            _, everything, decay = monitoring_step(champion.monitor, analysis, self.stored.get(v, pd.DataFrame()),
+                                                   self.raised.setdefault(v, set()), floor[0], self.policy)
+            self.stored[v] = everything
+            self.raised[v] |= {(a["metric"], a["chunk"]) for a in decay}
+            outcome = loop.after_monitoring(
+                self.con, name, everything, decay, now=now, champion_version=v, floor=floor,
+                challenger_in_shadow=self.challenger is not None, labels_through=now - self.horizon,
+                rules=self.rules, realized_metric=champion.monitor.realized_metric,
+                higher_is_better=champion.monitor.higher_is_better)
+            for alert in decay:
+                self.emit(d, "decay alert", f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
+                                            f"(chunk {alert['chunk']}, v{v})")
+            if outcome["restored"] is not None:
+                self.emit(d, "restored", f"episode {outcome['restored']}")
+            action = outcome["action"]
+            if action in ("retrain", "escalate"):
+                self.emit(d, f"loop: {action}", outcome["reason"])
+        if action == "retrain":
+            model = self.train(d, loop.active_episode(self.con, name))
+            if model is not None:
+                self.challenger = model
+                self.emit(d, "challenger", f"v{model.version} in shadow")
+        self.traffic(d, now)
+
+    def shadow(self, d: int, now: pd.Timestamp) -> None:
+        if self.challenger is None:
+            return
+        name = self.loop_name
+        champ, chall = self.champion, self.challenger
+        a, b = self.logged(CHAMPION, champ.version), self.logged(CHALLENGER, chall.version)
+        if a.empty or b.empty:
+            return
+        pairs = a[["prediction_id", "account_id", SCORE, "snapshot_version"]].merge(
+            b[["prediction_id", SCORE]], on="prediction_id", suffixes=("_champion", "_challenger")).rename(
+            columns={"score_champion": "champion_score", "score_challenger": "challenger_score"}).assign(
+            champion_latency_ms=1.0, challenger_latency_ms=1.0)
+        if len(pairs) < self.policy.shadow_min_predictions:
+            return
+        episode = loop.active_episode(self.con, name)
+        logged = self.analysis(champ.version, d, self.policy.analysis_window_days + self.horizon.days,
+                               early_after_days=self.early_after_days if episode is not None else None)
+        _, decision, reason = loop.decide_promotion(
+            pairs, logged, {champ.version: champ.reference, chall.version: chall.reference},
+            {champ.version: champ.booster, chall.version: chall.booster}, self.policy,
+            require_improvement=episode is not None, origin=now, **self.promotion_kwargs())
+        if decision == "promote":
+            old_floor = loop.decay_floor(self.con, name, champ.version, champ.monitor.own_bound)[0]
+            loop.inherit_floor(self.con, name, chall.version, champ.version, chall.monitor.realized_metric,
+                               chall.monitor.own_bound, old_floor)
+            loop.on_promotion(self.con, name, now=now, new_version=chall.version)
+            self.champion, self.challenger = chall, None
+            self.emit(d, "promoted", f"v{champ.version} -> v{chall.version}: {reason}")
+        elif decision == "retire":
+            self.challenger = None
+            self.emit(d, "retired", f"v{chall.version}: {reason}")
+
     def realized_by_day(self, window: int | None = None) -> pd.DataFrame:
         """Realized performance (``metric_name``) of what was served, from every prediction's eventual
         label, pooled over ``window`` days from each day (days whose labels the horizon has not closed
@@ -153,6 +242,9 @@ class LoopReplay(ReplayOutcomes):
     """One tenant's closed loop, day by day, from ``start_day`` (the first champion) to ``end_day``."""
 
     origin = START
+    loop_name = CHURN
+    horizon = pd.Timedelta(days=LABEL_HORIZON_DAYS)
+    early_after_days = MIN_OBSERVED_DAYS
 
     def __init__(self, spec: TenantSpec, start_day: int, end_day: int, policy: MonitoringPolicy | None = None,
                  gates: GatePolicy | None = None):
@@ -174,9 +266,6 @@ class LoopReplay(ReplayOutcomes):
         self.champion = self.train(start_day, episode=None)
         self.challenger: Model | None = None
         self.emit(start_day, "built", f"champion v{self.champion.version}")
-
-    def emit(self, day: int, kind: str, detail: str) -> None:
-        self.events.append(Event(day, kind, detail))
 
     # --- training, as the retraining job does it -------------------------------------------------
     def train(self, day: int, episode: loop.Episode | None) -> Model | None:
@@ -221,10 +310,6 @@ class LoopReplay(ReplayOutcomes):
         return not failed
 
     # --- the log and what monitoring reads --------------------------------------------------------
-    def logged(self, role: str, version: str) -> pd.DataFrame:
-        rows = [f for f in self.log if f["role"].iat[0] == role and f["model_version"].iat[0] == version]
-        return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-
     def analysis(self, version: str, day: int, window_days: int, early_after_days: int | None = None) -> pd.DataFrame:
         """``analysis_frame``'s rows: the version's logged champion predictions of the window, labelled
         once mature (early labels too with ``early_after_days``), as of ``day``."""
@@ -245,72 +330,6 @@ class LoopReplay(ReplayOutcomes):
         rows["churned"] = label
         return rows.drop(columns=["role", "model_version"]).reset_index(drop=True)
 
-    # --- one day --------------------------------------------------------------------------------
-    def day(self, d: int) -> None:
-        now = START + pd.Timedelta(days=d)
-        self.shadow(d, now)  # the shadow comparison and promotion come first in the daily cycle
-        champion = self.champion
-        v = champion.version
-        analysis = self.analysis(v, d, self.policy.analysis_window_days)
-        action = "none"
-        if not analysis.empty:
-            floor = loop.decay_floor(self.con, CHURN, v, champion.monitor.own_bound)
-            _, everything, decay = monitoring_step(champion.monitor, analysis, self.stored.get(v, pd.DataFrame()),
-                                                   self.raised.setdefault(v, set()), floor[0], self.policy)
-            self.stored[v] = everything
-            self.raised[v] |= {(a["metric"], a["chunk"]) for a in decay}
-            outcome = loop.after_monitoring(
-                self.con, CHURN, everything, decay, now=now, champion_version=v, floor=floor,
-                challenger_in_shadow=self.challenger is not None,
-                labels_through=now - pd.Timedelta(days=LABEL_HORIZON_DAYS), rules=self.rules,
-                realized_metric=champion.monitor.realized_metric)
-            for alert in decay:
-                self.emit(d, "decay alert", f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
-                                            f"(chunk {alert['chunk']}, v{v})")
-            if outcome["restored"] is not None:
-                self.emit(d, "restored", f"episode {outcome['restored']}")
-            action = outcome["action"]
-            if action in ("retrain", "escalate"):
-                self.emit(d, f"loop: {action}", outcome["reason"])
-        if action == "retrain":
-            episode = loop.active_episode(self.con, CHURN)
-            model = self.train(d, episode)
-            if model is not None:
-                self.challenger = model
-                self.emit(d, "challenger", f"v{model.version} in shadow")
-        self.traffic(d, now)
-
-    def shadow(self, d: int, now: pd.Timestamp) -> None:
-        if self.challenger is None:
-            return
-        champ, chall = self.champion, self.challenger
-        a, b = self.logged(CHAMPION, champ.version), self.logged(CHALLENGER, chall.version)
-        if a.empty or b.empty:
-            return
-        pairs = a[["prediction_id", "account_id", "score", "snapshot_version"]].merge(
-            b[["prediction_id", "score"]], on="prediction_id", suffixes=("_champion", "_challenger")).rename(
-            columns={"score_champion": "champion_score", "score_challenger": "challenger_score"}).assign(
-            champion_latency_ms=1.0, challenger_latency_ms=1.0)
-        if len(pairs) < self.policy.shadow_min_predictions:
-            return
-        episode = loop.active_episode(self.con, CHURN)
-        logged = self.analysis(champ.version, d, self.policy.analysis_window_days + LABEL_HORIZON_DAYS,
-                               early_after_days=MIN_OBSERVED_DAYS if episode is not None else None)
-        _, decision, reason = loop.decide_promotion(
-            pairs, logged, {champ.version: champ.reference, chall.version: chall.reference},
-            {champ.version: champ.booster, chall.version: chall.booster}, self.policy,
-            require_improvement=episode is not None, origin=now)
-        if decision == "promote":
-            old_floor = loop.decay_floor(self.con, CHURN, champ.version, champ.monitor.own_bound)[0]
-            loop.inherit_floor(self.con, CHURN, chall.version, champ.version, chall.monitor.realized_metric,
-                               chall.monitor.own_bound, old_floor)
-            loop.on_promotion(self.con, CHURN, now=now, new_version=chall.version)
-            self.champion, self.challenger = chall, None
-            self.emit(d, "promoted", f"v{champ.version} -> v{chall.version}: {reason}")
-        elif decision == "retire":
-            self.challenger = None
-            self.emit(d, "retired", f"v{chall.version}: {reason}")
-
     def traffic(self, d: int, now: pd.Timestamp) -> None:
         features = compute_features(self.world, (SIMULATION_START + dt.timedelta(days=d)), -1, -1)
         churn = self.churned_at.rename("churned_at").reset_index()
@@ -323,11 +342,6 @@ class LoopReplay(ReplayOutcomes):
             if model is not None:
                 self.log.append(features.assign(score=modeling.score(model.booster, features), role=role,
                                                 model_version=model.version))
-
-    def run(self) -> LoopReplay:
-        for d in range(self.start_day, self.end_day):
-            self.day(d)
-        return self
 
     # --- the ground truth (``ReplayOutcomes``): churn's eventual labels ------------------------------
     def eventual_labels(self, rows: pd.DataFrame) -> pd.Series:

@@ -33,26 +33,17 @@ import pandas as pd
 from sklearn.metrics import average_precision_score
 
 from mlops.core import loop, usecase_model, usecase_store
-from mlops.core.monitoring import SCORE, TIMESTAMP, MonitorSpec, TenantMonitor, monitoring_step
+from mlops.core.monitoring import SCORE, TIMESTAMP, MonitorSpec, TenantMonitor
 from mlops.core.names import CHALLENGER, CHAMPION
 from mlops.core.shadow import PR_AUC, promotion_metric
 from mlops.core.usecase import UseCase
-from mlops.loop_replay import Event, ReplayOutcomes
+from mlops.loop_replay import Event, Model, ReplayOutcomes
 from resources.monitoring import MonitoringPolicy
 from resources.tenants import TenantSpec
 
 SIMULATOR_SOURCE = "simulator"
 # Gates that depend on the machine and the model file, not on the drift: the replay does not judge them.
 UNJUDGED_GATES = ("latency_gate", "model_size_gate")
-
-
-@dataclasses.dataclass
-class Model:
-    version: str
-    booster: object
-    reference: pd.DataFrame  # holdout: features, score, label, timestamp
-    monitor: TenantMonitor
-    trained_on: int  # the simulated day
 
 
 def load_tables(uc: UseCase, spec: TenantSpec) -> duckdb.DuckDBPyConnection:
@@ -76,6 +67,7 @@ class UseCaseReplay(ReplayOutcomes):
             raise ValueError(f"the simulated horizon ({spec.days} days) must reach the labels of the last "
                              f"replayed day ({end_day} + {horizon})")
         self.uc, self.spec, self.start_day, self.end_day = uc, spec, start_day, end_day
+        self.loop_name, self.early_after_days = uc.name, uc.label.early_after_days
         self.origin = pd.Timestamp(origin)
         self.policy = policy or MonitoringPolicy()
         self.rules = loop.LoopRules.of(self.policy)
@@ -126,13 +118,14 @@ class UseCaseReplay(ReplayOutcomes):
         # a positive the labels SQL already returns on day ``first`` is known at every clock replayed
         return pd.Series(known, dtype="datetime64[ns]")
 
+    def promotion_kwargs(self) -> dict:
+        return {"spec": self.monitor_spec, "metric": self.metric_spec,
+                "score": lambda booster, rows: usecase_model.predict(self.uc, booster, rows)}
+
     def metric(self, y, scores) -> float:
         if self.metric_name == "pr_auc":
             return float(average_precision_score(y, scores))
         return super().metric(y, scores)
-
-    def emit(self, day: int, kind: str, detail: str) -> None:
-        self.events.append(Event(day, kind, detail))
 
     # --- training, as the use case's retrain job does it ----------------------------------------
     def train(self, day: int, episode: loop.Episode | None) -> Model | None:
@@ -172,10 +165,6 @@ class UseCaseReplay(ReplayOutcomes):
         return not failed
 
     # --- the log and what monitoring reads --------------------------------------------------------
-    def logged(self, role: str, version: str) -> pd.DataFrame:
-        rows = [f for f in self.log if f["role"].iat[0] == role and f["model_version"].iat[0] == version]
-        return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-
     def analysis(self, version: str, day: int, window_days: int, early_after_days: int | None = None) -> pd.DataFrame:
         """``usecase_analysis_frame``'s rows: the version's logged champion predictions of the window,
         labelled once mature (``prediction_time + horizon``), early labels too with
@@ -195,74 +184,6 @@ class UseCaseReplay(ReplayOutcomes):
         rows[self.label] = label
         return rows.drop(columns=["role", "model_version"]).reset_index(drop=True)
 
-    # --- one day --------------------------------------------------------------------------------
-    def day(self, d: int) -> None:
-        now = self.origin + pd.Timedelta(days=d)
-        name = self.uc.name
-        self.shadow(d, now)  # the shadow comparison and promotion come first in the daily cycle
-        champion = self.champion
-        v = champion.version
-        analysis = self.analysis(v, d, self.policy.analysis_window_days)
-        action = "none"
-        if not analysis.empty:
-            floor = loop.decay_floor(self.con, name, v, champion.monitor.own_bound)
-            _, everything, decay = monitoring_step(champion.monitor, analysis, self.stored.get(v, pd.DataFrame()),
-                                                   self.raised.setdefault(v, set()), floor[0], self.policy)
-            self.stored[v] = everything
-            self.raised[v] |= {(a["metric"], a["chunk"]) for a in decay}
-            outcome = loop.after_monitoring(
-                self.con, name, everything, decay, now=now, champion_version=v, floor=floor,
-                challenger_in_shadow=self.challenger is not None, labels_through=now - self.horizon,
-                rules=self.rules, realized_metric=champion.monitor.realized_metric,
-                higher_is_better=champion.monitor.higher_is_better)
-            for alert in decay:
-                self.emit(d, "decay alert", f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
-                                            f"(chunk {alert['chunk']}, v{v})")
-            if outcome["restored"] is not None:
-                self.emit(d, "restored", f"episode {outcome['restored']}")
-            action = outcome["action"]
-            if action in ("retrain", "escalate"):
-                self.emit(d, f"loop: {action}", outcome["reason"])
-        if action == "retrain":
-            model = self.train(d, loop.active_episode(self.con, name))
-            if model is not None:
-                self.challenger = model
-                self.emit(d, "challenger", f"v{model.version} in shadow")
-        self.traffic(d, now)
-
-    def shadow(self, d: int, now: pd.Timestamp) -> None:
-        if self.challenger is None:
-            return
-        name = self.uc.name
-        champ, chall = self.champion, self.challenger
-        a, b = self.logged(CHAMPION, champ.version), self.logged(CHALLENGER, chall.version)
-        if a.empty or b.empty:
-            return
-        pairs = a[["prediction_id", "account_id", SCORE, "snapshot_version"]].merge(
-            b[["prediction_id", SCORE]], on="prediction_id", suffixes=("_champion", "_challenger")).rename(
-            columns={"score_champion": "champion_score", "score_challenger": "challenger_score"}).assign(
-            champion_latency_ms=1.0, challenger_latency_ms=1.0)
-        if len(pairs) < self.policy.shadow_min_predictions:
-            return
-        episode = loop.active_episode(self.con, name)
-        logged = self.analysis(champ.version, d, self.policy.analysis_window_days + self.uc.label.horizon_days,
-                               early_after_days=self.uc.label.early_after_days if episode is not None else None)
-        _, decision, reason = loop.decide_promotion(
-            pairs, logged, {champ.version: champ.reference, chall.version: chall.reference},
-            {champ.version: champ.booster, chall.version: chall.booster}, self.policy,
-            require_improvement=episode is not None, origin=now, spec=self.monitor_spec, metric=self.metric_spec,
-            score=lambda booster, rows: usecase_model.predict(self.uc, booster, rows))
-        if decision == "promote":
-            old_floor = loop.decay_floor(self.con, name, champ.version, champ.monitor.own_bound)[0]
-            loop.inherit_floor(self.con, name, chall.version, champ.version, chall.monitor.realized_metric,
-                               chall.monitor.own_bound, old_floor)
-            loop.on_promotion(self.con, name, now=now, new_version=chall.version)
-            self.champion, self.challenger = chall, None
-            self.emit(d, "promoted", f"v{champ.version} -> v{chall.version}: {reason}")
-        elif decision == "retire":
-            self.challenger = None
-            self.emit(d, "retired", f"v{chall.version}: {reason}")
-
     def traffic(self, d: int, now: pd.Timestamp) -> None:
         rows = self.traffic_rows.get(d)
         self.served[d] = self.champion.version
@@ -273,11 +194,6 @@ class UseCaseReplay(ReplayOutcomes):
             if model is not None:
                 self.log.append(rows.assign(**{SCORE: usecase_model.predict(self.uc, model.booster, rows)}, role=role,
                                             model_version=model.version))
-
-    def run(self) -> UseCaseReplay:
-        for d in range(self.start_day, self.end_day):
-            self.day(d)
-        return self
 
     # --- the ground truth (``ReplayOutcomes``) ------------------------------------------------------
     def eventual_labels(self, rows: pd.DataFrame) -> pd.Series:
