@@ -402,11 +402,11 @@ class ClosedLoopDemo:
                 time.sleep(0.5)
         self.pending_alerts.clear()
 
-    def manifest_entries(self, uc: DemoUseCase) -> dict:
-        """The serving manifest's entries of a use case, by tenant."""
+    def manifest_entries(self, uc: DemoUseCase, manifest: dict | None = None) -> dict:
+        """The serving manifest's entries of a use case, by tenant (``manifest``: one already read)."""
         from mlops.core.serving import read_manifest, serving_dir
 
-        manifest = read_manifest(serving_dir(self.root))
+        manifest = manifest or read_manifest(serving_dir(self.root))
         return manifest["tenants"] if uc.is_churn else manifest["use_cases"].get(uc.name, {}).get("tenants", {})
 
     def wait_until_served(self, timeout: float = 60.0) -> None:
@@ -414,8 +414,11 @@ class ClosedLoopDemo:
         (today's snapshot, its champion and challenger), read from the workers' status files: today's
         traffic is then scored from today's features on every run alike."""
         from mlops.core.monitoring import worker_statuses
+        from mlops.core.serving import read_manifest, serving_dir
 
-        want = {(uc.name, t): _served_entry(self.manifest_entries(uc)[t]) for uc in self.use_cases for t in self.tenants}
+        manifest = read_manifest(serving_dir(self.root))
+        want = {(uc.name, t): _served_entry(self.manifest_entries(uc, manifest)[t])
+                for uc in self.use_cases for t in self.tenants}
         deadline = time.monotonic() + timeout
         while True:
             workers = worker_statuses(self.root, fresh_within_s=10.0)
@@ -433,13 +436,14 @@ class ClosedLoopDemo:
         to closed log segments: tomorrow's ingestion then sees the whole day, on every run alike."""
         import pyarrow.parquet as pq
 
-        from mlops.core.serving import prediction_log_dir
+        from mlops.core.serving import prediction_log_dir, read_manifest, serving_dir
 
         deadline = time.monotonic() + timeout
+        manifest = read_manifest(serving_dir(self.root))
         for (tenant, name), n in sent.items():
             uc = DemoUseCase(name)
             expected = {CHAMPION: n}
-            if _served_entry(self.manifest_entries(uc)[tenant])["challenger"] is not None:
+            if _served_entry(self.manifest_entries(uc, manifest)[tenant])["challenger"] is not None:
                 expected[CHALLENGER] = n
             folder = prediction_log_dir(self.root, tenant, None if uc.is_churn else uc.name) / "closed"
             counted: dict[str, dict[str, int]] = {}

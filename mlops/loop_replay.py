@@ -103,6 +103,20 @@ class ReplayOutcomes:
     def promotion_kwargs(self) -> dict:
         return {}
 
+    def begin(self) -> None:
+        """The replay's state on ``start_day``: the loop's own tables (episodes, floors, in an in-memory
+        DuckDB as in the warehouse), an empty log and the first champion."""
+        self.con = duckdb.connect()
+        self.events: list[Event] = []
+        self.log: list[pd.DataFrame] = []
+        self.versions = 0
+        self.stored: dict[str, pd.DataFrame] = {}
+        self.raised: dict[str, set] = {}
+        self.served: dict[int, str] = {}
+        self.champion = self.train(self.start_day, episode=None)
+        self.challenger: Model | None = None
+        self.emit(self.start_day, "built", f"champion v{self.champion.version}")
+
     def emit(self, day: int, kind: str, detail: str) -> None:
         self.events.append(Event(day, kind, detail))
 
@@ -256,16 +270,7 @@ class LoopReplay(ReplayOutcomes):
         self.churned_at = self.world.execute(
             "SELECT account_id, min(churned_at) AS churned_at FROM raw_churn_events GROUP BY 1").df().set_index(
             "account_id")["churned_at"]
-        self.con = duckdb.connect()  # the loop's own tables (episodes, floors), as in the warehouse
-        self.events: list[Event] = []
-        self.log: list[pd.DataFrame] = []
-        self.versions = 0
-        self.stored: dict[str, pd.DataFrame] = {}
-        self.raised: dict[str, set] = {}
-        self.served: dict[int, str] = {}
-        self.champion = self.train(start_day, episode=None)
-        self.challenger: Model | None = None
-        self.emit(start_day, "built", f"champion v{self.champion.version}")
+        self.begin()
 
     # --- training, as the retraining job does it -------------------------------------------------
     def train(self, day: int, episode: loop.Episode | None) -> Model | None:

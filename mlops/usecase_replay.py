@@ -37,7 +37,7 @@ from mlops.core.monitoring import SCORE, TIMESTAMP, MonitorSpec, TenantMonitor
 from mlops.core.names import CHALLENGER, CHAMPION
 from mlops.core.shadow import PR_AUC, promotion_metric
 from mlops.core.usecase import UseCase
-from mlops.loop_replay import Event, Model, ReplayOutcomes
+from mlops.loop_replay import Model, ReplayOutcomes
 from resources.monitoring import MonitoringPolicy
 from resources.tenants import TenantSpec
 
@@ -89,16 +89,7 @@ class UseCaseReplay(ReplayOutcomes):
         day = ((rows["prediction_time"] - self.origin) // pd.Timedelta(days=1)).astype(int)
         self.traffic_rows = {int(d): part.drop(columns=[self.label]).reset_index(drop=True)
                              for d, part in rows[(day >= start_day) & (day < end_day)].groupby(day)}
-        self.con = duckdb.connect()  # the loop's own tables (episodes, floors), as in the warehouse
-        self.events: list[Event] = []
-        self.log: list[pd.DataFrame] = []
-        self.versions = 0
-        self.stored: dict[str, pd.DataFrame] = {}
-        self.raised: dict[str, set] = {}
-        self.served: dict[int, str] = {}
-        self.champion = self.train(start_day, episode=None)
-        self.challenger: Model | None = None
-        self.emit(start_day, "built", f"champion v{self.champion.version}")
+        self.begin()
 
     def _known_from(self, world, rows: pd.DataFrame, first: int, last: int) -> pd.Series:
         """The clock (a midnight) from which each eventual positive is known: the labels SQL run as of

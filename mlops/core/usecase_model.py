@@ -141,8 +141,8 @@ def fit_for_episode(uc: UseCase, training: pd.DataFrame, early: pd.DataFrame | N
         if max_ece is not None and ece > float(max_ece):
             return f"ECE {ece:.3f} > {max_ece}"
         floor = limits["min_pr_auc"]
-        if floor is not None and np.sum(y) and average_precision_score(y, scores) < float(floor):
-            return f"PR AUC {average_precision_score(y, scores):.3f} < {floor}"
+        if floor is not None and np.sum(y) and (pr_auc := average_precision_score(y, scores)) < float(floor):
+            return f"PR AUC {pr_auc:.3f} < {floor}"
         return None
 
     return retrain_for_episode(
