@@ -94,9 +94,10 @@ def build_decay_sensor(name: str, monitoring_asset: dg.AssetKey, job, run_key_pr
     @dg.asset_sensor(name=name, asset_key=monitoring_asset, job=job, minimum_interval_seconds=2,
                      default_status=dg.DefaultSensorStatus.RUNNING)
     def decay_sensor(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry):
-        """Asset sensor on the monitoring asset (every tenant partition): a materialization whose
-        decay alert the closed loop answered with ``retrain`` (``loop_action``; ``mlops.core.loop``
-        decides: retrain, hold for the shadow or for new labels, or escalate to a person) launches
+        """Asset sensor on the monitoring asset (every tenant partition): a materialization on which
+        the closed loop decided ``retrain`` (``loop_action``, on a new decay alert or an open
+        episode's standing one; ``mlops.core.loop`` decides: retrain, hold for the shadow or for new
+        labels, or escalate to a person) launches
         the retraining job for that tenant only. The run key names the episode and the retrain
         (``loop_run_key``), so each decision launches one run, however often the sensor sees it;
         a run whose worker crashed is re-executed once by Dagster (``DECISION_RUN_RETRY``).
@@ -120,11 +121,12 @@ def build_decay_sensor(name: str, monitoring_asset: dg.AssetKey, job, run_key_pr
             materialization = record.asset_materialization
             metadata = materialization.metadata
             decay = metadata.get("decay_alert")
-            if decay is None or not decay.value:
+            action = metadata["loop_action"].value if "loop_action" in metadata else "none"
+            # A retrain can be due without a new alert (an open episode's first retrain stands).
+            if (decay is None or not decay.value) and action != "retrain":
                 continue
             tenant = materialization.partition
             version = str(metadata["model_version"].value)
-            action = metadata["loop_action"].value if "loop_action" in metadata else "none"
             if action != "retrain":
                 reason = metadata["loop_reason"].value if "loop_reason" in metadata else "no loop decision recorded"
                 notes.append(f"{tenant}: decay alert on v{version}, loop action {action!r}: {reason}")

@@ -252,7 +252,7 @@ def _day_events(uc: DemoUseCase, result, outcome: dict) -> None:
         mat = event.step_materialization_data.materialization
         meta = {k: v.value for k, v in mat.metadata.items()}
         key = uc.local(mat.asset_key.to_user_string())
-        if key == "model_monitoring" and meta.get("decay_alert"):
+        if key == "model_monitoring" and (meta.get("decay_alert") or meta.get("loop_action") == "retrain"):
             outcome["alert_storage_ids"][uc.name] = None
             action, episode = meta.get("loop_action"), meta.get("loop_episode")
             # The timeline shows an episode's first alert (the others come daily) and what the loop did.

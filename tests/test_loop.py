@@ -70,6 +70,27 @@ def test_the_first_retrain_waits_for_labels_after_the_change_and_a_newer_one_sup
     assert again.action == "retrain" and "supersedes the challenger in shadow" in again.reason
 
 
+def test_the_first_retrain_is_due_on_its_day_though_no_new_alert_comes(con):
+    """Fraud's daily chunks are noisy: the run of alerting chunks that opened the episode can break
+    during the week of waiting. The episode's alert stands; its first retrain is launched on time."""
+    rules = loop.LoopRules(max_retrains=2, first_retrain_after_days=7, retrain_min_new_label_days=7)
+
+    def run(day: int, alerts: list[dict]) -> dict:
+        now = DAY0 + pd.Timedelta(days=day)
+        return loop.after_monitoring(con, "churn", _results([0.70]), alerts, now=now, champion_version="1",
+                                     floor=(0.76, "v1 reference"), challenger_in_shadow=False,
+                                     labels_through=now - pd.Timedelta(days=30), rules=rules,
+                                     realized_metric="realized_roc_auc")
+
+    assert run(0, [ALERT])["action"] == "hold"
+    assert run(3, [])["action"] == "none"  # nothing new, and the week is not over
+    due = run(7, [])
+    assert (due["action"], due["episode"], due["run_key"]) == ("retrain", 1, "e1.r1")
+    assert due["reason"].startswith("no new alert; episode 1's alert stands: retrain 1 of at most 2")
+    assert run(8, [])["action"] == "none"  # only the first retrain stands; later ones need new alerts
+    assert run(14, [])["action"] == "none"
+
+
 def test_the_floor_does_not_fall_with_a_worse_model(con):
     # v2 (own floor 0.70) replaces v1 (floor 0.76): it inherits 0.76.
     assert loop.inherit_floor(con, "churn", "2", "1", "realized_roc_auc", 0.70, 0.76) == (0.76, "inherited from v1")

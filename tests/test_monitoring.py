@@ -289,17 +289,48 @@ def test_a_realized_decay_alert_must_be_beyond_the_noise_of_its_accounts():
     assert not noise and upper > 0.81
     assert evidence(9000, 1.05)[0]  # ROC AUC 0.744 over ten times the accounts
     assert evidence(900, 0.0)[0]  # at chance
-    label_free = {"metric": "estimated_roc_auc", "consecutive_chunks": 3}
-    assert decay_evidence(SimpleNamespace(spec=CHURN_SPEC), pd.DataFrame(), pd.DataFrame(), label_free,
-                          bound=0.81, confidence=0.99) == (True, None)
+
+
+def test_a_label_free_alert_needs_enough_expected_positives_to_be_beyond_the_noise():
+    """A label-free (CBPE-estimated) alert is judged on what the realized metric would be if the
+    calibrated probabilities hold: 1,800 payments of a week that expect 0.6 frauds in all (a small
+    tenant's fraud) cannot carry an alert on a 0.59 PR AUC floor, however low the point estimate;
+    ten times the payments at ten times the rate, with a model barely above chance, can."""
+    from types import SimpleNamespace
+
+    from mlops.core.monitoring import CHURN_SPEC, decay_evidence
+
+    monitor = SimpleNamespace(spec=CHURN_SPEC, estimator=SimpleNamespace(needs_calibration=False, calibrator=None))
+
+    def evidence(n_rows: int, mean_rate: float, spread: float, metric: str, bound: float):
+        rng = np.random.default_rng(5)
+        days = pd.date_range("2026-03-01", periods=7)
+        proba = np.clip(mean_rate * np.exp(spread * rng.normal(size=n_rows)) / np.exp(spread**2 / 2), 0, 1)
+        analysis = pd.DataFrame({"account_id": np.arange(n_rows), TIMESTAMP: days[np.arange(n_rows) % 7],
+                                 CHURN_SPEC.target: np.nan, "score": proba})
+        results = pd.DataFrame({"metric": metric, "value": 0.02, "chunk_start": days,
+                                "chunk_end": days + pd.Timedelta(days=1) - pd.Timedelta(microseconds=1)})
+        alert = {"metric": metric, "consecutive_chunks": 7}
+        return decay_evidence(monitor, analysis, results, alert, bound=bound, confidence=0.99)
+
+    rare, upper = evidence(1800, 0.6 / 1800, 1.0, "estimated_average_precision", bound=0.59)
+    assert not rare and upper > 0.59
+    assert evidence(18000, 60 / 18000, 0.3, "estimated_average_precision", bound=0.59)[0]
+    # churn's ROC AUC: a model whose calibrated probabilities barely separate is under a 0.81 floor
+    significant, upper = evidence(2700, 0.05, 0.2, "estimated_roc_auc", bound=0.81)
+    assert significant and upper < 0.81
+    # ...and one that separates well is not
+    assert not evidence(2700, 0.05, 2.0, "estimated_roc_auc", bound=0.81)[0]
 
 
 # --- the retraining sensor ---------------------------------------------------------------------
-def _report(instance, tenant: str, version: str, decay: bool, action: str = "retrain", run_key: str = "e1.r1") -> int:
-    """A monitoring result for one tenant and the loop's decision on it; returns its storage id."""
+def _report(instance, tenant: str, version: str, decay: bool, action: str = "retrain", run_key: str = "e1.r1",
+            standing: bool = False) -> int:
+    """A monitoring result for one tenant and the loop's decision on it (``standing``: a decision
+    without a new alert, an open episode's due first retrain); returns its storage id."""
     metadata = {"decay_alert": decay, "model_version": version,
                 "decay_alerts": dg.MetadataValue.json([{"metric": "realized_roc_auc"}] if decay else [])}
-    if decay:
+    if decay or standing:
         metadata |= {"loop_action": action, "loop_reason": f"the loop said {action}", "loop_run_key": run_key}
     instance.report_runless_asset_event(dg.AssetMaterialization(
         asset_key="model_monitoring", partition=tenant, metadata=metadata))
@@ -363,11 +394,17 @@ def test_decay_sensor_retrains_only_what_the_loop_decided_once_per_decision(eval
         third = evaluate(instance, second.cursor)
         assert [r.run_key for r in third.run_requests] == ["decay:b:e1.r1"]
 
+        # An open episode's first retrain falls due on a day without a new alert: it is launched too.
+        _report(instance, "b", "1", decay=False, run_key="e2.r1", standing=True)
+        due = evaluate(instance, third.cursor)
+        assert [r.run_key for r in due.run_requests] == ["decay:b:e2.r1"]
+
         # The run key is the decision: replaying every event launches each decided retrain once
         # (Dagster drops run requests whose key it has seen), a second retrain of the episode apart.
         _report(instance, "a", "3", decay=True, run_key="e1.r2")
         again = evaluate(instance, None)
-        assert sorted(r.run_key for r in again.run_requests) == ["decay:a:e1.r1", "decay:a:e1.r2", "decay:b:e1.r1"]
+        assert sorted(r.run_key for r in again.run_requests) == ["decay:a:e1.r1", "decay:a:e1.r2", "decay:b:e1.r1",
+                                                                 "decay:b:e2.r1"]
 
 
 def test_decay_sensor_sees_every_alert_between_two_ticks(evaluate):

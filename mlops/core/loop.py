@@ -10,7 +10,10 @@ serving champion's realized performance is back at or above the episode's floor 
   promoted during the episode inherits it (``inherit_floor``): a bad promotion cannot lower the bar,
   and a permanently degraded feature keeps alerting;
 - **the first retrain** waits ``first_retrain_after_days`` after the alert: the labels that saw the
-  change (early ones included: a churn that already happened is known) are what it learns from;
+  change (early ones included: a churn that already happened is known) are what it learns from. It
+  is due on that day whether or not a new alert comes that day: the episode's alert stands until
+  the floor is restored (a rare positive class's daily chunks are noisy, and one chunk back over
+  the floor by chance must not cancel a retrain that the evidence already called for);
 - **another retrain** follows once ``retrain_min_new_label_days`` more days of labels have come in,
   if the episode is still alerting; its challenger supersedes one still waiting in shadow for
   evidence (a retrain that cannot beat the champion yet is tried again on more evidence, never
@@ -317,17 +320,28 @@ def after_monitoring(con, use_case: str, results: pd.DataFrame, new_alerts: list
                               higher_is_better=higher_is_better)
     out = {"action": "none", "reason": "no new decay alert", "episode": None, "run_key": None,
            "restored": restored.episode if restored is not None else None}
-    if new_alerts:
+    alert = new_alerts[0] if new_alerts else _due_first_retrain(con, use_case, now, rules)
+    if alert is not None:
         from mlops.core.monitoring import onset_estimate
 
-        alert = new_alerts[0]
         decision = on_decay_alert(con, use_case, alert, now=now, champion_version=champion_version, floor=floor,
                                   challenger_in_shadow=challenger_in_shadow, labels_through=labels_through,
                                   rules=rules, onset_estimate=onset_estimate(results, alert["metric"]))
         episode = decision.episode
-        out |= {"action": decision.action, "reason": decision.reason, "episode": episode.episode,
+        standing = f"no new alert; episode {episode.episode}'s alert stands: " if alert.get("standing") else ""
+        out |= {"action": decision.action, "reason": standing + decision.reason, "episode": episode.episode,
                 "run_key": f"e{episode.episode}.r{episode.retrains}"}
     return out
+
+
+def _due_first_retrain(con, use_case: str, now, rules: LoopRules) -> dict | None:
+    """The standing alert of an open episode whose first retrain is due (``first_retrain_after_days``
+    have passed since it opened) when no new alert came: the alert that opened it."""
+    episode = active_episode(con, use_case)
+    if (episode is None or episode.status != OPEN or episode.retrains
+            or (pd.Timestamp(now) - episode.opened_at).days < rules.first_retrain_after_days):
+        return None
+    return {**json.loads(episode.evidence)["first_alert"], "standing": True}
 
 
 def loop_metadata(loop: dict) -> dict[str, str]:

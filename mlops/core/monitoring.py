@@ -607,23 +607,29 @@ def monitoring_step(monitor: TenantMonitor, analysis: pd.DataFrame, stored: pd.D
 
 def decay_evidence(monitor: TenantMonitor, analysis: pd.DataFrame, results: pd.DataFrame, alert: dict,
                    bound: float, confidence: float, n_boot: int = 400) -> tuple[bool, float | None]:
-    """Whether a realized decay alert is beyond the noise: the realized metric pooled over the
-    alert's consecutive chunks, with an interval from a bootstrap clustered by entity (an account is
-    scored every day and its one label window covers many daily chunks, so consecutive chunks share
-    most of their positives and are nearly one observation), must lie wholly on the wrong side of
-    ``bound`` at ``confidence`` (one-sided). Returns (significant, the interval's bound nearest the
-    floor). Label-free estimates and problem types other than binary are not re-judged."""
+    """Whether a decay alert is beyond the noise, judged on the alert's consecutive chunks pooled
+    as one: the interval's bound nearest the floor (one-sided, at ``confidence``) must lie under
+    ``bound``. Binary problems only; the others are not re-judged. Returns (significant, that bound).
+
+    - A realized alert: the realized metric with an interval from a bootstrap clustered by entity
+      (an account is scored every day and its one label window covers many daily chunks, so
+      consecutive chunks share most of their positives and are nearly one observation).
+    - A label-free (estimated) alert: what the realized metric would be if the model's calibrated
+      probabilities (CBPE's calibrator) hold, CBPE's own premise: labels are drawn from them, one
+      uniform per entity, and the metric of each draw gives the interval. A draw with a single
+      class has no metric and counts as no evidence, so a pool that expects too few positives to
+      measure (a small tenant's rare fraud) cannot alert on the estimate alone."""
     metric = alert["metric"]
-    if monitor.spec.problem_type != "binary" or not metric.startswith("realized_"):
+    if monitor.spec.problem_type != "binary" or not metric.startswith(("realized_", "estimated_")):
         return True, None
     rows = results[(results["metric"] == metric) & results["value"].notna()].sort_values("chunk_start")
     newest = rows.tail(int(alert.get("consecutive_chunks", 1)))
     start, end = pd.Timestamp(newest["chunk_start"].min()), pd.Timestamp(newest["chunk_end"].max())
     stamps = pd.to_datetime(analysis[TIMESTAMP])
     target = monitor.spec.target
-    pooled = analysis[(stamps >= start) & (stamps <= end) & analysis[target].notna()]
-    y, score = pooled[target].to_numpy(dtype=float), pooled[SCORE].to_numpy(dtype=float)
-    if len(pooled) == 0 or len(np.unique(y)) < 2:
+    estimated = metric.startswith("estimated_")
+    pooled = analysis[(stamps >= start) & (stamps <= end) & (True if estimated else analysis[target].notna())]
+    if len(pooled) == 0:
         return True, None
     groups = pooled["account_id"].to_numpy() if "account_id" in pooled else np.arange(len(pooled))
     _, cluster = np.unique(groups, return_inverse=True)
@@ -631,6 +637,12 @@ def decay_evidence(monitor: TenantMonitor, analysis: pd.DataFrame, results: pd.D
 
     measure = metrics.average_precision_score if metric.endswith("average_precision") else metrics.roc_auc_score
     rng = np.random.default_rng(0)
+    if estimated:
+        return _estimated_evidence(monitor, pooled[SCORE].to_numpy(dtype=float), cluster, measure, rng,
+                                   bound, confidence, n_boot)
+    y, score = pooled[target].to_numpy(dtype=float), pooled[SCORE].to_numpy(dtype=float)
+    if len(np.unique(y)) < 2:
+        return True, None
     values = []
     for _ in range(n_boot):
         weights = rng.multinomial(cluster.max() + 1, np.full(cluster.max() + 1, 1 / (cluster.max() + 1)))[cluster]
@@ -641,6 +653,20 @@ def decay_evidence(monitor: TenantMonitor, analysis: pd.DataFrame, results: pd.D
     if not values:
         return True, None
     upper = float(np.quantile(values, confidence))
+    return upper < bound, upper
+
+
+def _estimated_evidence(monitor: TenantMonitor, score: np.ndarray, cluster: np.ndarray, measure, rng,
+                        bound: float, confidence: float, n_boot: int) -> tuple[bool, float]:
+    """``decay_evidence`` of a label-free alert: labels drawn from the calibrated probabilities."""
+    estimator = monitor.estimator
+    proba = np.clip(estimator.calibrator.calibrate(score) if estimator.needs_calibration else score, 0.0, 1.0)
+    values = np.full(n_boot, np.inf)  # a draw without both classes is no evidence of decay
+    for i in range(n_boot):
+        y = (rng.random(cluster.max() + 1)[cluster] < proba).astype(int)
+        if 0 < y.sum() < len(y):
+            values[i] = measure(y, score)
+    upper = float(np.quantile(values, confidence, method="higher"))  # an order statistic: inf stays inf
     return upper < bound, upper
 
 
