@@ -129,6 +129,8 @@ MAX_BODY_BYTES = int(_setting("MLOPS_MAX_BODY_BYTES", 1 << 20))
 MAX_BATCH_BODY_BYTES = int(_setting("MLOPS_MAX_BATCH_BODY_BYTES", 16 << 20))
 RATE_LIMIT_PER_S = _setting("MLOPS_RATE_LIMIT_PER_S", 0.0)
 RATE_LIMIT_BURST = _setting("MLOPS_RATE_LIMIT_BURST", 0.0) or max(1.0, RATE_LIMIT_PER_S)
+# How old a prediction-log segment gets before it is closed (ingestible); at least 0.05 s.
+LOG_SEGMENT_SECONDS = max(0.05, _setting("MLOPS_LOG_SEGMENT_SECONDS", 1.0))
 METRICS_TOKEN = os.environ.get("MLOPS_METRICS_TOKEN", "")
 # Batches at least this large are scored on a thread of their own, so the event loop keeps serving.
 OFFLOAD_ROWS = 64
@@ -543,9 +545,10 @@ class ChurnService:
     def __init__(self) -> None:
         self.home = configure_environment()
         self.folder = serving_dir(self.home)
-        # Segments rotate once a second, written by the writer's own thread, never by a request.
-        # Each record is journaled before the response (MLOPS_LOG_FSYNC: none|interval|always).
-        self.log_writer = PredictionLogWriter(self.home, max_rows=200_000, max_age_s=1.0,
+        # Segments rotate once a second (MLOPS_LOG_SEGMENT_SECONDS), written by the writer's own
+        # thread, never by a request. Each record is journaled before the response (MLOPS_LOG_FSYNC:
+        # none|interval|always).
+        self.log_writer = PredictionLogWriter(self.home, max_rows=200_000, max_age_s=LOG_SEGMENT_SECONDS,
                                               on_failure=lambda stage: LOG_WRITE_FAILURES.labels(stage).inc())
         self._shadow_items: list[_ShadowItem] = []  # for the shadow thread
         self._loop_shadow_items: list[_ShadowItem] = []  # for the event loop (single predictions)

@@ -213,7 +213,7 @@ def _worker_build(tenant: str, use_cases: tuple[str, ...]) -> dict:
 def _worker_day(tenant: str, day: int, use_cases: tuple[str, ...]) -> dict:
     """One tenant's daily cycles (one per use case) for one simulated day; returns what the timeline
     should show, which use cases promoted or were restored, and the monitoring materializations
-    whose decay alert a sensor must handle before the day goes on."""
+    whose retrain decision the decay sensor must handle before the day goes on."""
     defs, instance = _WORKER["defs"], _WORKER["instance"]
     defs.resources["catalog"].set_today(tenant, day)
     outcome: dict = {"events": [], "promoted": [], "restored": [], "alert_storage_ids": {}}
@@ -253,8 +253,9 @@ def _day_events(uc: DemoUseCase, result, outcome: dict) -> None:
         meta = {k: v.value for k, v in mat.metadata.items()}
         key = uc.local(mat.asset_key.to_user_string())
         if key == "model_monitoring" and (meta.get("decay_alert") or meta.get("loop_action") == "retrain"):
-            outcome["alert_storage_ids"][uc.name] = None
             action, episode = meta.get("loop_action"), meta.get("loop_episode")
+            if action == "retrain":  # the one decision the decay sensor acts on: the day waits for it
+                outcome["alert_storage_ids"][uc.name] = None
             # The timeline shows an episode's first alert (the others come daily) and what the loop did.
             for alert in meta.get("decay_alerts", [])[:1]:
                 events.append((uc.name, "decay alert",
@@ -463,7 +464,9 @@ class ClosedLoopDemo:
     def start_processes(self) -> None:
         env = {**os.environ, "MLOPS_HOME": str(self.root), "DAGSTER_HOME": str(self.settings.dagster_home),
                # The demo's traffic is one batch per tenant and day: shadow every batch, not a sample.
-               "CHURN_SHADOW_BATCH_SAMPLE": "1", "CHURN_SERVICE_WORKERS": str(SERVICE_WORKERS)}
+               "CHURN_SHADOW_BATCH_SAMPLE": "1", "CHURN_SERVICE_WORKERS": str(SERVICE_WORKERS),
+               # Each simulated day waits for its traffic's log segments to close: close them soon.
+               "MLOPS_LOG_SEGMENT_SECONDS": os.environ.get("MLOPS_LOG_SEGMENT_SECONDS", "0.2")}
         logs = HomeLayout(self.root).logs_dir
         logs.mkdir(exist_ok=True)
         bin_dir = Path(sys.executable).parent
