@@ -60,6 +60,7 @@ from mlops.core.monitoring import (
     reference_frame,
     store_report,
     usecase_analysis_frame,
+    usecase_reference_frame,
 )
 from mlops.core.names import CHALLENGER, CHAMPION
 from mlops.core.prediction_log import (
@@ -444,7 +445,7 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
         spec = MonitorSpec.of(uc)
         with warehouse.connect(tenant) as con:
             monitors = {v: load_or_fit(settings.root, tenant, v, monitoring_policy,
-                                       lambda v=v: reference_frame(con, v, use_case=name), spec)[0]
+                                       lambda v=v: usecase_reference_frame(con, uc, v), spec)[0]
                         for v in (old_v, new_v)}
             old_floor = decay_floor(con, name, old_v, monitors[old_v].own_bound)[0]
         entry = promote_usecase_challenger(
@@ -478,9 +479,10 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
         with warehouse.connect(tenant) as con:
             origin = usecase_store.clock(con, uc)
             analysis = usecase_analysis_frame(con, uc, online_dir(settings, catalog, uc, tenant), version,
-                                              monitoring_policy.analysis_window_days, origin)
+                                              monitoring_policy.analysis_window_days, origin,
+                                              realized_after_days=spec.realized_after_days or None)
             monitor, fitted = load_or_fit(settings.root, tenant, version, monitoring_policy,
-                                          lambda: reference_frame(con, version, use_case=name), spec)
+                                          lambda: usecase_reference_frame(con, uc, version), spec)
             stored = read_monitoring_results(con, version, use_case=name)
             raised = set(read_monitoring_alerts(con, version, use_case=name)[["metric", "chunk_key"]]
                          .itertuples(index=False, name=None))

@@ -103,6 +103,10 @@ class ReplayOutcomes:
     def promotion_kwargs(self) -> dict:
         return {}
 
+    def monitoring_analysis(self, version: str, day: int, window_days: int) -> pd.DataFrame:
+        """What the daily monitoring run reads (``analysis`` unless a replay labels it otherwise)."""
+        return self.analysis(version, day, window_days)
+
     def begin(self) -> None:
         """The replay's state on ``start_day``: the loop's own tables (episodes, floors, in an in-memory
         DuckDB as in the warehouse), an empty log and the first champion."""
@@ -135,7 +139,7 @@ class ReplayOutcomes:
         self.shadow(d, now)  # the shadow comparison and promotion come first in the daily cycle
         champion = self.champion
         v = champion.version
-        analysis = self.analysis(v, d, self.policy.analysis_window_days)
+        analysis = self.monitoring_analysis(v, d, self.policy.analysis_window_days)
         action = "none"
         if not analysis.empty:
             floor = loop.decay_floor(self.con, name, v, champion.monitor.own_bound)

@@ -135,8 +135,14 @@ class UseCaseReplay(ReplayOutcomes):
             split, booster, scores = retrained.split, retrained.booster, retrained.holdout_scores
             self.emit(day, "training", f"{retrained.candidate.name}; {retrained.early_rows} early label rows "
                                        f"({int(early[self.label].sum())} positive); {retrained.comparison}")
+        reference = split.holdout.assign(**{SCORE: scores})
+        after = self.monitor_spec.realized_after_days
+        if after:  # labelled as monitoring will label what the version scores (usecase_reference_frame)
+            reference[self.label] = usecase_store.censored_labels(
+                built, uc, reference[uc.entity.key], reference["prediction_time"], after, usecase_store.clock(built, uc))
+            reference = reference[reference[self.label].notna()]
         built.close()
-        reference = split.holdout.assign(**{SCORE: scores}).rename(columns={"prediction_time": TIMESTAMP})
+        reference = reference.rename(columns={"prediction_time": TIMESTAMP})
         if episode is not None and not self._gates_pass(day, split.holdout, scores, booster):
             return None
         self.versions += 1
@@ -174,6 +180,20 @@ class UseCaseReplay(ReplayOutcomes):
             label[early] = (reported[early].notna() & (reported[early] <= now)).astype(float)
         rows[self.label] = label
         return rows.drop(columns=["role", "model_version"]).reset_index(drop=True)
+
+    def monitoring_analysis(self, version: str, day: int, window_days: int) -> pd.DataFrame:
+        """With ``monitoring.realized_after_days`` (E), as ``usecase_analysis_frame`` gives monitoring:
+        every row's label as known E days after the midnight that starts its day, once that clock has
+        come (a positive is known from ``known_from``, the first midnight the labels SQL returns it)."""
+        rows = self.analysis(version, day, window_days)
+        after = self.monitor_spec.realized_after_days
+        if not after or rows.empty:
+            return rows
+        clock = rows["prediction_time"].dt.floor("D") + pd.Timedelta(days=after)
+        reported = rows["prediction_id"].map(self.known_from)
+        known = clock <= self.origin + pd.Timedelta(days=day)
+        rows[self.label] = np.where(known, (reported.notna() & (reported <= clock)).astype(float), np.nan)
+        return rows
 
     def traffic(self, d: int, now: pd.Timestamp) -> None:
         rows = self.traffic_rows.get(d)

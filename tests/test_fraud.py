@@ -263,6 +263,30 @@ def test_early_after_days_is_checked_against_the_horizon_and_the_problem_type(uc
         assert str(folder / "usecase.yaml") in str(failure.value)
 
 
+@pytest.mark.parametrize(("days", "message"), [
+    (46, "monitoring.realized_after_days 46 must be at most label.horizon_days 45"),
+    (0, "monitoring.realized_after_days 0 must be a whole number of days >= 1"),
+    (7.5, "monitoring.realized_after_days 7.5 must be a whole number"),
+    (True, "monitoring.realized_after_days True must be a whole number"),
+])
+def test_realized_after_days_is_checked(uc, tmp_path, days, message):
+    import shutil
+
+    import yaml
+
+    from mlops.core.monitoring import MonitorSpec
+    from mlops.core.usecase import UseCaseError
+
+    assert MonitorSpec.of(uc).realized_after_days == 14
+    folder = tmp_path / "fraud"
+    shutil.copytree(FOLDER, folder)
+    raw = yaml.safe_load((folder / "usecase.yaml").read_text())
+    raw["monitoring"]["realized_after_days"] = days
+    (folder / "usecase.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(UseCaseError, match=message):
+        load_usecase(folder)
+
+
 def test_the_analysis_frame_gives_early_labels_only_when_asked(uc, sim, tmp_path):
     """``usecase_analysis_frame(..., early_after_days=14)``: logged payments whose window has closed
     carry their label, those observed 14 days or more the label as known at the clock (the shadow
@@ -296,7 +320,25 @@ def test_the_analysis_frame_gives_early_labels_only_when_asked(uc, sim, tmp_path
         con.unregister("log_rows")
     plain = usecase_analysis_frame(con, uc, tmp_path, "1", 365, origin)
     early = usecase_analysis_frame(con, uc, tmp_path, "1", 365, origin, early_after_days=14)
+    censored = usecase_analysis_frame(con, uc, tmp_path, "1", 365, origin, realized_after_days=10)
+    # what the labels SQL said ten days after each payment's day, for three of the days
+    then = {day: st.labels_as_of(con, uc, pd.Timestamp("2026-04-01") + (day + 10) * DAY)
+            .set_index("payment_id")["is_fraud"] for day in (100, 112, 132)}
     con.close()
+    # Monitoring's censored label (monitoring.realized_after_days): fraud as known ten days after
+    # the payment's day, for every payment whose tenth day has come; none for the others.
+    assert list(censored.columns) == list(plain.columns) and len(censored) == len(plain)
+    censored_day = ((pd.to_datetime(censored[TIMESTAMP]) - pd.Timestamp("2026-04-01")) / DAY).astype(int)
+    assert censored.loc[censored_day >= 141, "is_fraud"].isna().all()
+    assert censored.loc[censored_day < 140, "is_fraud"].notna().all()
+    for day, known_then in then.items():
+        rows = censored[censored_day == day]
+        assert len(rows) > 20
+        assert (rows["is_fraud"].to_numpy() == rows["payment_id"].map(known_then).to_numpy()).all()
+    # known by the tenth day <= known by the clock: some frauds of days 112-130 came later
+    within = censored[(censored_day >= 112) & (censored_day <= 130)].set_index("prediction_id")["is_fraud"]
+    by_now = early.set_index("prediction_id").loc[within.index, "is_fraud"]
+    assert (within <= by_now).all() and 0 < within.sum() < by_now.sum()
     assert len(early) == len(plain) > 1000 and early["prediction_id"].is_unique
     age = (origin - pd.to_datetime(early[TIMESTAMP])) / DAY
     closed, young = age >= 50, age < 14
@@ -385,6 +427,23 @@ def test_the_fraud_pipeline_trains_gates_registers_and_publishes(uc, pipeline):
     assert [f["name"] for f in section["declaration"]["request_fields"]] == list(uc.request_field_names)
     snapshot = pd.read_parquet(pipeline["home"] / "serving" / section["tenants"][SPEC.name]["snapshot"]["file"])
     assert snapshot["account_id"].is_unique and len(snapshot) > 1000
+
+
+@pytest.mark.slow
+def test_the_monitoring_reference_is_labelled_as_monitoring_labels_what_the_model_scores(uc, pipeline):
+    """``usecase_reference_frame``: the champion's holdout, each payment's label as known 14 days
+    after its day (``monitoring.realized_after_days``), as the analysis frame labels the traffic."""
+    from mlops.core.monitoring import reference_frame, usecase_reference_frame
+
+    registry, warehouse = (pipeline["defs"].resources[k] for k in ("registry", "warehouse"))
+    version = str(registry.alias_version(SPEC.name, "champion", use_case="fraud").version)
+    with warehouse.connect(SPEC.name) as con:
+        final = reference_frame(con, version, use_case="fraud")
+        censored = usecase_reference_frame(con, uc, version)
+    assert len(censored) == len(final) > 1000  # every holdout payment is older than 14 days
+    assert (censored["payment_id"].to_numpy() == final["payment_id"].to_numpy()).all()
+    assert (censored["is_fraud"].to_numpy() <= final["is_fraud"].to_numpy()).all()
+    assert 0.6 * final["is_fraud"].sum() <= censored["is_fraud"].sum() <= final["is_fraud"].sum()
 
 
 @pytest.mark.slow

@@ -152,6 +152,10 @@ class MonitorSpec:
     # The metric the decay rule watches (the use case's ``monitoring.decay_metric``; binary:
     # "roc_auc" or "average_precision"); "" is the problem type's default (DECAY_METRICS).
     decay_on: str = ""
+    # Binary: realized performance on each prediction's label as known this many days after its day
+    # (the use case's ``monitoring.realized_after_days``; a censored label, the same rule for the
+    # reference), not on matured labels; 0: matured labels.
+    realized_after_days: int = 0
 
     def __post_init__(self):
         if self.problem_type not in _PERFORMANCE:
@@ -172,13 +176,14 @@ class MonitorSpec:
     def of(cls, usecase) -> MonitorSpec:
         """The spec of a declared use case (``mlops.core.usecase.UseCase``): its model's inputs
         (``ModelInputs.of``), its label column, problem type and classes, and the decay thresholds
-        its ``monitoring`` block overrides and its ``decay_metric`` (its other keys are the policy's
-        business)."""
+        its ``monitoring`` block overrides, its ``decay_metric`` and ``realized_after_days`` (its
+        other keys are the policy's business)."""
         inputs = ModelInputs.of(usecase)
         return cls(problem_type=usecase.problem_type, numeric=inputs.numeric, categorical=tuple(inputs.categorical),
                    target=usecase.label.column, classes=tuple(usecase.label.classes or ()),
                    overrides={k: v for k, v in usecase.monitoring.items() if k in DECAY_DEFAULTS},
-                   name=usecase.name, decay_on=usecase.monitoring.get("decay_metric") or "")
+                   name=usecase.name, decay_on=usecase.monitoring.get("decay_metric") or "",
+                   realized_after_days=int(usecase.monitoring.get("realized_after_days") or 0))
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -213,6 +218,8 @@ class MonitorSpec:
         fields, thresholds = asdict(self), decay_thresholds(policy, self.overrides)
         if not self.decay_on:  # a spec on its default metric keeps the name it had before decay_on existed
             del fields["decay_on"]
+        if not self.realized_after_days:  # likewise a spec on matured labels
+            del fields["realized_after_days"]
         if self.decay_metric != "average_precision":
             del thresholds["max_ap_drop"]
         payload = json.dumps({"format": MONITOR_FORMAT, **fields, "overrides": dict(self.overrides),
@@ -766,7 +773,7 @@ labels AS (
     ) l
 )
 SELECT p.prediction_id, p.score, p.account_id AS (KEY), s.* EXCLUDE (snapshot_version)(LFIELDS),
-       s.available_at AS timestamp,
+       s.available_at AS timestamp, l.label_time,
        CASE WHEN l.label_time + to_days(CAST($horizon_days AS INTEGER)) <= CAST($as_of AS TIMESTAMP)
             THEN l.label_value(EARLY_BRANCH) END AS (LABEL)
 FROM predictions p
@@ -777,7 +784,8 @@ WHERE s.available_at >= CAST($as_of AS TIMESTAMP) - INTERVAL (WINDOW) DAY
 
 
 def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_days: int, origin,
-                           role: str = CHAMPION, early_after_days: int | None = None) -> pd.DataFrame:
+                           role: str = CHAMPION, early_after_days: int | None = None,
+                           realized_after_days: int | None = None) -> pd.DataFrame:
     """``analysis_frame`` for a declared use case (``mlops.core.usecase.UseCase``): the logged
     predictions of one model version (table ``prediction_log_table(usecase.name)``, the entity key
     in ``account_id``) with the snapshot row each was scored from (the use case's online folder)
@@ -793,7 +801,11 @@ def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_
     With ``early_after_days`` (a binary use case's ``label.early_after_days``), rows whose snapshot
     row (``available_at``, as churn's) is that old but not yet mature get their label as known at
     ``origin`` (the labels SQL runs at it: a positive already reported is a known positive), as
-    ``analysis_frame``'s early labels: the evidence of an episode's shadow comparison."""
+    ``analysis_frame``'s early labels: the evidence of an episode's shadow comparison.
+
+    With ``realized_after_days`` (monitoring of a use case that declares it), every row's label is
+    instead its label as known that many days after its day, once that day has come
+    (``usecase_store.censored_labels``; ``usecase_reference_frame`` censors the reference alike)."""
     table = prediction_log_table(usecase.name)
     files = _logged_snapshot_files(con, table, online_dir, version, role)
     if not files:
@@ -815,12 +827,35 @@ def usecase_analysis_frame(con, usecase, online_dir: Path, version: str, window_
     if frame["prediction_id"].duplicated().any():
         raise ValueError(f"use case {usecase.name!r}: its labels SQL returns more than one label for an "
                          f"entity and prediction_time")
+    times = frame.pop("label_time") if lookup else frame[TIMESTAMP]
+    if realized_after_days:
+        from mlops.core import usecase_store
+
+        frame[usecase.label.column] = usecase_store.censored_labels(
+            con, usecase, frame[usecase.entity.key], times, realized_after_days, origin)
     return frame
 
 
 def reference_frame(con, version: str, use_case: str = "churn") -> pd.DataFrame:
     """The reference of a model version: its training holdout, with scores and labels."""
     return holdout_scores(con, version, use_case=use_case).rename(columns={"prediction_time": TIMESTAMP})
+
+
+def usecase_reference_frame(con, usecase, version: str) -> pd.DataFrame:
+    """``reference_frame`` of a declared use case's version; with ``monitoring.realized_after_days``
+    its labels are censored as the analysis frame's are (``usecase_store.censored_labels``): each
+    holdout row's label as known that many days after its day, so that the reference performance
+    and the floor are measured on the labels monitoring will compare them with."""
+    frame = reference_frame(con, version, use_case=usecase.name)
+    days = MonitorSpec.of(usecase).realized_after_days
+    if days and len(frame):
+        from mlops.core import usecase_store
+
+        frame[usecase.label.column] = usecase_store.censored_labels(
+            con, usecase, frame[usecase.entity.key], frame[TIMESTAMP], days, usecase_store.clock(con, usecase))
+        # An episode's retrain may hold out rows observed for fewer days (early labels): not comparable.
+        frame = frame[frame[usecase.label.column].notna()].reset_index(drop=True)
+    return frame
 
 
 # --- fitted monitors: once per model version ------------------------------------------------

@@ -203,6 +203,20 @@ DECAY_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _realized_after_problem(days, problem_type: str, horizon_days: int) -> str | None:
+    """What is wrong with ``monitoring.realized_after_days`` (None if nothing): realized performance
+    on each prediction's label as known that many days after its day (binary labels only: a positive
+    already reported is known), at most the label's horizon."""
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        return f"monitoring.realized_after_days {days!r} must be a whole number of days >= 1"
+    if problem_type != "binary":
+        return (f"monitoring.realized_after_days: early realized labels are for a binary label (a positive "
+                f"already reported is known); problem_type is {problem_type!r}")
+    if days > horizon_days:
+        return f"monitoring.realized_after_days {days} must be at most label.horizon_days {horizon_days}"
+    return None
+
+
 def decay_metric_problem(problem_type: str, metric: Any) -> str | None:
     """What is wrong with ``metric`` as the decay metric of a ``problem_type`` use case, or None."""
     choices = DECAY_METRICS.get(problem_type, ())
@@ -270,6 +284,11 @@ class UseCase(_Spec):
                              f"{self.problem_type!r}; use one of {_OBJECTIVES[self.problem_type]}")
         if "decay_metric" in self.monitoring:
             problem = decay_metric_problem(self.problem_type, self.monitoring["decay_metric"])
+            if problem:
+                raise ValueError(problem)
+        if "realized_after_days" in self.monitoring:
+            problem = _realized_after_problem(self.monitoring["realized_after_days"], self.problem_type,
+                                              self.label.horizon_days)
             if problem:
                 raise ValueError(problem)
         if self.problem_type == "multiclass" and not self.label.classes:

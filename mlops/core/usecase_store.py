@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from mlops.core.online import POINTER_FILE, compare_rows, publish_snapshot
@@ -226,15 +227,40 @@ def _labelled_set(con: duckdb.DuckDBPyConnection, uc: UseCase, table: str, keep:
     return con.execute(f"SELECT * FROM {_ident(table)} ORDER BY {PREDICTION_TIME}, {key}").df()  # noqa: S608
 
 
-def labels_as_of(con: duckdb.DuckDBPyConnection, uc: UseCase, as_of) -> pd.DataFrame:
+def labels_as_of(con: duckdb.DuckDBPyConnection, uc: UseCase, as_of, since=None, until=None) -> pd.DataFrame:
     """The entity key, ``prediction_time`` and the label as the labels SQL gives them at ``as_of``
-    (every row, matured or not): what was known of each label then."""
+    (every row, matured or not): what was known of each label then; only the rows predicted in
+    [``since``, ``until``) when given."""
     key, label = _ident(uc.entity.key), _ident(uc.label.column)
     sql = uc.labels_sql
     params = {"as_of": pd.Timestamp(as_of).to_pydatetime(), "horizon_days": int(uc.label.horizon_days)}
     query = (f"SELECT {key}, CAST({PREDICTION_TIME} AS TIMESTAMP) AS {PREDICTION_TIME}, {label} "  # noqa: S608
              f"FROM ({sql}\n) _labels")
+    if since is not None:
+        query = f"SELECT * FROM ({query}) _known WHERE {PREDICTION_TIME} >= $since AND {PREDICTION_TIME} < $until"  # noqa: S608
+        params |= {"since": pd.Timestamp(since).to_pydatetime(), "until": pd.Timestamp(until).to_pydatetime()}
     return con.execute(query, _bind(query, params)).df()
+
+
+def censored_labels(con: duckdb.DuckDBPyConnection, uc: UseCase, keys: pd.Series, times: pd.Series,
+                    after_days: int, origin) -> np.ndarray:
+    """Each prediction's label as known ``after_days`` after the midnight that starts its day
+    (``keys``: entity keys, ``times``: prediction times): the labels SQL run at that clock
+    (``labels_as_of``), e.g. fraud = a chargeback reported within two weeks. A censored label, but
+    one rule for a model's reference and for everything it scores later, so their realized
+    performance compares weeks before the labels mature. NaN where that clock is after ``origin``
+    (not known yet) or the labels SQL has no row for the prediction."""
+    days = pd.to_datetime(pd.Series(times).reset_index(drop=True)).dt.floor("D")
+    wanted = pd.DataFrame({"k": pd.Series(keys).astype(str).to_numpy(), "day": days,
+                           "clock": days + pd.Timedelta(days=int(after_days))})
+    out = np.full(len(wanted), np.nan)
+    key, label = uc.entity.key, uc.label.column
+    for clock, rows in wanted[wanted["clock"] <= pd.Timestamp(origin)].groupby("clock"):
+        day = clock - pd.Timedelta(days=int(after_days))
+        known = labels_as_of(con, uc, clock, since=day, until=day + pd.Timedelta(days=1))
+        found = dict(zip(known[key].astype(str), known[label].astype(float), strict=True))
+        out[rows.index.to_numpy()] = rows["k"].map(found).to_numpy(dtype=float)
+    return out
 
 
 def build_training_set(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFrame:
