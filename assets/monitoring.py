@@ -146,7 +146,8 @@ def model_monitoring(
             con, CHURN, everything, decay, now=data_clock(origin), champion_version=version, floor=floor,
             challenger_in_shadow=challenger is not None and str(challenger.version) != version,
             labels_through=data_clock(origin) - pd.Timedelta(days=LABEL_HORIZON_DAYS),
-            rules=LoopRules.of(monitoring_policy), realized_metric=monitor.realized_metric)
+            rules=LoopRules.of(monitoring_policy), realized_metric=monitor.realized_metric,
+            evidence_days=MIN_OBSERVED_DAYS)
     results = everything
     audit_loop(warehouse, tenant, f"{registered_model_name(tenant)}/{version}", report.decay, loop, context.log)
 

@@ -501,7 +501,7 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
                 challenger_in_shadow=challenger is not None and str(challenger.version) != version,
                 labels_through=data_clock(origin) - pd.Timedelta(days=uc.label.horizon_days),
                 rules=LoopRules.of(monitoring_policy), realized_metric=monitor.realized_metric,
-                higher_is_better=monitor.higher_is_better)
+                higher_is_better=monitor.higher_is_better, evidence_days=uc.label.early_after_days or 0)
         audit_loop(warehouse, tenant, f"{uc.registered_model_name(tenant)}/{version}", decay, loop, context.log)
         report = MonitoringReport(everything, monitor.reference_roc_auc, decay)
         return dg.MaterializeResult(metadata={

@@ -151,7 +151,7 @@ class ReplayOutcomes:
                 self.con, name, everything, decay, now=now, champion_version=v, floor=floor,
                 challenger_in_shadow=self.challenger is not None, labels_through=now - self.horizon,
                 rules=self.rules, realized_metric=champion.monitor.realized_metric,
-                higher_is_better=champion.monitor.higher_is_better)
+                higher_is_better=champion.monitor.higher_is_better, evidence_days=self.early_after_days or 0)
             for alert in decay:
                 self.emit(d, "decay alert", f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
                                             f"(chunk {alert['chunk']}, v{v})")

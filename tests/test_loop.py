@@ -70,6 +70,23 @@ def test_the_first_retrain_waits_for_labels_after_the_change_and_a_newer_one_sup
     assert again.action == "retrain" and "supersedes the challenger in shadow" in again.reason
 
 
+def test_a_challenger_is_not_superseded_before_its_evidence_could_be_labelled(con):
+    """Fraud's shadow evidence is early labels 14 days old: a second retrain a week after the first
+    would replace a challenger none of whose predictions could be judged yet."""
+    rules = loop.LoopRules(max_retrains=2, first_retrain_after_days=0, retrain_min_new_label_days=7)
+
+    def alert(day: int, shadow: bool) -> loop.Decision:
+        now = DAY0 + pd.Timedelta(days=day)
+        return loop.on_decay_alert(con, "fraud", ALERT, now=now, champion_version="1", floor=(0.76, "v1 reference"),
+                                   challenger_in_shadow=shadow, labels_through=now, rules=rules, evidence_days=14)
+
+    assert alert(0, shadow=False).action == "retrain"
+    held = alert(7, shadow=True)
+    assert held.action == "hold" and "has had 7 of the 14 day(s) its labelled evidence needs" in held.reason
+    again = alert(14, shadow=True)
+    assert again.action == "retrain" and "supersedes the challenger in shadow" in again.reason
+
+
 def test_the_first_retrain_is_due_on_its_day_though_no_new_alert_comes(con):
     """Fraud's daily chunks are noisy: the run of alerting chunks that opened the episode can break
     during the week of waiting. The episode's alert stands; its first retrain is launched on time."""

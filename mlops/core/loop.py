@@ -17,7 +17,9 @@ serving champion's realized performance is back at or above the episode's floor 
 - **another retrain** follows once ``retrain_min_new_label_days`` more days of labels have come in,
   if the episode is still alerting; its challenger supersedes one still waiting in shadow for
   evidence (a retrain that cannot beat the champion yet is tried again on more evidence, never
-  promoted);
+  promoted), but not before that one has shadowed for ``evidence_days`` (the age its labelled
+  evidence needs: the use case's early labels, 14 days for fraud): a challenger replaced before
+  any of its predictions could be labelled was never judged;
 - **after ``max_retrains`` retrains** that did not restore the floor (and once the last challenger
   left the shadow), the next alert *escalates* once: the episode stops retraining and an alert for a
   person carries the evidence.
@@ -197,7 +199,7 @@ def active_episode(con, use_case: str) -> Episode | None:
 
 def on_decay_alert(con, use_case: str, alert: Mapping, *, now, champion_version: str, floor: tuple[float, str],
                    challenger_in_shadow: bool, labels_through, rules: LoopRules,
-                   onset_estimate=None) -> Decision:
+                   onset_estimate=None, evidence_days: int = 0) -> Decision:
     """The loop's answer to a decay alert (``alert``: metric, chunk, value, threshold), saved: opens an
     episode if none is active, then decides whether to retrain, hold or escalate (module docstring)."""
     now, labels_through = pd.Timestamp(now), pd.Timestamp(labels_through)
@@ -227,6 +229,9 @@ def on_decay_alert(con, use_case: str, alert: Mapping, *, now, champion_version:
         decision = Decision("escalate", f"{episode.retrains} retrain(s) in episode {episode.episode} did not bring "
                                         f"{alert['metric']} back above the floor {episode.floor:.4f} (now "
                                         f"{float(alert['value']):.4f}): a person must look", episode)
+    elif challenger_in_shadow and since_retrain is not None and since_retrain < evidence_days:
+        decision = Decision("hold", f"the challenger in shadow has had {since_retrain} of the {evidence_days} day(s) "
+                                    f"its labelled evidence needs", episode)
     elif since_retrain is not None and since_retrain < rules.retrain_min_new_label_days:
         waiting = "a challenger is in shadow; " if challenger_in_shadow else ""
         decision = Decision("hold", f"{waiting}{since_retrain} day(s) of new labels since the last retrain; "
@@ -311,7 +316,8 @@ def data_clock(origin) -> pd.Timestamp:
 
 def after_monitoring(con, use_case: str, results: pd.DataFrame, new_alerts: list[dict], *, now,
                      champion_version: str, floor: tuple[float, str], challenger_in_shadow: bool,
-                     labels_through, rules: LoopRules, realized_metric: str, higher_is_better: bool = True) -> dict:
+                     labels_through, rules: LoopRules, realized_metric: str, higher_is_better: bool = True,
+                     evidence_days: int = 0) -> dict:
     """What a monitoring run means for the loop (caller's transaction): first whether the active
     episode is restored, then the decision on this run's new decay alerts (the first of them; one
     decision per run). Returns ``{action, reason, episode, run_key}`` for the run's metadata;
@@ -326,7 +332,8 @@ def after_monitoring(con, use_case: str, results: pd.DataFrame, new_alerts: list
 
         decision = on_decay_alert(con, use_case, alert, now=now, champion_version=champion_version, floor=floor,
                                   challenger_in_shadow=challenger_in_shadow, labels_through=labels_through,
-                                  rules=rules, onset_estimate=onset_estimate(results, alert["metric"]))
+                                  rules=rules, onset_estimate=onset_estimate(results, alert["metric"]),
+                                  evidence_days=evidence_days)
         episode = decision.episode
         standing = f"no new alert; episode {episode.episode}'s alert stands: " if alert.get("standing") else ""
         out |= {"action": decision.action, "reason": standing + decision.reason, "episode": episode.episode,
