@@ -85,7 +85,8 @@ WRITER_SCRIPT = textwrap.dedent("""
                 time.sleep(0.02)
     while block != "-" and not writer.failures["segment"]:
         time.sleep(0.02)  # the backlog has met the refusing disk at least once
-    print("appended", flush=True)
+    sys.stdout.write("appended\\n")  # one write: the writer's thread may be reporting at the same time
+    sys.stdout.flush()
     time.sleep(600)
 """)
 

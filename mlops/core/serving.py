@@ -36,6 +36,7 @@ import re
 import secrets
 import shutil
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -643,6 +644,13 @@ class _Journal:
         os.close(self._lock_fd)
 
 
+
+def _say(message: str) -> None:
+    """One line to stdout in one write: the writer's thread reports while others print, and print()
+    writes the text and its newline separately (two threads' lines would interleave)."""
+    sys.stdout.write(f"{message}\n")
+    sys.stdout.flush()
+
 class PredictionLogWriter:
     """Journals prediction records and writes them as closed, immutable Parquet segments.
 
@@ -693,7 +701,7 @@ class PredictionLogWriter:
                 try:
                     recover_journals(self.home)
                 except Exception as exc:  # serving goes on; the next start or ingestion tries again
-                    print(f"prediction log: recovering the journals of dead workers failed: {exc!r}")
+                    _say(f"prediction log: recovering the journals of dead workers failed: {exc!r}")
 
     def _failed(self, stage: str, message: str) -> None:
         """Count a failure (``on_failure``), and say so at most every 10 s per stage."""
@@ -704,7 +712,7 @@ class PredictionLogWriter:
         now = time.monotonic()
         if now - self._reported.get(stage, -1e9) >= 10.0:
             self._reported[stage] = now
-            print(f"prediction log: {message} ({self.failures[stage]} {stage} failure(s) so far)")
+            _say(f"prediction log: {message} ({self.failures[stage]} {stage} failure(s) so far)")
 
     # --- buffering (the request path) ---
     def append_one(self, tenant: str, group: tuple, requested_at_us: int, latency_ms: float, prediction_id: str,
@@ -916,7 +924,7 @@ class PredictionLogWriter:
             if excess > 0:
                 buffer.drop_oldest(excess)
                 where = f"tenant {tenant!r}" + (f" of use case {use_case!r}" if use_case else "")
-                print(f"prediction log: segments of {where} cannot be written; dropped its {excess} oldest "
+                _say(f"prediction log: segments of {where} cannot be written; dropped its {excess} oldest "
                       f"rows to keep at most {self.max_backlog_rows} buffered (they stay in the journal only "
                       "if the process dies before the backlog is written)")
 
@@ -1094,7 +1102,7 @@ def quarantine(path: Path, folder: Path, reason: str) -> Path:
     target = folder / path.name
     write_atomic(folder / f"{path.name}.reason", f"{reason}\n".encode())
     path.replace(target)
-    print(f"prediction log: quarantined {path} in {folder}: {reason}")
+    _say(f"prediction log: quarantined {path} in {folder}: {reason}")
     return target
 
 
@@ -1179,7 +1187,7 @@ def _recover_journal(home: Path, folder: Path, token: str, report: JournalRecove
         for key, key_rows in rows.items():
             by_key.setdefault(key, []).extend(key_rows)
         if torn:
-            print(f"prediction log: journal {path.name} of a dead worker ends in a torn record, dropped: {torn}")
+            _say(f"prediction log: journal {path.name} of a dead worker ends in a torn record, dropped: {torn}")
             report.torn.append(f"{path.name}: {torn}")
         if damage:
             corrupt.append((path, f"corrupt journal of a dead worker: {damage}; the "
@@ -1204,5 +1212,5 @@ def _recover_journal(home: Path, folder: Path, token: str, report: JournalRecove
         path.unlink(missing_ok=True)
     report.journals += 1
     if files:
-        print(f"prediction log: recovered the journal of dead worker {token}: {report.rows - rows_before} rows "
+        _say(f"prediction log: recovered the journal of dead worker {token}: {report.rows - rows_before} rows "
               f"to segments, {report.already_in_segments - skipped_before} already in segments")
