@@ -33,7 +33,7 @@ import pandas as pd
 from sklearn.metrics import average_precision_score
 
 from mlops.core import loop, usecase_model, usecase_store
-from mlops.core.monitoring import SCORE, TIMESTAMP, MonitorSpec, TenantMonitor
+from mlops.core.monitoring import SCORE, TIMESTAMP, MonitorSpec, TenantMonitor, censor_reference
 from mlops.core.names import CHALLENGER, CHAMPION
 from mlops.core.shadow import PR_AUC, promotion_metric
 from mlops.core.usecase import UseCase
@@ -135,14 +135,10 @@ class UseCaseReplay(ReplayOutcomes):
             split, booster, scores = retrained.split, retrained.booster, retrained.holdout_scores
             self.emit(day, "training", f"{retrained.candidate.name}; {retrained.early_rows} early label rows "
                                        f"({int(early[self.label].sum())} positive); {retrained.comparison}")
-        reference = split.holdout.assign(**{SCORE: scores})
-        after = self.monitor_spec.realized_after_days
-        if after:  # labelled as monitoring will label what the version scores (usecase_reference_frame)
-            reference[self.label] = usecase_store.censored_labels(
-                built, uc, reference[uc.entity.key], reference["prediction_time"], after, usecase_store.clock(built, uc))
-            reference = reference[reference[self.label].notna()]
+        # labelled as monitoring will label what the version scores (as usecase_reference_frame)
+        reference = censor_reference(built, uc, split.holdout.assign(**{SCORE: scores})
+                                     .rename(columns={"prediction_time": TIMESTAMP}))
         built.close()
-        reference = reference.rename(columns={"prediction_time": TIMESTAMP})
         if episode is not None and not self._gates_pass(day, split.holdout, scores, booster):
             return None
         self.versions += 1

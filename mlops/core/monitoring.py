@@ -846,16 +846,22 @@ def usecase_reference_frame(con, usecase, version: str) -> pd.DataFrame:
     its labels are censored as the analysis frame's are (``usecase_store.censored_labels``): each
     holdout row's label as known that many days after its day, so that the reference performance
     and the floor are measured on the labels monitoring will compare them with."""
-    frame = reference_frame(con, version, use_case=usecase.name)
-    days = MonitorSpec.of(usecase).realized_after_days
-    if days and len(frame):
-        from mlops.core import usecase_store
+    return censor_reference(con, usecase, reference_frame(con, version, use_case=usecase.name))
 
-        frame[usecase.label.column] = usecase_store.censored_labels(
-            con, usecase, frame[usecase.entity.key], frame[TIMESTAMP], days, usecase_store.clock(con, usecase))
-        # An episode's retrain may hold out rows observed for fewer days (early labels): not comparable.
-        frame = frame[frame[usecase.label.column].notna()].reset_index(drop=True)
-    return frame
+
+def censor_reference(con, usecase, frame: pd.DataFrame) -> pd.DataFrame:
+    """A reference frame (holdout rows with ``TIMESTAMP`` = prediction time) labelled as monitoring
+    labels the traffic under ``monitoring.realized_after_days`` (unchanged without it), from the
+    labels SQL on ``con`` at its clock; rows whose censored label is not known are left out."""
+    days = MonitorSpec.of(usecase).realized_after_days
+    if not days or frame.empty:
+        return frame
+    from mlops.core import usecase_store
+
+    frame = frame.assign(**{usecase.label.column: usecase_store.censored_labels(
+        con, usecase, frame[usecase.entity.key], frame[TIMESTAMP], days, usecase_store.clock(con, usecase))})
+    # An episode's retrain may hold out rows observed for fewer days (early labels): not comparable.
+    return frame[frame[usecase.label.column].notna()].reset_index(drop=True)
 
 
 # --- fitted monitors: once per model version ------------------------------------------------
