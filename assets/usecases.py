@@ -118,7 +118,9 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
         with warehouse.transaction(tenant) as con:
             usecase_store.ensure_tables(con, uc)
             if uc.simulator is not None:
-                counts = usecase_store.replace_rows(con, uc, usecase_store.load_simulator(uc)(spec), SIMULATOR_SOURCE)
+                world = spec.for_use_case(name)
+                counts = usecase_store.replace_rows(con, uc, usecase_store.load_simulator(uc)(world), SIMULATOR_SOURCE,
+                                                    world=usecase_store.world_fingerprint(uc, world))
         outcomes = ingest_usecase_inbox(uc, warehouse, settings, catalog, tenant)
         rejected = [o for o in outcomes if not o.accepted]
         for table, asset_key in table_keys.items():

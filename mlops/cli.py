@@ -156,14 +156,14 @@ def usecase_check(folder: str) -> None:
 @click.option("--headless", is_flag=True, help="No web UI; exit with the timeline (non-zero if the loop did not close).")
 @click.option("--small", is_flag=True, help="Two small tenants (tests, CI).")
 @click.option("--reset", is_flag=True, help="Delete MLOPS_HOME first (the demo starts from an empty home).")
-@click.option("--max-days", type=click.IntRange(1, 400), default=100, show_default=True,
-              help="Give up after this many simulated days.")
+@click.option("--max-days", type=click.IntRange(1, 120), default=120, show_default=True,
+              help="Give up after this many simulated days (the simulated world's labels end after 120).")
 @click.option("--until", "until", type=click.Choice(["restored", "promoted"]), default="restored", show_default=True,
               help="Stop once realized performance is back above the floor, or the day after the first promotion.")
 @click.option("--service-port", type=click.IntRange(1, 65535), default=3001, show_default=True)
 @click.option("--ui-port", type=click.IntRange(1, 65535), default=3000, show_default=True)
 @click.option("--use-cases", "use_cases", default=None,
-              help="Comma-separated use cases to build and replay: churn, fraud  [default: churn]")
+              help="Comma-separated use cases to build and replay: churn, fraud  [default: both]")
 @click.pass_obj
 def demo(home: str | None, headless: bool, small: bool, reset: bool, max_days: int, until: str, service_port: int,
          ui_port: int, use_cases: str | None) -> None:

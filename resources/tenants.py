@@ -43,10 +43,20 @@ class TenantSpec:
     # closed-loop demo advances it one day at a time; ingestion only sees days before it.
     today: int | None = None
     extra: dict = field(default_factory=dict)
+    # How many entities a use case's simulator simulates where it is not ``n_accounts`` (e.g.
+    # ``{"fraud": 3000}``: fraud is rare, and a payment-fraud floor needs more accounts than churn's).
+    use_case_accounts: dict = field(default_factory=dict)
 
     @property
     def visible_days(self) -> int:
         return self.days if self.today is None else self.today
+
+    def for_use_case(self, use_case: str) -> TenantSpec:
+        """The spec a use case's simulator gets: ``n_accounts`` from ``use_case_accounts`` if set."""
+        from dataclasses import replace
+
+        n = self.use_case_accounts.get(use_case)
+        return self if n is None else replace(self, n_accounts=int(n), use_case_accounts={})
 
     def __post_init__(self) -> None:
         if not _TENANT_NAME.match(self.name):
@@ -59,6 +69,10 @@ class TenantSpec:
             raise ValueError(f"tenant {self.name!r}: scenario {self.scenario!r} is not one of {SCENARIOS}")
         if self.n_accounts < 50:
             raise ValueError(f"tenant {self.name!r}: n_accounts must be at least 50, got {self.n_accounts}")
+        for use_case, n in self.use_case_accounts.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n < 50:
+                raise ValueError(f"tenant {self.name!r}: use_case_accounts[{use_case!r}] must be an integer of at "
+                                 f"least 50, got {n!r}")
         if self.days < 90:
             raise ValueError(f"tenant {self.name!r}: days must be at least 90, got {self.days}")
         if self.today is not None and not 60 <= self.today <= self.days:

@@ -102,6 +102,32 @@ def test_moving_the_clock_forward_only_adds_rows(uc, sim, world):
     assert earlier["raw_chargebacks"]["reported_at"].max() < until  # a chargeback shows once reported
 
 
+def test_a_daily_load_of_the_same_world_replaces_only_its_newest_days_and_equals_a_full_load(uc, sim, world):
+    """The daily cycle loads the simulated world at each day's clock: for the same world only the
+    rows from the newest day loaded before on are validated and replaced (the rest cannot have
+    changed); the tables then hold exactly what a full load at the same clock holds. Another world
+    (a changed setting) is replaced whole."""
+    def tables(con):
+        return {t.name: con.execute(f"SELECT * FROM {t.name} ORDER BY ALL").df()  # noqa: S608 - declared names
+                for t in uc.tables}
+
+    fingerprint = st.world_fingerprint(uc, SPEC)
+    con = duckdb.connect()
+    first = st.replace_rows(con, uc, sim(replace(SPEC, today=120)), "simulator", world=fingerprint)
+    second = st.replace_rows(con, uc, sim(replace(SPEC, today=121)), "simulator", world=fingerprint)
+    assert second["raw_payments"] < first["raw_payments"] / 20  # one or two days, not 120
+    third = st.replace_rows(con, uc, world["frames"], "simulator", world=fingerprint)  # the clock jumps to 180
+    assert second["raw_payments"] < third["raw_payments"] < len(world["frames"]["raw_payments"])
+    full = duckdb.connect()
+    st.replace_rows(full, uc, world["frames"], "simulator")
+    for name, frame in tables(full).items():
+        pd.testing.assert_frame_equal(tables(con)[name], frame, obj=name)
+    other = replace(SPEC, seed=8, today=120)
+    counts = st.replace_rows(con, uc, sim(other), "simulator", world=st.world_fingerprint(uc, other))
+    assert counts == {name: len(frame) for name, frame in sim(other).items()}
+    assert len(tables(con)["raw_payments"]) == counts["raw_payments"]
+
+
 def test_before_drift_day_the_new_tactic_changes_nothing(sim, world):
     drift_day = 100
     drifted = sim(replace(SPEC, scenario="concept_drift", drift_day=drift_day))

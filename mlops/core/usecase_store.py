@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,12 +86,20 @@ def load_simulator(uc: UseCase) -> Callable:
         raise UseCaseError(f"use case {uc.name!r}: simulator.module: no file {path}")
     # One module name per folder: two folders' simulators never replace each other in sys.modules.
     digest = hashlib.sha256(str(Path(uc.folder).resolve()).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(f"mlops_usecase_{uc.name}_{digest}_simulator", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise UseCaseError(f"use case {uc.name!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    name = f"mlops_usecase_{uc.name}_{digest}_simulator"
+    stamp = path.stat().st_mtime_ns
+    module = sys.modules.get(name)
+    # The module is imported once per process while its file is unchanged: a simulator caches its
+    # world (fraud's whole horizon), which a daily cycle would otherwise simulate again every day.
+    if module is None or getattr(module, "_mlops_loaded_from", None) != (str(path), stamp):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise UseCaseError(f"use case {uc.name!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        module._mlops_loaded_from = (str(path), stamp)
+        sys.modules[name] = module
     function = getattr(module, uc.simulator.function, None)
     if not callable(function):
         raise UseCaseError(f"use case {uc.name!r}: {path} has no function {uc.simulator.function!r}")
@@ -115,15 +124,51 @@ def _validate(uc: UseCase, name: str, frame: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"table {name}: {len(problems)} problem(s): " + "; ".join(problems)) from None
 
 
+SIMULATOR_STATE_DDL = """
+CREATE TABLE IF NOT EXISTS usecase_simulator_state (
+    use_case VARCHAR NOT NULL, source VARCHAR NOT NULL, world VARCHAR NOT NULL, loaded_until TIMESTAMP,
+    PRIMARY KEY (use_case, source)
+)
+"""
+
+
+def world_fingerprint(uc: UseCase, spec) -> str:
+    """What a simulated world depends on besides its clock: the tenant's settings (``spec`` less
+    ``today``) and the simulator's code."""
+    code = hashlib.sha256((Path(uc.folder) / uc.simulator.module).read_bytes()).hexdigest()[:16] \
+        if uc.simulator is not None and uc.folder is not None else ""
+    fields = (spec.name, spec.region, spec.n_accounts, spec.seed, spec.days, spec.scenario, spec.drift_day)
+    return f"{uc.name}|{'|'.join(str(f) for f in fields)}|{code}"
+
+
 def replace_rows(con: duckdb.DuckDBPyConnection, uc: UseCase, tables: dict[str, pd.DataFrame],
-                 source: str) -> dict[str, int]:
+                 source: str, world: str | None = None) -> dict[str, int]:
     """Validate every frame against its table's declared schema, then replace the rows of ``source``
-    in each table by the frame's. Nothing is written unless every frame is valid."""
+    in each table by the frame's. Nothing is written unless every frame is valid.
+
+    ``world`` (a simulated world's fingerprint, ``world_fingerprint``): when the same world was
+    loaded before at an earlier clock, only its rows from the newest day loaded then on are
+    validated and replaced (a simulated clock only adds rows, each visible from its table's time
+    column on: a payment once made, a chargeback once reported); tables without a time column, and
+    any other world, are replaced whole. Returns the rows written per table."""
     declared = {t.name for t in uc.tables}
     unknown = sorted(set(tables) - declared)
     if unknown:
         raise ValueError(f"use case {uc.name!r} declares no tables {unknown}; it declares {sorted(declared)}")
-    valid = {name: _validate(uc, name, frame) for name, frame in tables.items()}
+    since = None
+    if world is not None:
+        con.execute(SIMULATOR_STATE_DDL)
+        state = con.execute("SELECT world, loaded_until FROM usecase_simulator_state WHERE use_case = ? AND source = ?",
+                            [uc.name, source]).fetchone()
+        since = pd.Timestamp(state[1]) if state is not None and state[0] == world and state[1] is not None else None
+
+    def newer(name: str, frame: pd.DataFrame) -> pd.DataFrame:
+        column = uc.table(name).time_column
+        if since is None or column is None:
+            return frame
+        return frame[pd.to_datetime(frame[column]) >= since]
+
+    valid = {name: _validate(uc, name, newer(name, frame)) for name, frame in tables.items()}
     ensure_tables(con, uc)
     counts = {}
     for name, frame in valid.items():
@@ -131,7 +176,11 @@ def replace_rows(con: duckdb.DuckDBPyConnection, uc: UseCase, tables: dict[str, 
         view = f"_mlops_rows_{name}"
         con.register(view, frame.loc[:, table.column_names].reset_index(drop=True))
         try:
-            con.execute(f"DELETE FROM {_ident(name)} WHERE source = ?", [source])  # noqa: S608 - declared name
+            if since is None or table.time_column is None:
+                con.execute(f"DELETE FROM {_ident(name)} WHERE source = ?", [source])  # noqa: S608 - declared name
+            else:
+                con.execute(f"DELETE FROM {_ident(name)} WHERE source = ? AND {_ident(table.time_column)} >= ?",  # noqa: S608
+                            [source, since.to_pydatetime()])
             columns = ", ".join(_ident(c.name) for c in table.columns)
             values = ", ".join(f"CAST({_ident(c.name)} AS {c.sql_type})" for c in table.columns)
             con.execute(f"INSERT INTO {_ident(name)} ({columns}, source) "  # noqa: S608 - declared names
@@ -139,6 +188,13 @@ def replace_rows(con: duckdb.DuckDBPyConnection, uc: UseCase, tables: dict[str, 
         finally:
             con.unregister(view)
         counts[name] = len(frame)
+    if world is not None:
+        clock_table, clock_column = uc.features.clock_table, uc.features.clock_column
+        newest = con.execute(f"SELECT max({_ident(clock_column)}) FROM {_ident(clock_table)} "  # noqa: S608
+                             "WHERE source = ?", [source]).fetchall()[0][0] if clock_table in declared else None
+        loaded_until = None if newest is None else pd.Timestamp(newest).normalize().to_pydatetime()
+        con.execute("INSERT OR REPLACE INTO usecase_simulator_state VALUES (?, ?, ?, ?)",
+                    [uc.name, source, world, loaded_until])
     return counts
 
 
