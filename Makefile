@@ -28,8 +28,8 @@ chromium:
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
 
 ## make demo: the closed loop from an empty MLOPS_HOME (reset first): build every tenant, start the
-## Dagster UI + daemon and the service, replay days with concept drift for acme until the platform
-## has retrained and promoted on its own; the UI stays up until Ctrl-C
+## Dagster UI + daemon and the service, replay days with concept drift for acme (churn and fraud)
+## until the platform has retrained, promoted and restored both on its own; the UI stays up until Ctrl-C
 demo: install
 	$(RUN) mlops demo --reset
 
