@@ -62,6 +62,7 @@ def churn_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
 
     lineage = {
         "tenant": tenant,
+        "use_case": CHURN,
         "dataset_version": dataset_version,
         "feature_view_version": FEATURE_VIEW_VERSION,
         **runtime_tags(),

@@ -36,6 +36,7 @@ _NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 LINEAGE_TAGS = (
     "tenant",
+    "use_case",
     "dataset_version",
     "feature_view_version",
     "code_version",

@@ -64,7 +64,7 @@ def test_registry_holds_a_tagged_version_with_both_aliases(platform_home):
     assert str(champion.version) == "1"
     version = registry.version(TEST_TENANT.name, champion.version)
     assert set(LINEAGE_TAGS) <= set(version.tags)
-    assert version.tags["tenant"] == TEST_TENANT.name
+    assert version.tags["tenant"] == TEST_TENANT.name and version.tags["use_case"] == "churn"
     assert version.tags["dagster_run_id"] == platform_home["run_id"]
     assert len(version.tags["dataset_version"]) == 16 and len(version.tags["lock_hash"]) == 16
     assert version.tags["python_version"].startswith("3.11")
