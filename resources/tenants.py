@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import dagster as dg
@@ -51,10 +51,13 @@ class TenantSpec:
     def visible_days(self) -> int:
         return self.days if self.today is None else self.today
 
+    @property
+    def world(self) -> str:
+        """Identifies the tenant's simulated world, whatever its clock (``today`` left out)."""
+        return f"{self.name}|{self.region}|{self.n_accounts}|{self.seed}|{self.days}|{self.scenario}|{self.drift_day}"
+
     def for_use_case(self, use_case: str) -> TenantSpec:
         """The spec a use case's simulator gets: ``n_accounts`` from ``use_case_accounts`` if set."""
-        from dataclasses import replace
-
         n = self.use_case_accounts.get(use_case)
         return self if n is None else replace(self, n_accounts=int(n), use_case_accounts={})
 
@@ -117,8 +120,6 @@ class TenantCatalog(dg.ConfigurableResource):
 
     def set_today(self, name: str, today: int) -> TenantSpec:
         """Move a tenant's simulated clock (the demo replays one day at a time)."""
-        from dataclasses import replace
-
         with self._locked():
             spec = replace(self.get(name), today=today)
             self._write(spec)

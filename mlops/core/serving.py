@@ -644,12 +644,12 @@ class _Journal:
         os.close(self._lock_fd)
 
 
-
 def _say(message: str) -> None:
     """One line to stdout in one write: the writer's thread reports while others print, and print()
     writes the text and its newline separately (two threads' lines would interleave)."""
     sys.stdout.write(f"{message}\n")
     sys.stdout.flush()
+
 
 class PredictionLogWriter:
     """Journals prediction records and writes them as closed, immutable Parquet segments.

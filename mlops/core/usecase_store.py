@@ -133,12 +133,11 @@ CREATE TABLE IF NOT EXISTS usecase_simulator_state (
 
 
 def world_fingerprint(uc: UseCase, spec) -> str:
-    """What a simulated world depends on besides its clock: the tenant's settings (``spec`` less
-    ``today``) and the simulator's code."""
+    """What a simulated world depends on besides its clock: the tenant's settings (``spec.world``,
+    ``today`` left out) and the simulator's code."""
     code = hashlib.sha256((Path(uc.folder) / uc.simulator.module).read_bytes()).hexdigest()[:16] \
         if uc.simulator is not None and uc.folder is not None else ""
-    fields = (spec.name, spec.region, spec.n_accounts, spec.seed, spec.days, spec.scenario, spec.drift_day)
-    return f"{uc.name}|{'|'.join(str(f) for f in fields)}|{code}"
+    return f"{uc.name}|{spec.world}|{code}"
 
 
 def replace_rows(con: duckdb.DuckDBPyConnection, uc: UseCase, tables: dict[str, pd.DataFrame],
@@ -190,8 +189,9 @@ def replace_rows(con: duckdb.DuckDBPyConnection, uc: UseCase, tables: dict[str, 
         counts[name] = len(frame)
     if world is not None:
         clock_table, clock_column = uc.features.clock_table, uc.features.clock_column
+        # the simulator's own newest row (an inbox delivery may reach further)
         newest = con.execute(f"SELECT max({_ident(clock_column)}) FROM {_ident(clock_table)} "  # noqa: S608
-                             "WHERE source = ?", [source]).fetchall()[0][0] if clock_table in declared else None
+                             "WHERE source = ?", [source]).fetchall()[0][0]
         loaded_until = None if newest is None else pd.Timestamp(newest).normalize().to_pydatetime()
         con.execute("INSERT OR REPLACE INTO usecase_simulator_state VALUES (?, ?, ?, ?)",
                     [uc.name, source, world, loaded_until])

@@ -65,8 +65,8 @@ TIME_COLUMNS = {name: table.time_column for name, table in RAW_TABLES.items()}
 
 
 def world_fingerprint(spec: TenantSpec) -> str:
-    """Identifies the simulated world of a tenant, whatever its clock."""
-    return f"{spec.name}|{spec.region}|{spec.n_accounts}|{spec.seed}|{spec.days}|{spec.scenario}|{spec.drift_day}"
+    """Identifies the simulated world of a tenant, whatever its clock (``TenantSpec.world``)."""
+    return spec.world
 
 
 def _cut(horizon: dict[str, pd.DataFrame], spec: TenantSpec) -> dict[str, pd.DataFrame]:
