@@ -128,6 +128,42 @@ def test_a_daily_load_of_the_same_world_replaces_only_its_newest_days_and_equals
     assert len(tables(con)["raw_payments"]) == counts["raw_payments"]
 
 
+def test_the_daily_feature_build_computes_only_the_new_days_and_equals_a_full_build(uc, sim):
+    """Day by day the offline feature table gains only the rows from the last build's clock on; it
+    is then the table a full build gives. A delivery that changes an old raw row rebuilds it whole."""
+    def features(con):
+        return con.execute(f"SELECT * FROM {st.feature_table(uc)} ORDER BY ALL").df()  # noqa: S608 - declared name
+
+    small = replace(SPEC, n_accounts=400)
+    fingerprint = st.world_fingerprint(uc, small)
+    con = duckdb.connect()
+    built = []
+    for today in (60, 61, 63):
+        st.replace_rows(con, uc, sim(replace(small, today=today)), "simulator", world=fingerprint)
+        st.build_feature_table(con, uc)
+        built.append(st.feature_build_state(con, uc))
+    assert built[0]["built_since"] == st.START_OF_TIME
+    assert built[1]["built_since"] == built[0]["built_as_of"] < built[1]["built_as_of"]
+    assert built[2]["built_since"] == built[1]["built_as_of"] < built[2]["built_as_of"]
+    full = duckdb.connect()
+    st.replace_rows(full, uc, sim(replace(small, today=63)), "simulator")
+    st.build_feature_table(full, uc)
+    assert st.feature_build_state(full, uc)["built_since"] == st.START_OF_TIME
+    pd.testing.assert_frame_equal(features(con), features(full))
+
+    # An inbox delivery corrects an old payment: everything is rebuilt, and equals a full build.
+    for c in (con, full):
+        c.execute("UPDATE raw_payments SET amount = amount + 100 WHERE payment_id = "
+                  "(SELECT min(payment_id) FROM raw_payments WHERE status = 'succeeded')")
+    st.build_feature_table(con, uc)
+    assert st.feature_build_state(con, uc)["built_since"] == st.START_OF_TIME
+    st.build_feature_table(full, uc)
+    pd.testing.assert_frame_equal(features(con), features(full))
+    st.build_feature_table(con, uc)  # nothing changed: only the clock's own rows are computed again
+    assert st.feature_build_state(con, uc)["built_since"] == built[2]["built_as_of"]
+    pd.testing.assert_frame_equal(features(con), features(full))
+
+
 def test_before_drift_day_the_new_tactic_changes_nothing(sim, world):
     drift_day = 100
     drifted = sim(replace(SPEC, scenario="concept_drift", drift_day=drift_day))
