@@ -136,14 +136,19 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
                       "rejected": dg.MetadataValue.md("\n".join(f"- {o.message}" for o in rejected) or "none")})
 
     @dg.asset(key=key("features"), deps=list(table_keys.values()), kinds={"duckdb"},
-              description=f"Offline feature table of {name}: the declared feature view over the whole history.",
+              description=f"Offline feature table of {name}: the declared feature view over the whole history "
+                          "(incremental: each run computes the rows from the last run's clock on).",
               **common)
     def features(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse):
         with warehouse.transaction(context.partition_key) as con:
             rows = usecase_store.build_feature_table(con, uc)
-            as_of = usecase_store.clock(con, uc)
-        return dg.MaterializeResult(metadata={"rows": dg.MetadataValue.int(rows), "as_of": str(as_of),
-                                              "features": ", ".join(ModelInputs.of(uc).columns)})
+            state = usecase_store.feature_build_state(con, uc)
+        since = state["built_since"]
+        return dg.MaterializeResult(metadata={
+            "rows": dg.MetadataValue.int(rows), "as_of": str(state["built_as_of"]),
+            # incremental: the rows from the last build's clock on; the start of time: a full build
+            "computed_from": "the whole history" if since == usecase_store.START_OF_TIME else str(since),
+            "features": ", ".join(ModelInputs.of(uc).columns)})
 
     @dg.asset(key=key("training_set"), deps=[features], kinds={"duckdb"},
               description=f"Mature {uc.label.column} labels joined point-in-time to the features of {name}.",

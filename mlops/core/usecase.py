@@ -36,8 +36,10 @@ The feature view is one SELECT over the use case's raw tables that returns, for 
 time a feature row becomes available, the entity key, ``available_at`` (TIMESTAMP: from then on the
 row may be used) and every declared feature. It must only read events before ``available_at``.
 Bound parameters: ``$as_of`` (TIMESTAMP, the clock: the day after the newest event) and ``$since``
-(TIMESTAMP: rows with ``available_at`` before it may be left out; the online snapshot passes
-``$as_of`` minus ``features.lookback_days``, the offline table the start of time)."""
+(TIMESTAMP: rows with ``available_at`` before it may be left out, and the rows from it on must be
+exactly those the start of time gives; the online snapshot passes ``$as_of`` minus
+``features.lookback_days``, the offline table the start of time or, built incrementally, its last
+build's clock)."""
 LABELS_CONTRACT = """\
 The labels are one SELECT that returns the entity key, ``prediction_time`` (TIMESTAMP) and the label
 column; also the feature view's key where it is not the entity's (``features.key``), and the value of
