@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -178,29 +179,42 @@ def report(rows: list[dict], tolerance: float, setup: Setup | None = None) -> bo
     return all(ok for _, ok, _ in checks)
 
 
-def demo_check(seed_port: int) -> int:
-    """The demo's detection and promotion days next to the simulated clock's on the demo's tenant."""
+def demo_check(seed_port: int, use_case: str = "churn") -> int:
+    """The demo's detection, promotion and restoration days of ``use_case`` next to the simulated
+    clock's on the demo's drifting tenant (churn: ``LoopReplay``; a declared use case:
+    ``UseCaseReplay`` on the tenant's world for that use case)."""
     import shutil
     import tempfile
 
-    from mlops.demo import ClosedLoopDemo, demo_tenants
-    from mlops.loop_replay import LoopReplay
+    from mlops.demo import DEMO_START_DAY, ClosedLoopDemo, demo_tenants
 
     home = tempfile.mkdtemp(prefix="loop-bench-")
     shutil.rmtree(home, ignore_errors=True)
-    demo = ClosedLoopDemo(home, headless=True, small=True, service_port=seed_port, use_cases=("churn",))
+    demo = ClosedLoopDemo(home, headless=True, small=True, service_port=seed_port, use_cases=(use_case,))
     status = demo.run()
     acme = next(s for s in demo_tenants(small=True) if s.scenario != "none")
-    replay = LoopReplay(acme, acme.today, max(e.day for e in demo.events) + 1).run()
+    last = max(e.day for e in demo.events) + 1
+    if use_case == "churn":
+        from mlops.loop_replay import LoopReplay
 
-    def days(events, kinds):
-        return {k: next((e.day for e in events if e.kind == k and getattr(e, "tenant", "acme") == "acme"), None)
-                for k in kinds}
+        replay = LoopReplay(acme, acme.today, last).run()
+    else:
+        from mlops.core.environment import PROJECT_ROOT
+        from mlops.core.usecase import load_usecase
+        from mlops.usecase_replay import UseCaseReplay
 
-    demo_days = days(demo.events, ("decay alert", "promoted", "restored"))
-    replay_days = days(replay.events, ("decay alert", "promoted", "restored"))
-    print(f"\ndemo exit status {status}")
-    figure = getattr(demo, "alert_to_serving_s", {}).get(("acme", "churn"))
+        uc = load_usecase(PROJECT_ROOT / "usecases" / use_case)
+        origin = st_origin(uc)
+        replay = UseCaseReplay(uc, acme.for_use_case(use_case), DEMO_START_DAY, last, origin).run()
+
+    def days(events, kinds, demo_events: bool):
+        return {k: next((e.day for e in events if e.kind == k and (not demo_events or (
+            e.tenant == "acme" and e.use_case in (use_case, "-")))), None) for k in kinds}
+
+    kinds = ("decay alert", "promoted", "restored")
+    demo_days, replay_days = days(demo.events, kinds, True), days(replay.events, kinds, False)
+    print(f"\n{use_case}: demo exit status {status}")
+    figure = getattr(demo, "alert_to_serving_s", {}).get(("acme", use_case))
     if figure is not None:  # the simulated days of evidence the loop waits for are in it
         print(f"decay alert -> new champion serving: {figure:.1f} s wall")
     for kind in demo_days:
@@ -208,6 +222,13 @@ def demo_check(seed_port: int) -> int:
         print(f"{kind:12s} demo day {_fmt(demo_days[kind]):>4s}  simulated clock day {_fmt(replay_days[kind]):>4s}  "
               f"{'agree' if same else 'DIFFER'}")
     return 0 if status == 0 and demo_days == replay_days else 1
+
+
+def st_origin(uc):
+    """A declared use case's simulated day 0: its simulator module's ``START``."""
+    from mlops.core import usecase_store
+
+    return sys.modules[usecase_store.load_simulator(uc).__module__].START
 
 
 def main() -> int:
@@ -221,14 +242,15 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", nargs="+", metavar="SCENARIO:SEED", default=None,
                         help="replay just these, e.g. none:10 concept_drift:1")
-    parser.add_argument("--demo", action="store_true", help="check the full daily cycle against the simulated clock")
+    parser.add_argument("--demo", action="store_true", help="check the full daily cycle of --use-case against the "
+                        "simulated clock (the small demo's drifting tenant)")
     parser.add_argument("--service-port", type=int, default=3011)
     parser.add_argument("--decay-confidence", type=float, default=None,
                         help="MonitoringPolicy.decay_confidence (default: the policy's); e.g. 0.99 to require "
                              "a realized decay beyond the noise of the accounts")
     args = parser.parse_args()
     if args.demo:
-        return demo_check(args.service_port)
+        return demo_check(args.service_port, args.use_case)
     setup = SETUPS[args.use_case]
     tolerance = setup.tolerance if args.tolerance is None else args.tolerance
     extra = () if args.use_case == "churn" else (args.use_case,)

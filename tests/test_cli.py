@@ -65,11 +65,11 @@ def test_promote_and_rollback_without_models_fail_clearly(tmp_path):
     result = mlops("promote", "umbrella", home=tmp_path)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "tenant 'umbrella' has no challenger to promote" in result.stderr
+    assert "Traceback" not in result.stderr
     result = mlops("rollback", "umbrella", home=tmp_path)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "tenant 'umbrella' is not deployed" in result.stderr
-    for result in (mlops("promote", "umbrella", home=tmp_path), mlops("rollback", "umbrella", home=tmp_path)):
-        assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
