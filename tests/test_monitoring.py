@@ -240,6 +240,22 @@ def test_rows_logged_late_are_monitored_as_if_they_had_come_on_time(drifted):
     np.testing.assert_allclose(a["value"].to_numpy(dtype=float), b["value"].to_numpy(dtype=float), equal_nan=True)
 
 
+def test_a_chunk_of_one_row_is_monitored_without_numpy_warnings(drifted):
+    """The first day of a new champion can hold a single request: its chunk gets a reconstruction
+    error (its sampling error is NaN) and monitoring prints no numpy RuntimeWarning."""
+    import warnings
+
+    monitor = TenantMonitor(MonitoringPolicy(), drifted.reference)
+    analysis = drifted.analysis_as_of(START + 20)
+    newest = analysis[TIMESTAMP].max()
+    analysis = pd.concat([analysis[analysis[TIMESTAMP] < newest], analysis[analysis[TIMESTAMP] == newest].head(1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        results = monitor.run(analysis).results
+    one = results[(results["metric"] == "multivariate_drift") & (results["chunk_start"] == newest)]
+    assert one["chunk_rows"].tolist() == [1] and np.isfinite(one["value"]).all()
+
+
 def test_data_quality_is_reported(drifted):
     analysis = drifted.analysis_as_of(DRIFT + 2).copy()
     day = analysis[TIMESTAMP].max()

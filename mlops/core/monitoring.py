@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -434,10 +435,16 @@ class TenantMonitor:
         analysis = prepare(analysis, self.spec)
         if analysis.empty:
             raise ValueError("no analysis data: the tenant's champion has no logged predictions yet")
+        with warnings.catch_warnings():
+            # A chunk of one row (the first day of a new champion, say) has a reconstruction error
+            # but no spread: NannyML takes the standard deviation of one value (its sampling error
+            # is then NaN, as NannyML intends), and numpy warns twice. Nothing else is silenced.
+            warnings.filterwarnings("ignore", "Degrees of freedom <= 0 for slice", RuntimeWarning)
+            warnings.filterwarnings("ignore", "invalid value encountered in scalar divide", RuntimeWarning)
+            multivariate = self.multivariate.calculate(analysis).filter(period="analysis").to_df()
         parts = [
             _tidy_univariate(self.univariate.calculate(analysis).filter(period="analysis").to_df()),
-            _tidy_simple(self.multivariate.calculate(analysis).filter(period="analysis").to_df(),
-                         "reconstruction_error", "multivariate_drift", None, "pca_reconstruction"),
+            _tidy_simple(multivariate, "reconstruction_error", "multivariate_drift", None, "pca_reconstruction"),
             *self._performance(self.estimator.estimate(analysis).filter(period="analysis").to_df(),
                                "estimated", self.estimator_method),
         ]
