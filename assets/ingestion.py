@@ -9,7 +9,7 @@ from resources.schemas import ACCOUNTS_FILE, RAW_TABLES
 from resources.settings import PlatformSettings
 from resources.tenants import TENANT_PARTITIONS, TenantCatalog
 from resources.warehouse import DuckDBWarehouse
-from usecases.churn.simulator import TIME_COLUMNS, simulate_tenant, simulation_dates, world_fingerprint
+from usecases.churn.simulator import TIME_COLUMNS, simulate_tenant, simulation_dates
 
 RAW_ASSET_KEYS = {name: dg.AssetKey(name) for name in RAW_TABLES}
 SIMULATOR_SOURCE = "simulator"
@@ -46,7 +46,7 @@ def raw_tenant_data(
     tenant = context.partition_key
     spec = catalog.get(tenant)
     tables = simulate_tenant(spec)
-    counts = warehouse.sync_simulated_rows(tenant, tables, SIMULATOR_SOURCE, world_fingerprint(spec), TIME_COLUMNS)
+    counts = warehouse.sync_simulated_rows(tenant, tables, SIMULATOR_SOURCE, spec.world, TIME_COLUMNS)
     context.log.info(f"simulated {spec.name} ({spec.region}, scenario={spec.scenario}): {counts}")
 
     outcomes = ingest_inbox(warehouse, settings, catalog, tenant)

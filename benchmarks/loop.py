@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -198,11 +197,12 @@ def replay_demo_tenant(use_case: str, last_day: int) -> tuple[dict, int]:
         from mlops.core.environment import PROJECT_ROOT
         from mlops.core.usecase import load_usecase
         from mlops.usecase_replay import UseCaseReplay
+        from usecases.fraud.simulator import START  # --use-case: churn or fraud (SETUPS)
 
         uc = load_usecase(PROJECT_ROOT / "usecases" / use_case)
         spec = acme.for_use_case(use_case)
         last_day = min(last_day, spec.days - uc.label.horizon_days)
-        replay = UseCaseReplay(uc, spec, DEMO_START_DAY, last_day, st_origin(uc)).run()
+        replay = UseCaseReplay(uc, spec, DEMO_START_DAY, last_day, START).run()
     return {k: next((e.day for e in replay.events if e.kind == k), None) for k in DEMO_KINDS}, last_day
 
 
@@ -236,13 +236,6 @@ def demo_check(seed_port: int, use_case: str = "churn") -> int:
         print(f"{kind:12s} demo day {_fmt(demo_days[kind]):>4s}  simulated clock day {_fmt(replay_days[kind]):>4s}  "
               f"{verdict}")
     return 0 if agree else 1
-
-
-def st_origin(uc):
-    """A declared use case's simulated day 0: its simulator module's ``START``."""
-    from mlops.core import usecase_store
-
-    return sys.modules[usecase_store.load_simulator(uc).__module__].START
 
 
 def main() -> int:

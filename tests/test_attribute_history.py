@@ -254,7 +254,7 @@ def test_a_bad_attribute_delivery_is_rejected_whole(platform):
 def test_a_warehouse_from_before_the_history_is_migrated(platform, tmp_path):
     """raw_accounts used to hold plan, seats and MRR as of the last load: they move to the history
     (valid from signup for an inbox account), and the simulated world is reloaded with its real history."""
-    from usecases.churn.simulator import TIME_COLUMNS, world_fingerprint
+    from usecases.churn.simulator import TIME_COLUMNS
 
     defs, warehouse, _ = platform
     spec = dataclasses.replace(TENANT, scenario="covariate_shift", drift_day=100)
@@ -273,9 +273,9 @@ def test_a_warehouse_from_before_the_history_is_migrated(platform, tmp_path):
         con.execute("INSERT INTO raw_accounts VALUES ('mine-1', 'pro', 12, 540.0, DATE '2026-03-01', 'us', 'smb', 30, "
                     "'inbox:accounts.csv')")
         con.execute("CREATE TABLE simulator_state (source VARCHAR PRIMARY KEY, world VARCHAR, loaded_until TIMESTAMP)")
-        con.execute("INSERT INTO simulator_state VALUES ('simulator', ?, TIMESTAMP '2026-07-29')", [world_fingerprint(spec)])
+        con.execute("INSERT INTO simulator_state VALUES ('simulator', ?, TIMESTAMP '2026-07-29')", [spec.world])
 
-    warehouse.sync_simulated_rows(TENANT.name, tables, "simulator", world_fingerprint(spec), TIME_COLUMNS)
+    warehouse.sync_simulated_rows(TENANT.name, tables, "simulator", spec.world, TIME_COLUMNS)
     with warehouse.connect(TENANT.name, read_only=True) as con:
         assert [c for c in con.execute("SELECT * FROM raw_accounts LIMIT 0").df().columns] == [
             *RAW_TABLES["raw_accounts"].column_names, "source"]

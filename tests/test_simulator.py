@@ -152,7 +152,7 @@ def test_incremental_daily_load_equals_a_full_load(tmp_path, scenario):
     import dataclasses
 
     from definitions import build_definitions
-    from usecases.churn.simulator import TIME_COLUMNS, world_fingerprint
+    from usecases.churn.simulator import TIME_COLUMNS
 
     spec0 = dataclasses.replace(SMALL, scenario=scenario, drift_day=None if scenario == "none" else 101)
 
@@ -162,7 +162,7 @@ def test_incremental_daily_load_equals_a_full_load(tmp_path, scenario):
         for today in days:
             spec = dataclasses.replace(spec0, today=today)
             defs.resources["catalog"].add(spec)
-            warehouse.sync_simulated_rows(SMALL.name, simulate_tenant(spec), "simulator", world_fingerprint(spec),
+            warehouse.sync_simulated_rows(SMALL.name, simulate_tenant(spec), "simulator", spec.world,
                                           TIME_COLUMNS)
         with warehouse.connect(SMALL.name) as con:
             return {name: con.execute(f"SELECT * FROM {name} ORDER BY ALL").df() for name in RAW_TABLES}  # noqa: S608

@@ -235,11 +235,15 @@ CREATE TABLE IF NOT EXISTS usecase_feature_state (
 
 
 def feature_build_state(con: duckdb.DuckDBPyConnection, uc: UseCase) -> dict | None:
-    """The last build of the use case's feature table: ``built_as_of`` (its clock) and ``built_since``."""
+    """The last build of the use case's feature table: ``built_as_of`` (its clock), ``built_since``
+    (the start of time: a full build), ``view_version`` and ``raw_before`` (``_raw_before`` then)."""
     con.execute(FEATURE_STATE_DDL)
-    row = con.execute("SELECT built_as_of, built_since FROM usecase_feature_state WHERE use_case = ?",
-                      [uc.name]).fetchone()
-    return None if row is None else {"built_as_of": pd.Timestamp(row[0]), "built_since": pd.Timestamp(row[1])}
+    row = con.execute("SELECT view_version, built_as_of, raw_before, built_since FROM usecase_feature_state "
+                      "WHERE use_case = ?", [uc.name]).fetchone()
+    if row is None:
+        return None
+    return {"view_version": row[0], "built_as_of": pd.Timestamp(row[1]), "raw_before": row[2],
+            "built_since": pd.Timestamp(row[3])}
 
 
 def _raw_before(con: duckdb.DuckDBPyConnection, uc: UseCase, before: pd.Timestamp) -> str:
@@ -271,15 +275,13 @@ def build_feature_table(con: duckdb.DuckDBPyConnection, uc: UseCase) -> int:
     as_of = clock(con, uc)
     sql = uc.feature_sql
     table, version = _ident(feature_table(uc)), feature_view_version(uc)
-    con.execute(FEATURE_STATE_DDL)
-    state = con.execute("SELECT view_version, built_as_of, raw_before FROM usecase_feature_state WHERE use_case = ?",
-                        [uc.name]).fetchone()
+    state = feature_build_state(con, uc)
     exists = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?",
                          [feature_table(uc)]).fetchall()[0][0]
     since = START_OF_TIME
-    if state is not None and exists and state[0] == version:
-        built = pd.Timestamp(state[1])
-        if built <= as_of and _raw_before(con, uc, built) == state[2]:
+    if state is not None and exists and state["view_version"] == version:
+        built = state["built_as_of"]
+        if built <= as_of and _raw_before(con, uc, built) == state["raw_before"]:
             since = built
     params = _feature_params(uc, as_of, since)
     _check_output(con, sql, params, feature_columns(uc), "the feature SQL", str(Path(uc.folder or ".") / uc.features.sql))

@@ -64,11 +64,6 @@ def simulate_tenant(spec: TenantSpec) -> dict[str, pd.DataFrame]:
 TIME_COLUMNS = {name: table.time_column for name, table in RAW_TABLES.items()}
 
 
-def world_fingerprint(spec: TenantSpec) -> str:
-    """Identifies the simulated world of a tenant, whatever its clock (``TenantSpec.world``)."""
-    return spec.world
-
-
 def _cut(horizon: dict[str, pd.DataFrame], spec: TenantSpec) -> dict[str, pd.DataFrame]:
     """The part of the simulated world that has happened before the tenant's clock."""
     until = pd.Timestamp(SIMULATION_START) + pd.Timedelta(days=spec.visible_days)
