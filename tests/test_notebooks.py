@@ -232,9 +232,12 @@ def test_model_report_has_curves_confusion_matrix_explanations_and_fairness(plat
     notebook, html_path = _check_paths(platform_home, meta, "model_report")
     registry = platform_home["defs"].resources["registry"]
     champion = str(registry.alias_version(TEST_TENANT.name, CHAMPION).version)
-    # The asset reports the challenger; in the test home it is also the champion.
-    assert meta["model_version"] == str(registry.alias_version(TEST_TENANT.name, CHALLENGER).version)
-    assert meta["champion_version"] == champion and meta["is_champion"] is True
+    # The asset reports the challenger, or the champion when there is none (the session home's
+    # aliases depend on which test modules ran before this one in its worker).
+    reported = str((registry.alias_version(TEST_TENANT.name, CHALLENGER)
+                    or registry.alias_version(TEST_TENANT.name, CHAMPION)).version)
+    assert meta["model_version"] == reported
+    assert meta["champion_version"] == champion and meta["is_champion"] is (reported == champion)
     assert 0.75 <= meta["roc_auc"] <= 0.95 and meta["threshold"] == 0.3
 
     # ROC+PR, calibration, confusion matrix, importance, explanations
