@@ -145,7 +145,7 @@ def _tiny_model_text() -> str:
 
 def _stage_context(ctx: Path) -> dict:
     """A build context as the repository root looks after `make demo`: code + .mlops/serving."""
-    for folder in ("bentos", "mlops", "mlops/core", "resources"):
+    for folder in ("bentos", "mlops", "mlops/core", "resources", "usecases", "usecases/churn"):
         for path in (REPO / folder).iterdir():
             if path.is_file() and path.suffix in (".py", ".yaml", ".txt"):
                 (ctx / folder).mkdir(parents=True, exist_ok=True)
@@ -375,6 +375,11 @@ def test_bento_has_every_module_and_package_its_code_imports(bentos, variant):
         (src / (m.replace(".", "/") + ".py")).exists() or (src / m.replace(".", "/") / "__init__.py").exists()
     )]
     assert not missing, f"add to {VARIANTS[variant]['bentofile']} include: {missing}"
+    # ... and the declarations its modules read: churn's tables give the category levels.
+    from mlops.core.vocabulary import CHURN_TABLES_FILE
+
+    declared = CHURN_TABLES_FILE.relative_to(REPO)
+    assert (src / declared).is_file(), f"add to {VARIANTS[variant]['bentofile']} include: {declared}"
     distributions = md.packages_distributions()
     reqs = _bento_requirements(path)
     needed = {_canonical(d) for top in _third_party_imports(modules, REPO) for d in distributions.get(top, [top])}

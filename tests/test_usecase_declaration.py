@@ -90,3 +90,49 @@ def test_the_cli_checks_and_lists_declarations(tmp_path):
     bad = subprocess.run([str(MLOPS), "usecase", "check", str(folder)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert "label.horizon_days: Input should be greater than or equal to 0" in bad.stderr
+
+
+def test_churn_declares_its_raw_tables_in_its_folder_and_the_schemas_are_read_from_there():
+    """Churn's raw tables are a use case's ``tables`` (``usecases/churn/tables.yaml``): the warehouse's
+    DDL, the inbox's validation and the domain's category levels all come from that file."""
+    import pandas as pd
+    import pandera.errors
+
+    from mlops.core import vocabulary
+    from resources.schemas import ACCOUNTS_FILE, ATTRIBUTE_NAMES, RAW_TABLES
+
+    assert Path(__file__).resolve().parents[1] / "usecases/churn/tables.yaml" == vocabulary.CHURN_TABLES_FILE
+    assert set(RAW_TABLES) == {"raw_accounts", "raw_account_attributes", "raw_usage_events", "raw_billing_events",
+                               "raw_support_tickets", "raw_churn_events"}
+    assert ATTRIBUTE_NAMES == ("plan", "seats", "mrr") and vocabulary.PLANS == ("starter", "pro", "enterprise")
+    # An accounts file: the static attributes, the current plan/seats/MRR, and valid_from if it has one.
+    row = {"account_id": "a1", "signup_date": "2026-01-05", "region": "eu", "segment": "smb", "company_size": 40,
+           "plan": "pro", "seats": 12, "mrr": 480.0}
+    schema = ACCOUNTS_FILE.pandera_schema()
+    assert "valid_from" not in schema.validate(pd.DataFrame([row]))
+    assert "valid_from" in schema.validate(pd.DataFrame([{**row, "valid_from": "2026-02-01"}]))
+    # A single declared bound names itself in a rejection; a level outside the vocabulary is refused.
+    with pytest.raises(pandera.errors.SchemaErrors, match=r"greater_than_or_equal_to\(0"):
+        RAW_TABLES["raw_usage_events"].pandera_schema().validate(pd.DataFrame([{
+            "account_id": "a1", "event_date": "2026-01-05", "active_users": -1, "sessions": 3, "feature_events": 2}]),
+            lazy=True)
+    with pytest.raises(pandera.errors.SchemaErrors, match="isin"):
+        schema.validate(pd.DataFrame([{**row, "plan": "platinum"}]), lazy=True)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("tables: [{name: raw_x, key: [id], columns: [{name: other, type: VARCHAR}]}]",
+     "key or time column 'id' is not one of its columns"),
+    ("tables: [{name: raw_x, key: [id], columns: [{name: id, type: TEXT}]}]", "tables.0.columns.0.type"),
+    ("tables: [{name: raw_x, key: [id], columns: [{name: id, type: VARCHAR}]}, "
+     "{name: raw_x, key: [id], columns: [{name: id, type: VARCHAR}]}]", "a table is declared twice"),
+    ("tables: [{name: raw_x", "not valid YAML"),
+])
+def test_a_malformed_tables_file_is_refused_naming_the_file_and_the_field(tmp_path, text, message):
+    from mlops.core.usecase import load_tables
+
+    path = tmp_path / "tables.yaml"
+    path.write_text(text)
+    with pytest.raises(UseCaseError, match="tables.yaml") as caught:
+        load_tables(path)
+    assert message in str(caught.value)

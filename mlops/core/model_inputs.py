@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mlops.core.vocabulary import PLANS, SEGMENTS
-
 if TYPE_CHECKING:  # pandas is imported where a frame is built: the service's hot path never needs it
     import pandas as pd
 
@@ -35,8 +33,10 @@ NUMERIC_FEATURES: tuple[str, ...] = (
     "high_severity_tickets_28d",
     "max_ticket_severity_28d",
 )
-CATEGORICAL_FEATURES: dict[str, tuple[str, ...]] = {"plan": PLANS, "segment": SEGMENTS}
-FEATURE_COLUMNS: tuple[str, ...] = NUMERIC_FEATURES + tuple(CATEGORICAL_FEATURES)
+# Churn's categorical features, its FEATURE_COLUMNS and CHURN_INPUTS (with to_model_frame,
+# to_model_matrix and encode_records, its encoders) are built on first use (``__getattr__`` below):
+# their levels are the domain's, read from churn's declared tables (``mlops.core.vocabulary``), and a
+# declared use case's MLflow model ships this module without them.
 
 class ModelInputs:
     """A model's input: numeric columns, then categorical columns with fixed levels, in a fixed order.
@@ -104,7 +104,19 @@ class ModelInputs:
         return matrix
 
 
-CHURN_INPUTS = ModelInputs(NUMERIC_FEATURES, CATEGORICAL_FEATURES)
-to_model_frame = CHURN_INPUTS.to_model_frame
-to_model_matrix = CHURN_INPUTS.to_model_matrix
-encode_records = CHURN_INPUTS.encode_records
+_CHURN_NAMES = ("CATEGORICAL_FEATURES", "FEATURE_COLUMNS", "CHURN_INPUTS", "to_model_frame", "to_model_matrix",
+                "encode_records")
+
+
+def __getattr__(name: str):
+    """Churn's inputs, built once on first use (PEP 562)."""
+    if name not in _CHURN_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from mlops.core.vocabulary import PLANS, SEGMENTS
+
+    categorical = {"plan": PLANS, "segment": SEGMENTS}
+    inputs = ModelInputs(NUMERIC_FEATURES, categorical)
+    globals().update(CATEGORICAL_FEATURES=categorical, FEATURE_COLUMNS=inputs.columns, CHURN_INPUTS=inputs,
+                     to_model_frame=inputs.to_model_frame, to_model_matrix=inputs.to_model_matrix,
+                     encode_records=inputs.encode_records)
+    return globals()[name]

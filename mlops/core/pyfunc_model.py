@@ -32,7 +32,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
-from mlops.core.model_inputs import CHURN_INPUTS, ModelInputs
+from mlops.core.model_inputs import ModelInputs
 
 BOOSTER_ARTIFACT = "booster"
 BOOSTER_FILE = "model.txt"
@@ -45,7 +45,7 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # wants too). tests/test_mlflow_model.py loads the model without the project on sys.path, so a
 # module missing here fails there.
 PACKAGED_MODULES = ("mlops/__init__.py", "mlops/core/__init__.py", "mlops/core/environment.py",
-                    "mlops/core/vocabulary.py", "mlops/core/model_inputs.py", "mlops/core/pyfunc_model.py")
+                    "mlops/core/model_inputs.py", "mlops/core/pyfunc_model.py")
 EXAMPLE_ROWS = 5
 
 
@@ -68,6 +68,8 @@ def model_config(inputs: ModelInputs, problem_type: str, classes: tuple[str, ...
 def inputs_from_config(config: dict | None) -> ModelInputs:
     """The encoder of a ``model_config``; churn's when there is none (versions logged before it)."""
     if not config:
+        from mlops.core.model_inputs import CHURN_INPUTS
+
         return CHURN_INPUTS
     return ModelInputs(tuple(config["numeric"]), {col: tuple(levels) for col, levels in config["categorical"]})
 
@@ -89,7 +91,7 @@ class FeatureRowsModel(PythonModel):
 
 
 
-def signature(inputs: ModelInputs = CHURN_INPUTS, n_outputs: int = 1) -> ModelSignature:
+def signature(inputs: ModelInputs, n_outputs: int = 1) -> ModelSignature:
     """Inputs: every feature column, numbers as doubles (as the feature views store them) and the
     categories as strings; output: one score per row (``n_outputs`` > 1: a row of class probabilities)."""
     cols = [ColSpec(DataType.string if col in inputs.categorical else DataType.double, col) for col in inputs.columns]
@@ -138,6 +140,8 @@ def log_feature_rows_model(booster: lgb.Booster, rows: pd.DataFrame, *, inputs: 
 def log_churn_model(booster: lgb.Booster, rows: pd.DataFrame, *, registered_model_name: str,
                     pip_requirements: list[str]) -> ModelInfo:
     """Log ``booster`` as the standalone churn pyfunc (binary, ``CHURN_INPUTS``) and register it."""
+    from mlops.core.model_inputs import CHURN_INPUTS
+
     return log_feature_rows_model(booster, rows, inputs=CHURN_INPUTS, problem_type="binary",
                                   registered_model_name=registered_model_name, pip_requirements=pip_requirements)
 

@@ -82,9 +82,13 @@ class ColumnSpec(_Spec):
         checks = []
         if self.isin is not None:
             checks.append(pa.Check.isin(list(self.isin)))
-        if self.min is not None or self.max is not None:
-            checks.append(pa.Check.in_range(self.min if self.min is not None else float("-inf"),
-                                            self.max if self.max is not None else float("inf")))
+        # One bound names itself in a rejection ("greater_than_or_equal_to(0)"), not an infinite range.
+        if self.min is not None and self.max is not None:
+            checks.append(pa.Check.in_range(self.min, self.max))
+        elif self.min is not None:
+            checks.append(pa.Check.ge(self.min))
+        elif self.max is not None:
+            checks.append(pa.Check.le(self.max))
         if self.min_length is not None or self.max_length is not None:
             checks.append(pa.Check.str_length(self.min_length, self.max_length))
         return checks
@@ -99,12 +103,16 @@ class TableSpec(_Spec):
     time_column: str | None = None
     # Inbox files whose name starts with this feed the table (default: the name without "raw_").
     file_prefix: str | None = None
+    # Columns a delivered file may carry or leave out: validated when present, not stored as such
+    # (the ingestion that reads the file decides what they mean).
+    optional_columns: tuple[ColumnSpec, ...] = ()
 
     @model_validator(mode="after")
     def _known_columns(self) -> TableSpec:
-        names = [c.name for c in self.columns]
+        names = [c.name for c in (*self.columns, *self.optional_columns)]
         if len(set(names)) != len(names):
             raise ValueError(f"table {self.name}: duplicate column names")
+        names = [c.name for c in self.columns]
         for col in (*self.key, *([self.time_column] if self.time_column else [])):
             if col not in names:
                 raise ValueError(f"table {self.name}: key or time column {col!r} is not one of its columns")
@@ -113,11 +121,6 @@ class TableSpec(_Spec):
     @property
     def column_names(self) -> list[str]:
         return [c.name for c in self.columns]
-
-    @property
-    def optional_columns(self) -> tuple[ColumnSpec, ...]:
-        """Columns a delivered file may carry beside the declared ones: none for a declared table."""
-        return ()
 
     @property
     def inbox_prefix(self) -> str:
@@ -133,9 +136,14 @@ class TableSpec(_Spec):
 
         return pa.DataFrameSchema(
             {c.name: pa.Column(c.pandas_dtype, checks=c.checks(), nullable=c.nullable, coerce=True)
-             for c in self.columns},
+             for c in self.columns}
+            | {c.name: pa.Column(c.pandas_dtype, checks=c.checks(), nullable=True, coerce=True, required=False)
+               for c in self.optional_columns},
             unique=list(self.key), strict="filter", report_duplicates="all", name=self.name,
         )
+
+    def column(self, name: str) -> ColumnSpec:
+        return next(c for c in (*self.columns, *self.optional_columns) if c.name == name)
 
 
 class EntitySpec(_Spec):
@@ -350,25 +358,51 @@ class UseCase(_Spec):
         return (self.folder / name).read_text()
 
 
-def load_usecase(folder: Path | str) -> UseCase:
-    """Read and check the use case declared in ``folder``; every problem names file and field."""
-    folder = Path(folder).resolve()
-    path = folder / USECASE_FILE
-    if not path.is_file():
-        raise UseCaseError(f"{folder}: no {USECASE_FILE}")
+def _read_mapping(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UseCaseError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise UseCaseError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+    return raw
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+
+
+class _Tables(_Spec):
+    tables: tuple[TableSpec, ...]
+
+
+def load_tables(path: Path | str) -> dict[str, TableSpec]:
+    """The raw tables declared in a YAML file's ``tables`` list (the same fields as a use case's
+    ``tables``), by name; every problem names the file and the field."""
+    path = Path(path)
+    try:
+        tables = _Tables(**_read_mapping(path)).tables
+    except ValidationError as exc:
+        raise UseCaseError(f"{path}: {_problems(exc)}") from None
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise UseCaseError(f"{path}: tables: a table is declared twice")
+    return {t.name: t for t in tables}
+
+
+def load_usecase(folder: Path | str) -> UseCase:
+    """Read and check the use case declared in ``folder``; every problem names file and field."""
+    folder = Path(folder).resolve()
+    path = folder / USECASE_FILE
+    if not path.is_file():
+        raise UseCaseError(f"{folder}: no {USECASE_FILE}")
+    raw = _read_mapping(path)
     if raw.get("name") != folder.name:
         raise UseCaseError(f"{path}: name {raw.get('name')!r} must be the folder's name {folder.name!r}")
     try:
         usecase = UseCase(**raw, folder=folder)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
-        raise UseCaseError(f"{path}: {problems}") from None
+        raise UseCaseError(f"{path}: {_problems(exc)}") from None
     for field, name in (("features.sql", usecase.features.sql), ("label.sql", usecase.label.sql),
                         *((("simulator.module", usecase.simulator.module),) if usecase.simulator else ())):
         if Path(name).name != name or not (folder / name).is_file():
