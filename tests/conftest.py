@@ -12,6 +12,18 @@ from resources.tenants import TenantSpec
 TEST_TENANT = TenantSpec(name="testco", region="eu", n_accounts=1500, seed=11, days=150)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Groups for the two xdist workers (``--dist loadgroup``, pyproject.toml): a worker runs a whole
+    group, in file order. A module is a group (its module fixtures are built once), except that every
+    module using the session's ``platform_home`` joins one group: those modules see that home in the
+    order one process gives them (some move its aliases, and later ones expect what earlier ones
+    left), and it is built once instead of once per worker."""
+    shared = {item.module.__name__ for item in items if "platform_home" in getattr(item, "fixturenames", ())}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("platform_home" if module in shared else module))
+
+
 def open_instance(home) -> DagsterInstance:
     """The real Dagster instance of a home (not whichever DAGSTER_HOME the process last set)."""
     return DagsterInstance.from_config(str(home / "dagster"))
