@@ -3,6 +3,9 @@ instance inside a temporary MLOPS_HOME."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import pytest
 from dagster import DagsterInstance
 
@@ -12,16 +15,28 @@ from resources.tenants import TenantSpec
 TEST_TENANT = TenantSpec(name="testco", region="eu", n_accounts=1500, seed=11, days=150)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Groups for the two xdist workers (``--dist loadgroup``, pyproject.toml): a worker runs a whole
-    group, in file order. A module is a group (its module fixtures are built once), except that every
-    module using the session's ``platform_home`` joins one group: those modules see that home in the
-    order one process gives them (some move its aliases, and later ones expect what earlier ones
-    left), and it is built once instead of once per worker."""
-    shared = {item.module.__name__ for item in items if "platform_home" in getattr(item, "fixturenames", ())}
-    for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("platform_home" if module in shared else module))
+def pytest_xdist_make_scheduler(config, log):
+    """How the two xdist workers share the suite (``-n 2 --dist loadfile``, pyproject.toml): a worker
+    runs a whole module at a time (its module fixtures are built once), except that every module
+    using the session's ``platform_home`` is one unit, run in file order on one worker: those modules
+    see that home in the order one process gives them (some move its aliases, and later ones expect
+    what earlier ones left), and it is built once instead of once per worker. (A scheduler, not
+    ``xdist_group`` marks: xdist 3.8 renames node ids in a way pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesSharingTheSessionHome(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "platform_home" if _uses_platform_home(str(config.rootpath / module)) else module
+
+    return ModulesSharingTheSessionHome(config, log)
+
+
+@functools.cache
+def _uses_platform_home(path: str) -> bool:
+    return "platform_home" in Path(path).read_text()
 
 
 def open_instance(home) -> DagsterInstance:
