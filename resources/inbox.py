@@ -20,7 +20,8 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaError, SchemaErrors
 
-from resources.schemas import ACCOUNTS_FILE, RAW_TABLES, RawTable
+from mlops.core.usecase import TableSpec
+from resources.schemas import ACCOUNTS_FILE, RAW_TABLES
 
 # Accounts first, so that other files may refer to accounts delivered in the same batch.
 FILE_PREFIXES: dict[str, str] = {
@@ -53,7 +54,7 @@ class InboxOutcome:
     message: str
 
 
-def table_for(path: Path) -> RawTable:
+def table_for(path: Path) -> TableSpec:
     stem = path.name.lower()
     if path.suffix.lower() not in SUFFIXES:
         raise InboxRejection(path, None, f"unsupported file type {path.suffix!r}; use .csv or .parquet")
@@ -78,7 +79,7 @@ def usecase_table_for(path: Path, tables) -> object:
 
 
 def read_and_validate(path: Path, tenant: str, known_tenants: set[str],
-                      tables=None) -> tuple[RawTable, pd.DataFrame]:
+                      tables=None) -> tuple[TableSpec, pd.DataFrame]:
     """Parse and validate one inbox file; raise InboxRejection naming what is wrong. ``tables``: the
     declared tables of a use case (its inbox is ``inbox/<tenant>/<use case>/``); churn's otherwise."""
     table = table_for(path) if tables is None else usecase_table_for(path, tables)
@@ -118,7 +119,7 @@ def read_and_validate(path: Path, tenant: str, known_tenants: set[str],
     return table, validated.reset_index(drop=True)
 
 
-def _parse_csv_types(path: Path, table: RawTable, frame: pd.DataFrame) -> pd.DataFrame:
+def _parse_csv_types(path: Path, table: TableSpec, frame: pd.DataFrame) -> pd.DataFrame:
     """CSV cells arrive as text; convert each declared column and name the first bad cell."""
     frame = frame.copy()
     for col in (*table.columns, *(c for c in table.optional_columns if c.name in frame.columns)):
@@ -143,7 +144,7 @@ def _parse_csv_types(path: Path, table: RawTable, frame: pd.DataFrame) -> pd.Dat
     return frame
 
 
-def _rejection_from_pandera(path: Path, table: RawTable, cases: pd.DataFrame) -> InboxRejection:
+def _rejection_from_pandera(path: Path, table: TableSpec, cases: pd.DataFrame) -> InboxRejection:
     first = cases.iloc[0]
     check = str(first["check"])
     column = first["column"] if isinstance(first["column"], str) else None

@@ -14,10 +14,7 @@ from mlops.core.vocabulary import (
     TICKET_CATEGORIES,
 )
 
-# A raw table's declaration (its DDL and its pandera schema): the type every use case's tables have.
-RawTable = TableSpec
-
-RAW_TABLES: dict[str, RawTable] = dict(CHURN_TABLES)
+RAW_TABLES: dict[str, TableSpec] = dict(CHURN_TABLES)
 
 # The account attributes that change over time, kept as a history in raw_account_attributes: every
 # column after its key.
@@ -37,13 +34,13 @@ ACCOUNTS_FILE = TableSpec(
 )
 
 __all__ = ["ACCOUNTS_FILE", "ATTRIBUTE_COLUMNS", "ATTRIBUTE_HISTORY_SQL", "ATTRIBUTE_NAMES", "BILLING_EVENT_TYPES",
-           "PLANS", "RAW_TABLES", "SEGMENTS", "TICKET_CATEGORIES", "RawTable"]
+           "PLANS", "RAW_TABLES", "SEGMENTS", "TICKET_CATEGORIES"]
 
 # The attribute history with each row's end: valid on the days [valid_from, valid_to); valid_to is
 # NULL for the row in force now.
-ATTRIBUTE_HISTORY_SQL = """
+ATTRIBUTE_HISTORY_SQL = f"""
 SELECT account_id, valid_from,
        lead(valid_from) OVER (PARTITION BY account_id ORDER BY valid_from) AS valid_to,
-       plan, seats, mrr
+       {", ".join(ATTRIBUTE_NAMES)}
 FROM raw_account_attributes
-"""
+"""  # noqa: S608 - the declared column names

@@ -17,7 +17,8 @@ import duckdb
 import pandas as pd
 
 from mlops.core import audit
-from resources.schemas import ATTRIBUTE_NAMES, RAW_TABLES, RawTable
+from mlops.core.usecase import TableSpec
+from resources.schemas import ATTRIBUTE_NAMES, RAW_TABLES
 from resources.settings import PlatformSettings
 from resources.tenants import TenantCatalog, TenantSpec
 
@@ -122,7 +123,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
                         [source, world, newest.to_pydatetime() if newest is not None else None])
         return counts
 
-    def upsert_rows(self, con: duckdb.DuckDBPyConnection, table: RawTable, frame: pd.DataFrame, source: str) -> int:
+    def upsert_rows(self, con: duckdb.DuckDBPyConnection, table: TableSpec, frame: pd.DataFrame, source: str) -> int:
         """Insert rows, replacing existing rows with the same key (caller owns the transaction)."""
         migrate_raw_tables(con)
         con.execute(table.ddl())
@@ -226,7 +227,7 @@ WHERE h.account_id IS NULL OR h.valid_from = n.valid_from
 """
 
 
-def _insert(con: duckdb.DuckDBPyConnection, table: RawTable, frame: pd.DataFrame, source: str) -> int:
+def _insert(con: duckdb.DuckDBPyConnection, table: TableSpec, frame: pd.DataFrame, source: str) -> int:
     cols = table.column_names
     staged = frame[cols].copy()
     staged["source"] = source

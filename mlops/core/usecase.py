@@ -112,9 +112,8 @@ class TableSpec(_Spec):
         names = [c.name for c in (*self.columns, *self.optional_columns)]
         if len(set(names)) != len(names):
             raise ValueError(f"table {self.name}: duplicate column names")
-        names = [c.name for c in self.columns]
         for col in (*self.key, *([self.time_column] if self.time_column else [])):
-            if col not in names:
+            if col not in self.column_names:
                 raise ValueError(f"table {self.name}: key or time column {col!r} is not one of its columns")
         return self
 
@@ -143,7 +142,10 @@ class TableSpec(_Spec):
         )
 
     def column(self, name: str) -> ColumnSpec:
-        return next(c for c in (*self.columns, *self.optional_columns) if c.name == name)
+        for c in (*self.columns, *self.optional_columns):
+            if c.name == name:
+                return c
+        raise KeyError(f"table {self.name} has no column {name!r}")
 
 
 class EntitySpec(_Spec):
