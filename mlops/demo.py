@@ -252,6 +252,8 @@ def _worker_day(tenant: str, day: int, use_cases: tuple[str, ...]) -> dict:
 
 def _day_events(uc: DemoUseCase, result, outcome: dict) -> None:
     """The timeline's events of one daily-cycle run of ``uc`` (into ``outcome``)."""
+    from mlops.core.monitoring import describe_alert
+
     events = outcome["events"]
     for event in result.all_events:
         if not event.is_step_materialization:
@@ -265,9 +267,7 @@ def _day_events(uc: DemoUseCase, result, outcome: dict) -> None:
                 outcome["alert_storage_ids"][uc.name] = None
             # The timeline shows an episode's first alert (the others come daily) and what the loop did.
             for alert in meta.get("decay_alerts", [])[:1]:
-                events.append((uc.name, "decay alert",
-                               f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
-                               f"(chunk {alert['chunk']}, v{meta['model_version']}); episode {episode}",
+                events.append((uc.name, "decay alert", f"{describe_alert(alert, meta['model_version'])}; episode {episode}",
                                f"alert:{episode}"))
             if action in ("retrain", "escalate"):
                 events.append((uc.name, f"loop: {action}", meta.get("loop_reason", "")))

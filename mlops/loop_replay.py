@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score
 
 from assets.training import fit_churn_for_episode
 from mlops.core import loop, modeling
-from mlops.core.monitoring import SCORE, TIMESTAMP, TenantMonitor, monitoring_step
+from mlops.core.monitoring import SCORE, TIMESTAMP, TenantMonitor, describe_alert, monitoring_step
 from mlops.core.names import CHALLENGER, CHAMPION, CHURN
 from mlops.replay import load_world
 from resources.feature_store import (
@@ -153,8 +153,7 @@ class ReplayOutcomes:
                 rules=self.rules, realized_metric=champion.monitor.realized_metric,
                 higher_is_better=champion.monitor.higher_is_better, evidence_days=self.early_after_days or 0)
             for alert in decay:
-                self.emit(d, "decay alert", f"{alert['metric']} {alert['value']:.3f} < {alert['threshold']:.3f} "
-                                            f"(chunk {alert['chunk']}, v{v})")
+                self.emit(d, "decay alert", describe_alert(alert, v))
             if outcome["restored"] is not None:
                 self.emit(d, "restored", f"episode {outcome['restored']}")
             action = outcome["action"]

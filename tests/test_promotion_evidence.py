@@ -254,6 +254,35 @@ def test_few_labels_give_a_wide_interval_and_a_wait():
     assert decision == "wait" and "no ROC AUC evidence" in reason
 
 
+def test_a_handful_of_labelled_positives_is_no_realized_evidence():
+    """900 labelled predictions holding two frauds, the challenger ranking both a little higher: every
+    bootstrap resample that holds a fraud favours it, so the paired interval lies above zero, yet
+    two frauds are no evidence (the fraud benchmark's hard drift promoted such a challenger, PR AUC
+    0.0013 vs 0.0012). Below ``promotion_min_labelled_positives`` the realized comparison does not
+    decide: without an estimate the challenger waits."""
+    rng = np.random.default_rng(7)
+    y = np.zeros(900, dtype=int)
+    y[[10, 500]] = 1
+    champion = rng.random(900)
+    challenger = champion.copy()
+    challenger[[10, 500]] += 0.02
+    comparison = realized_comparison(y, champion, challenger, PR_AUC) | {"labelled_positives": 2}
+    assert comparison["realized_difference"]["low"] > 0
+    loose = SimpleNamespace(**vars(POLICY), promotion_min_labelled_positives=0)
+    assert promotion_decision(comparison, loose, PR_AUC, require_improvement=True)[0] == "promote"
+    strict = SimpleNamespace(**vars(POLICY), promotion_min_labelled_positives=10)
+    decision, reason = promotion_decision(comparison, strict, PR_AUC, require_improvement=True)
+    assert decision == "wait" and "no PR AUC evidence" in reason
+    from resources.monitoring import MonitoringPolicy
+
+    assert MonitoringPolicy().promotion_min_labelled_positives == 10
+    # enough positives: the realized comparison decides again
+    y[rng.choice(900, 40, replace=False)] = 1
+    challenger = champion + 0.3 * y
+    comparison = realized_comparison(y, champion, challenger, PR_AUC) | {"labelled_positives": int(y.sum())}
+    assert promotion_decision(comparison, strict, PR_AUC, require_improvement=True)[0] == "promote"
+
+
 def test_the_policy_confidence_rederives_the_interval():
     y, champion, challenger = binormal(3000, 0.70, 0.74, rho=0.5)
     comparison = realized_comparison(y, champion, challenger)

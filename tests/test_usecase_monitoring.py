@@ -455,6 +455,59 @@ def test_a_collapse_of_average_precision_raises_a_decay_alert_where_roc_auc_woul
     assert lifted.loc[lifted["metric"] == "realized_average_precision", "alert"].all()
 
 
+def test_the_pooled_decay_rule_alerts_where_a_rare_class_daily_chunks_never_stay_under_the_floor():
+    """Rare positives: a day holds a handful of frauds and its realized AP swings across the floor. After
+    a new tactic the daily values straddle the floor, so seven chunks in a row never all alert; the
+    same seven days pooled are far under it, beyond the noise (``decay_rule: pooled``). Without the
+    tactic the pooled rule raises nothing."""
+    import dataclasses
+
+    from mlops.core.monitoring import describe_alert, monitoring_step
+
+    reference = _fraud_like(8000, "2026-01-01", 10, days=10)
+    policy = MonitoringPolicy()
+
+    def step(spec, analysis):
+        monitor = TenantMonitor(policy, reference, spec)
+        _, everything, decay = monitoring_step(monitor, analysis, pd.DataFrame(), set(), monitor.own_bound, policy)
+        return monitor, everything, decay
+
+    consecutive = dataclasses.replace(FRAUD_SPEC, overrides={"consecutive_chunks": 7})
+    pooled = dataclasses.replace(consecutive, decay_rule="pooled")
+    tactic = _fraud_like(2800, "2026-02-05", 20, days=14, new_tactic=True)
+    monitor, everything, decay = step(consecutive, tactic)
+    daily = everything[everything["metric"] == "realized_average_precision"].sort_values("chunk_start")
+    assert not daily["alert"].tail(7).all() and daily["alert"].mean() > 0.5
+    assert decay == []
+    _, _, decay = step(pooled, tactic)
+    assert [(a["metric"], a["chunk"], a["rule"]) for a in decay] == [
+        ("realized_average_precision", "2026-02-18", "pooled")]
+    alert = decay[0]
+    assert alert["value"] < alert["upper_bound"] < monitor.own_bound == pytest.approx(alert["threshold"])
+    assert describe_alert(alert, "1").endswith(f"(7 chunks pooled to 2026-02-18, 99% bound {alert['upper_bound']:.3f}, v1)")
+    assert pd.Timestamp(alert["onset"]) <= pd.Timestamp("2026-02-12")  # the window's first chunk, or an earlier run of alerting chunks
+    for seed in (30, 31, 32):
+        assert step(pooled, _fraud_like(2800, "2026-02-05", seed, days=14))[2] == []
+    # The rule is declared in the monitoring block; a regression has no pooled binary metric.
+    assert MonitorSpec.of(load_usecase(PROJECT_ROOT / "usecases" / "fraud")).decay_rule == "pooled"
+    assert dataclasses.replace(FRAUD_SPEC, decay_rule="consecutive") == FRAUD_SPEC
+    assert pooled.fingerprint(policy) != consecutive.fingerprint(policy)
+    with pytest.raises(ValueError, match="decay_rule 'pooled' judges a binary metric"):
+        MonitorSpec("regression", ("x1",), (), "y", decay_rule="pooled")
+    with pytest.raises(ValueError, match="decay_rule 'sliding' is not a decay rule"):
+        MonitorSpec("binary", ("x1",), (), "y", decay_rule="sliding")
+
+
+def test_an_unknown_key_of_the_monitoring_block_is_an_error(tmp_path):
+    raw = yaml.safe_load(USECASE_YAML)
+    with pytest.raises(ValueError, match=r"monitoring: unknown key\(s\) \['chunk_period', 'consecutive'\]"):
+        UseCase(**{**raw, "monitoring": {"consecutive": 5, "chunk_period": "W", "max_rmse_increase": 0.2}})
+    assert UseCase(**{**raw, "monitoring": {"consecutive_chunks": 5}}).monitoring == {"consecutive_chunks": 5}
+    from mlops.core.usecase import MONITORING_KEYS
+
+    assert set(DECAY_DEFAULTS) <= set(MONITORING_KEYS)  # every decay threshold may be declared
+
+
 def test_max_ap_drop_use_case_over_policy_over_defaults():
     assert decay_thresholds(object())["max_ap_drop"] == DECAY_DEFAULTS["max_ap_drop"] == 0.3
     assert decay_thresholds(SimpleNamespace(max_ap_drop=0.5))["max_ap_drop"] == 0.5

@@ -332,7 +332,7 @@ def after_monitoring(con, use_case: str, results: pd.DataFrame, new_alerts: list
 
         decision = on_decay_alert(con, use_case, alert, now=now, champion_version=champion_version, floor=floor,
                                   challenger_in_shadow=challenger_in_shadow, labels_through=labels_through,
-                                  rules=rules, onset_estimate=onset_estimate(results, alert["metric"]),
+                                  rules=rules, onset_estimate=alert.get("onset") or onset_estimate(results, alert["metric"]),
                                   evidence_days=evidence_days)
         episode = decision.episode
         standing = f"no new alert; episode {episode.episode}'s alert stands: " if alert.get("standing") else ""

@@ -45,7 +45,7 @@ from mlops.core.model_inputs import CATEGORICAL_FEATURES, NUMERIC_FEATURES, Mode
 from mlops.core.names import CHAMPION
 from mlops.core.online import SNAPSHOT_VERSION_REGEX, snapshot_file_name
 from mlops.core.prediction_log import PREDICTION_LOG_TABLE, prediction_log_ddl, prediction_log_table
-from mlops.core.usecase import DECAY_METRICS, decay_metric_problem
+from mlops.core.usecase import DECAY_METRICS, DECAY_RULES, decay_metric_problem, decay_rule_problem
 
 TIMESTAMP = "timestamp"
 SCORE = "score"
@@ -157,6 +157,9 @@ class MonitorSpec:
     # (the use case's ``monitoring.realized_after_days``; a censored label, the same rule for the
     # reference), not on matured labels; 0: matured labels.
     realized_after_days: int = 0
+    # The use case's ``monitoring.decay_rule`` (``mlops.core.usecase.DECAY_RULES``): "" is the default,
+    # consecutive chunks each under the floor; "pooled" judges them pooled as one sample.
+    decay_rule: str = ""
 
     def __post_init__(self):
         if self.problem_type not in _PERFORMANCE:
@@ -172,6 +175,12 @@ class MonitorSpec:
                 raise ValueError(problem)
             if self.decay_on == DECAY_METRICS[self.problem_type][0]:  # the default, named: the same spec
                 object.__setattr__(self, "decay_on", "")
+        if self.decay_rule:
+            problem = decay_rule_problem(self.problem_type, self.decay_rule)
+            if problem:
+                raise ValueError(problem)
+            if self.decay_rule == DECAY_RULES[0]:  # the default, named: the same spec
+                object.__setattr__(self, "decay_rule", "")
 
     @classmethod
     def of(cls, usecase) -> MonitorSpec:
@@ -184,7 +193,8 @@ class MonitorSpec:
                    target=usecase.label.column, classes=tuple(usecase.label.classes or ()),
                    overrides={k: v for k, v in usecase.monitoring.items() if k in DECAY_DEFAULTS},
                    name=usecase.name, decay_on=usecase.monitoring.get("decay_metric") or "",
-                   realized_after_days=int(usecase.monitoring.get("realized_after_days") or 0))
+                   realized_after_days=int(usecase.monitoring.get("realized_after_days") or 0),
+                   decay_rule=usecase.monitoring.get("decay_rule") or "")
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -221,6 +231,8 @@ class MonitorSpec:
             del fields["decay_on"]
         if not self.realized_after_days:  # likewise a spec on matured labels
             del fields["realized_after_days"]
+        if not self.decay_rule:  # and one on the default decay rule
+            del fields["decay_rule"]
         if self.decay_metric != "average_precision":
             del thresholds["max_ap_drop"]
         payload = json.dumps({"format": MONITOR_FORMAT, **fields, "overrides": dict(self.overrides),
@@ -483,6 +495,17 @@ def decay_alerts(results: pd.DataFrame, consecutive: int, metrics: Mapping[str, 
     return found
 
 
+def describe_alert(alert: Mapping, version) -> str:
+    """A decay alert in a line: the metric, its value against the threshold, and where (the chunk, or
+    the pooled chunks and the bound of their interval)."""
+    side = ">" if alert["metric"].endswith(("rmse", "mae")) else "<"
+    where = f"chunk {alert['chunk']}"
+    if alert.get("rule") == "pooled":
+        bound = f", 99% bound {alert['upper_bound']:.3f}" if alert.get("upper_bound") is not None else ""
+        where = f"{alert['consecutive_chunks']} chunks pooled to {alert['chunk']}{bound}"
+    return f"{alert['metric']} {alert['value']:.3f} {side} {alert['threshold']:.3f} ({where}, v{version})"
+
+
 def onset_estimate(results: pd.DataFrame, metric: str) -> pd.Timestamp | None:
     """Where the change began as monitoring sees it: the start of the earliest chunk of the newest
     unbroken run of alerting chunks of ``metric`` (chunks without a value are skipped)."""
@@ -629,11 +652,64 @@ def monitoring_step(monitor: TenantMonitor, analysis: pd.DataFrame, stored: pd.D
     Returns (new results, all results, new decay alerts)."""
     fresh, everything = run_incremental(monitor, analysis, stored, policy)
     fresh, everything = monitor.apply_bound(fresh, bound), monitor.apply_bound(everything, bound)
-    decay = [a for a in monitor.decay_alerts(everything) if (a["metric"], a["chunk"]) not in raised]
+    pooled = monitor.spec.decay_rule == "pooled"
+    candidates = pooled_decay_alerts(monitor, analysis, everything) if pooled else monitor.decay_alerts(everything)
+    decay = [a for a in candidates if (a["metric"], a["chunk"]) not in raised]
     if policy.decay_confidence:
-        decay = [a for a in decay
-                 if decay_evidence(monitor, analysis, everything, a, bound, policy.decay_confidence)[0]]
+        judged = []
+        for alert in decay:
+            significant, upper = decay_evidence(monitor, analysis, everything, alert, bound, policy.decay_confidence)
+            if significant:
+                judged.append(alert | ({"upper_bound": round(upper, 4)} if pooled and upper is not None else {}))
+        decay = judged
     return fresh, everything, decay
+
+
+def pooled_decay_alerts(monitor: TenantMonitor, analysis: pd.DataFrame, results: pd.DataFrame) -> list[dict]:
+    """The ``pooled`` decay rule's alerts before the evidence (``decay_evidence`` judges them): per
+    watched metric, the newest ``consecutive_chunks`` chunks with a value pooled as one sample, when
+    its value is beyond the threshold (realized: the metric over the pooled rows; estimated: the mean
+    of the chunks' estimates). One alert per window, keyed by its newest chunk."""
+    found = []
+    higher = monitor.higher_is_better
+    for metric, side in monitor.spec.decay_metrics.items():
+        rows = results[(results["metric"] == metric) & results["value"].notna()].sort_values("chunk_start")
+        newest = rows.tail(monitor.consecutive)
+        if len(newest) < monitor.consecutive:
+            continue
+        last = newest.iloc[-1]
+        threshold = float(last[side])
+        value = float(newest["value"].mean())
+        if metric.startswith("realized_"):
+            pooled = _pooled_rows(monitor, analysis, newest, labelled=True)
+            y = pooled[monitor.spec.target].to_numpy(dtype=float)
+            if len(pooled) == 0 or len(np.unique(y)) < 2:
+                continue
+            value = float(_metric_function(metric)(y, pooled[SCORE].to_numpy(dtype=float)))
+        if (value < threshold) if higher else (value > threshold):
+            # Where the change began: the window's first chunk, or the start of an unbroken run of
+            # alerting chunks that reaches further back.
+            onset = min(d for d in (pd.Timestamp(newest["chunk_start"].min()), onset_estimate(results, metric))
+                        if d is not None)
+            found.append({"metric": metric, "chunk": str(last["chunk_key"]), "value": value, "threshold": threshold,
+                          "consecutive_chunks": monitor.consecutive, "rule": "pooled", "onset": str(onset)})
+    return found
+
+
+def _pooled_rows(monitor: TenantMonitor, analysis: pd.DataFrame, chunks: pd.DataFrame, labelled: bool) -> pd.DataFrame:
+    """The analysis rows of ``chunks`` (results rows), those with a label only if ``labelled``."""
+    start, end = pd.Timestamp(chunks["chunk_start"].min()), pd.Timestamp(chunks["chunk_end"].max())
+    stamps = pd.to_datetime(analysis[TIMESTAMP])
+    keep = (stamps >= start) & (stamps <= end)
+    if labelled:
+        keep &= analysis[monitor.spec.target].notna()
+    return analysis[keep]
+
+
+def _metric_function(metric: str):
+    from sklearn import metrics
+
+    return metrics.average_precision_score if metric.endswith("average_precision") else metrics.roc_auc_score
 
 
 def decay_evidence(monitor: TenantMonitor, analysis: pd.DataFrame, results: pd.DataFrame, alert: dict,
@@ -655,18 +731,14 @@ def decay_evidence(monitor: TenantMonitor, analysis: pd.DataFrame, results: pd.D
         return True, None
     rows = results[(results["metric"] == metric) & results["value"].notna()].sort_values("chunk_start")
     newest = rows.tail(int(alert.get("consecutive_chunks", 1)))
-    start, end = pd.Timestamp(newest["chunk_start"].min()), pd.Timestamp(newest["chunk_end"].max())
-    stamps = pd.to_datetime(analysis[TIMESTAMP])
     target = monitor.spec.target
     estimated = metric.startswith("estimated_")
-    pooled = analysis[(stamps >= start) & (stamps <= end) & (True if estimated else analysis[target].notna())]
+    pooled = _pooled_rows(monitor, analysis, newest, labelled=not estimated)
     if len(pooled) == 0:
         return True, None
     groups = pooled["account_id"].to_numpy() if "account_id" in pooled else np.arange(len(pooled))
     _, cluster = np.unique(groups, return_inverse=True)
-    from sklearn import metrics
-
-    measure = metrics.average_precision_score if metric.endswith("average_precision") else metrics.roc_auc_score
+    measure = _metric_function(metric)
     rng = np.random.default_rng(0)
     if estimated:
         return _estimated_evidence(monitor, pooled[SCORE].to_numpy(dtype=float), cluster, measure, rng,

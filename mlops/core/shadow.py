@@ -401,6 +401,8 @@ def compare_shadow(pairs: pd.DataFrame, logged: pd.DataFrame, references: dict[s
             scores[role] = score(boosters[version], mature)
             out[f"{role}_realized_{metric.name}"] = _realized(metric, spec, mature[target], scores[role])
         out["labelled_rows"] = len(mature)
+        if spec.problem_type == "binary":
+            out["labelled_positives"] = int((mature[target] == 1).sum())
         out["realized_difference"] = paired_difference(
             mature[target], scores[CHAMPION], scores[CHALLENGER], metric, n_resamples=n_resamples,
             confidence=confidence, seed=seed, spec=spec)
@@ -446,7 +448,8 @@ def promotion_decision(comparison: dict, policy, metric: PromotionMetric = ROC_A
     "retire" and (only with ``require_improvement``) "wait".
 
     Realized ``metric`` on labelled traffic, where there is enough of it
-    (``policy.promotion_min_labelled_rows``), decides: the estimates (CBPE, DLE) assume the relation
+    (``policy.promotion_min_labelled_rows``; for a binary label, holding at least
+    ``policy.promotion_min_labelled_positives`` positives), decides: the estimates (CBPE, DLE) assume the relation
     between features and label has not changed, which is exactly what a concept drift breaks, and
     each model's estimate is calibrated on its own reference. Without labels, the estimates decide.
     The evidence is the comparison's interval of the difference (``realized_difference`` or
@@ -464,7 +467,8 @@ def promotion_decision(comparison: dict, policy, metric: PromotionMetric = ROC_A
     cannot be the improvement asked for); otherwise "wait": keep it in shadow and decide again when
     more labels have matured. An estimate (no labels yet) never retires in this mode: it waits for
     labels. A challenger over the latency budget is retired either way."""
-    labelled = comparison.get("labelled_rows", 0) >= policy.promotion_min_labelled_rows
+    labelled = (comparison.get("labelled_rows", 0) >= policy.promotion_min_labelled_rows
+                and comparison.get("labelled_positives", np.inf) >= getattr(policy, "promotion_min_labelled_positives", 0))
     kind = "realized" if labelled and comparison.get(f"challenger_realized_{metric.name}") is not None else "estimated"
     champ, chall = comparison.get(f"champion_{kind}_{metric.name}"), comparison.get(f"challenger_{kind}_{metric.name}")
     bar = float(getattr(policy, "promotion_min_improvement", 0.0) or 0.0)

@@ -229,6 +229,28 @@ def _realized_after_problem(days, problem_type: str, horizon_days: int) -> str |
     return None
 
 
+# How the decay rule reads the chunks (the use case's ``monitoring.decay_rule``): ``consecutive`` (the
+# default): the newest ``consecutive_chunks`` chunks each under the floor; ``pooled``: those chunks
+# pooled as one sample, its metric's one-sided upper bound under the floor (``decay_confidence``). A
+# rare positive class (fraud: a handful of positives a day) gives daily values that swing across the
+# floor without any drift, so a run of daily chunks each under it comes late or never.
+DECAY_RULES = ("consecutive", "pooled")
+# What a use case's ``monitoring`` block may set: the decay thresholds (``mlops.core.monitoring.
+# DECAY_DEFAULTS``), the decay metric and rule, and the realized labels' age.
+MONITORING_KEYS = ("max_auc_drop", "max_ap_drop", "max_rmse_increase", "consecutive_chunks", "decay_metric",
+                   "decay_rule", "realized_after_days")
+
+
+def decay_rule_problem(problem_type: str, rule: Any) -> str | None:
+    """What is wrong with ``rule`` as the decay rule of a ``problem_type`` use case, or None."""
+    if rule not in DECAY_RULES:
+        return f"monitoring.decay_rule {rule!r} is not a decay rule; known: {list(DECAY_RULES)}"
+    if rule == "pooled" and problem_type != "binary":
+        return (f"monitoring.decay_rule 'pooled' judges a binary metric on pooled chunks; problem_type is "
+                f"{problem_type!r}")
+    return None
+
+
 def decay_metric_problem(problem_type: str, metric: Any) -> str | None:
     """What is wrong with ``metric`` as the decay metric of a ``problem_type`` use case, or None."""
     choices = DECAY_METRICS.get(problem_type, ())
@@ -296,6 +318,13 @@ class UseCase(_Spec):
                              f"{self.problem_type!r}; use one of {_OBJECTIVES[self.problem_type]}")
         if "decay_metric" in self.monitoring:
             problem = decay_metric_problem(self.problem_type, self.monitoring["decay_metric"])
+            if problem:
+                raise ValueError(problem)
+        unknown = sorted(set(self.monitoring) - set(MONITORING_KEYS))
+        if unknown:
+            raise ValueError(f"monitoring: unknown key(s) {unknown}; known: {list(MONITORING_KEYS)}")
+        if "decay_rule" in self.monitoring:
+            problem = decay_rule_problem(self.problem_type, self.monitoring["decay_rule"])
             if problem:
                 raise ValueError(problem)
         if "realized_after_days" in self.monitoring:
