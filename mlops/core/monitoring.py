@@ -423,7 +423,14 @@ class TenantMonitor:
     def realized_metric(self) -> str:
         return f"realized_{self.spec.decay_metric}"
 
-    def decay_alerts(self, results: pd.DataFrame) -> list[dict]:
+    def decay_alerts(self, results: pd.DataFrame, analysis: pd.DataFrame | None = None) -> list[dict]:
+        """The decay rule's alerts, before ``decay_evidence``: ``consecutive_chunks`` chunks each beyond
+        the threshold or, for a spec whose ``decay_rule`` is ``pooled``, the same chunks pooled as one
+        sample (``pooled_decay_alerts``; it reads the ``analysis`` rows)."""
+        if self.spec.decay_rule == "pooled":
+            if analysis is None:
+                raise ValueError("the pooled decay rule judges the pooled analysis rows: pass them")
+            return pooled_decay_alerts(self, analysis, results)
         return decay_alerts(results, self.consecutive, self.spec.decay_metrics)
 
     def report(self, results: pd.DataFrame, decay: list[dict] | None = None) -> MonitoringReport:
@@ -470,7 +477,7 @@ class TenantMonitor:
             parts.append(_tidy_per_column(self.unseen.calculate(analysis).filter(period="analysis").to_df(),
                                           "unseen_values_rate"))
         results = pd.concat(parts, ignore_index=True)
-        return self.report(results)
+        return self.report(results, self.decay_alerts(results, analysis))
 
 
 
@@ -652,15 +659,13 @@ def monitoring_step(monitor: TenantMonitor, analysis: pd.DataFrame, stored: pd.D
     Returns (new results, all results, new decay alerts)."""
     fresh, everything = run_incremental(monitor, analysis, stored, policy)
     fresh, everything = monitor.apply_bound(fresh, bound), monitor.apply_bound(everything, bound)
-    pooled = monitor.spec.decay_rule == "pooled"
-    candidates = pooled_decay_alerts(monitor, analysis, everything) if pooled else monitor.decay_alerts(everything)
-    decay = [a for a in candidates if (a["metric"], a["chunk"]) not in raised]
+    decay = [a for a in monitor.decay_alerts(everything, analysis) if (a["metric"], a["chunk"]) not in raised]
     if policy.decay_confidence:
         judged = []
         for alert in decay:
             significant, upper = decay_evidence(monitor, analysis, everything, alert, bound, policy.decay_confidence)
             if significant:
-                judged.append(alert | ({"upper_bound": round(upper, 4)} if pooled and upper is not None else {}))
+                judged.append(alert | ({} if upper is None else {"upper_bound": round(upper, 4)}))
         decay = judged
     return fresh, everything, decay
 
