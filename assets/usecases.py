@@ -57,7 +57,6 @@ from mlops.core.monitoring import (
     monitoring_step,
     read_monitoring_alerts,
     read_monitoring_results,
-    reference_frame,
     store_report,
     usecase_analysis_frame,
     usecase_reference_frame,
@@ -392,7 +391,10 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
                         con, uc, online_dir(settings, catalog, uc, tenant), champ_v,
                         policy.analysis_window_days + uc.label.horizon_days, origin,
                         early_after_days=uc.label.early_after_days if episode is not None else None)
-                    references = {v: reference_frame(con, v, use_case=name) for v in (champ_v, chall_v)}
+                    # Each version's reference as its monitor has it: labelled as monitoring labels
+                    # (``monitoring.realized_after_days``), so the estimates are of the metric the
+                    # floor and the realized comparison judge, as on the simulated clock.
+                    references = {v: usecase_reference_frame(con, uc, v) for v in (champ_v, chall_v)}
             comparison["require_improvement"] = episode is not None
             if len(pairs) < policy.shadow_min_predictions:
                 decision = "wait"

@@ -46,6 +46,7 @@ import requests
 
 from mlops.core.environment import PROJECT_ROOT, HomeLayout, configure_environment, write_atomic
 from mlops.core.names import CHALLENGER, CHAMPION, CHURN
+from mlops.process_guard import descendants, kill_leftovers
 from resources.tenants import TenantSpec
 
 DEMO_START_DAY = 150  # the clock when the platform is first built: 150 days of history
@@ -63,6 +64,9 @@ SERVICE_WORKERS = 2
 STOP_GRACE_S = 4.0
 STOP_INTERRUPT_S = 3.0
 STOP_CHILDREN_S = 9.0
+# A child's guard kills what is left of it this long after a stop request (before the driver's
+# STOP_CHILDREN_S, and the only bound when the driver was killed outright).
+GUARD_GRACE_S = 7.0
 # The use cases the demo can build and replay (it simulates their traffic), and those it does by
 # default (``--use-cases``): every one is scored, monitored and retrained by the platform, and the
 # drifted tenant's drift hits each of them.
@@ -480,9 +484,11 @@ class ClosedLoopDemo:
 
         def spawn(name: str, argv: list[str]) -> None:
             out = (logs / f"{name}.log").open("ab")
-            # A process group of its own (the driver stops it as a whole), and SIGTERM to it should
-            # the driver die without stopping it (SIGKILL, say).
-            self.processes.append(subprocess.Popen(argv, cwd=PROJECT_ROOT, env=env, stdout=out,
+            # Under a guard (mlops.process_guard), in a process group of its own: a stop request to
+            # the guard ends the command and everything below it within GUARD_GRACE_S. The guard
+            # gets SIGTERM should the driver die without stopping it (SIGKILL, say).
+            guarded = [sys.executable, "-m", "mlops.process_guard", "--grace", str(GUARD_GRACE_S), "--", *argv]
+            self.processes.append(subprocess.Popen(guarded, cwd=PROJECT_ROOT, env=env, stdout=out,
                                                    stderr=subprocess.STDOUT, start_new_session=True,
                                                    preexec_fn=_child_dies_with(os.getpid())))
             self.process_names[self.processes[-1].pid] = name
@@ -502,7 +508,7 @@ class ClosedLoopDemo:
                 pass
             for proc in self.processes:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{proc.args[1:3]} exited early; see {logs}")
+                    raise RuntimeError(f"the {self.process_names[proc.pid]} exited early; see {logs}")
             time.sleep(0.5)
         else:
             raise RuntimeError(f"the service did not become ready; see {logs / 'service.log'}")
@@ -510,12 +516,12 @@ class ClosedLoopDemo:
                                                              f"; Dagster UI http://127.0.0.1:{self.ui_port}"))
 
     def signal_processes(self) -> None:
-        """SIGTERM to each child's process group; remembers their process trees (a BentoML worker,
-        say, lives in a session of its own) for ``stop_processes``."""
-        self.process_trees = {proc.pid: _descendants(proc.pid) for proc in self.processes}
+        """SIGTERM to each child's guard (which passes it on to its process group); remembers their
+        process trees (a BentoML worker, say, lives in a session of its own) for ``stop_processes``."""
+        self.process_trees = {proc.pid: descendants(proc.pid) for proc in self.processes}
         for proc in self.processes:
             if proc.poll() is None:
-                _signal_group(proc.pid, signal.SIGTERM)
+                _signal(proc.pid, signal.SIGTERM)
 
     def stop_processes(self, deadline: float) -> list[str]:
         """Wait for the signalled children until ``deadline``, then SIGKILL their groups and
@@ -529,8 +535,8 @@ class ClosedLoopDemo:
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
-            stopped.append(self.process_names.get(proc.pid, str(proc.args[1:3])))
-        _kill_leftovers([pid for tree in self.process_trees.values() for pid in tree], deadline)
+            stopped.append(self.process_names[proc.pid])
+        kill_leftovers({pid: start for tree in self.process_trees.values() for pid, start in tree.items()}, deadline)
         self.processes.clear()
         return stopped
 
@@ -865,23 +871,6 @@ def _child_dies_with(parent: int):
     return preexec
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _signal(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
@@ -890,28 +879,6 @@ def _signal(pid: int, signum: int) -> None:
 def _signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
-
-
-def _kill_leftovers(pids: list[int], deadline: float) -> None:
-    """SIGKILL the processes of ``pids`` still alive at ``deadline`` (ids checked against their
-    start, so a reused id is never hit)."""
-    starts = {pid: _start_time(pid) for pid in pids}
-    alive = [pid for pid, started in starts.items() if started is not None]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [pid for pid in alive if _start_time(pid) == starts[pid]]
-    for pid in alive:
-        if _start_time(pid) == starts[pid]:
-            _signal(pid, signal.SIGKILL)
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (None when gone or a zombie)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else fields[19]
 
 
 def _quiet() -> dict:
