@@ -127,7 +127,9 @@ def _survivors(tree: list[psutil.Process], timeout: float) -> list[str]:
 
 
 def test_ctrl_c_stops_the_demo_and_everything_it_started(tmp_path):
-    demo = Demo(tmp_path / "home")
+    """Churn alone: fraud adds runs to the same processes (the service, the daemon, the tenant
+    workers), not processes of its own, and a build of both use cases doubles the test's time."""
+    demo = Demo(tmp_path / "home", use_cases="churn")
     try:
         wait_until(demo.replay_started, "the replay's first daily cycle", timeout_s=240, interval_s=0.2)
         tree = demo.tree()
@@ -175,8 +177,8 @@ def test_sigterm_to_the_driver_alone_stops_the_build_and_marks_its_runs_failed(t
 
 def test_no_process_outlives_a_killed_driver(tmp_path):
     """kill -9 of the driver (nothing of it runs to stop the others): the kernel signals its
-    children (PR_SET_PDEATHSIG), and every process the demo started ends within 15 s. (Churn alone:
-    the Ctrl-C test stops the default demo, churn and fraud.)"""
+    children (PR_SET_PDEATHSIG): each child's guard (``mlops.process_guard``) ends its process tree,
+    and every process the demo started ends within 15 s."""
     demo = Demo(tmp_path / "home", use_cases="churn")
     try:
         wait_until(demo.replay_started, "the replay's first daily cycle", timeout_s=240, interval_s=0.2)
