@@ -6,6 +6,7 @@ full daily cycle.
     python -m benchmarks.loop --only none:10 concept_drift:1
     python -m benchmarks.loop --decay-confidence 0.99   # a realized decay must be beyond the accounts' noise
     python -m benchmarks.loop --demo                # the full daily cycle (Dagster, the service) on the demo
+    python -m benchmarks.loop --demo --use-case fraud --seed 7   # ... of fraud, on another draw of acme's world
     python -m benchmarks.loop --use-case fraud --seeds 3   # a declared use case: fraud, PR AUC
 
 The simulated clock (``mlops.loop_replay``) runs each day what the daily cycle and the decay sensor
@@ -30,8 +31,9 @@ on PR AUC (average precision, realized over 7 days of traffic, as churn's ROC AU
 restored within 0.05 PR AUC of the oracle in at most 21 days, and the three others as churn's.
 
 ``--demo`` runs the real demo (Dagster daemon and sensors, BentoML service, daily cycles) and
-prints its detection and promotion days next to the simulated clock's on the same seed: they must
-agree, since both run the same functions on the same data.
+prints its detection, promotion and restoration days next to the simulated clock's on the same
+seed (``--seed``: the drifting tenant's world, default the demo's): they must agree, since both run
+the same functions on the same data.
 """
 
 from __future__ import annotations
@@ -181,14 +183,14 @@ def report(rows: list[dict], tolerance: float, setup: Setup | None = None) -> bo
 DEMO_KINDS = ("decay alert", "promoted", "restored")
 
 
-def replay_demo_tenant(use_case: str, last_day: int) -> tuple[dict, int]:
+def replay_demo_tenant(use_case: str, last_day: int, seed: int | None = None) -> tuple[dict, int]:
     """The simulated clock's first day of each of ``DEMO_KINDS`` on the small demo's drifting tenant,
     replayed from the demo's first day to ``last_day`` (churn: ``LoopReplay``; a declared use case:
     ``UseCaseReplay`` on the tenant's world for it, which stops where the world's labels end: the
     horizon minus the label window). Returns (days, the day the replay stopped)."""
     from mlops.demo import DEMO_START_DAY, demo_tenants
 
-    acme = next(s for s in demo_tenants(small=True) if s.scenario != "none")
+    acme = next(s for s in demo_tenants(small=True, seed=seed) if s.scenario != "none")
     if use_case == "churn":
         from mlops.loop_replay import LoopReplay
 
@@ -206,10 +208,10 @@ def replay_demo_tenant(use_case: str, last_day: int) -> tuple[dict, int]:
     return {k: next((e.day for e in replay.events if e.kind == k), None) for k in DEMO_KINDS}, last_day
 
 
-def demo_check(seed_port: int, use_case: str = "churn") -> int:
+def demo_check(service_port: int, use_case: str = "churn", seed: int | None = None) -> int:
     """The demo's detection, promotion and restoration days of ``use_case`` next to the simulated
-    clock's on the demo's drifting tenant (``replay_demo_tenant``). A day the replay cannot reach
-    (past the world's labels) is reported, not compared."""
+    clock's on the demo's drifting tenant (``replay_demo_tenant``; ``seed``: its world, default the
+    demo's). A day the replay cannot reach (past the world's labels) is reported, not compared."""
     import shutil
     import tempfile
 
@@ -217,12 +219,13 @@ def demo_check(seed_port: int, use_case: str = "churn") -> int:
 
     home = tempfile.mkdtemp(prefix="loop-bench-")
     shutil.rmtree(home, ignore_errors=True)
-    demo = ClosedLoopDemo(home, headless=True, small=True, service_port=seed_port, use_cases=(use_case,))
+    demo = ClosedLoopDemo(home, headless=True, small=True, service_port=service_port, use_cases=(use_case,), seed=seed)
     status = demo.run()
     demo_days = {k: next((e.day for e in demo.events if e.kind == k and e.tenant == "acme"
                           and e.use_case in (use_case, "-")), None) for k in DEMO_KINDS}
-    replay_days, replayed_until = replay_demo_tenant(use_case, max(e.day for e in demo.events) + 1)
-    print(f"\n{use_case}: demo exit status {status}; simulated clock replayed to day {replayed_until}")
+    replay_days, replayed_until = replay_demo_tenant(use_case, max(e.day for e in demo.events) + 1, seed)
+    print(f"\n{use_case} (acme's seed {demo.specs[0].seed}): demo exit status {status}; simulated clock "
+          f"replayed to day {replayed_until}")
     figure = getattr(demo, "alert_to_serving_s", {}).get(("acme", use_case))
     if figure is not None:  # the simulated days of evidence the loop waits for are in it
         print(f"decay alert -> new champion serving: {figure:.1f} s wall")
@@ -252,12 +255,14 @@ def main() -> int:
     parser.add_argument("--demo", action="store_true", help="check the full daily cycle of --use-case against the "
                         "simulated clock (the small demo's drifting tenant)")
     parser.add_argument("--service-port", type=int, default=3011)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="with --demo: the seed of the drifting tenant's world (default: the demo's, 101)")
     parser.add_argument("--decay-confidence", type=float, default=None,
                         help="MonitoringPolicy.decay_confidence (default: the policy's); e.g. 0.99 to require "
                              "a realized decay beyond the noise of the accounts")
     args = parser.parse_args()
     if args.demo:
-        return demo_check(args.service_port, args.use_case)
+        return demo_check(args.service_port, args.use_case, args.seed)
     setup = SETUPS[args.use_case]
     tolerance = setup.tolerance if args.tolerance is None else args.tolerance
     extra = () if args.use_case == "churn" else (args.use_case,)

@@ -164,9 +164,11 @@ def usecase_check(folder: str) -> None:
 @click.option("--ui-port", type=click.IntRange(1, 65535), default=3000, show_default=True)
 @click.option("--use-cases", "use_cases", default=None,
               help="Comma-separated use cases to build and replay: churn, fraud  [default: both]")
+@click.option("--seed", type=int, default=None,
+              help="The seed of the drifted tenant's world (acme)  [default: 101]")
 @click.pass_obj
 def demo(home: str | None, headless: bool, small: bool, reset: bool, max_days: int, until: str, service_port: int,
-         ui_port: int, use_cases: str | None) -> None:
+         ui_port: int, use_cases: str | None, seed: int | None) -> None:
     """The closed loop: build, start Dagster and the service, replay days with concept drift for one
     tenant until the platform has retrained, promoted and restored performance on its own, for
     every use case (churn and payment fraud)."""
@@ -182,7 +184,7 @@ def demo(home: str | None, headless: bool, small: bool, reset: bool, max_days: i
     prepare_home(home, reset=reset)
     raise SystemExit(ClosedLoopDemo(home, headless=headless, small=small, max_days=max_days,
                                     service_port=service_port, ui_port=ui_port,
-                                    until_restored=until == "restored", use_cases=names).run())
+                                    until_restored=until == "restored", use_cases=names, seed=seed).run())
 
 
 @main.command("add-tenant")

@@ -74,21 +74,26 @@ DEMO_USE_CASES = ("churn", "fraud")
 DEFAULT_USE_CASES = ("churn", "fraud")
 
 
-def demo_tenants(small: bool = False) -> list[TenantSpec]:
-    """The default tenants, with concept drift injected for ``acme`` (or a small pair for tests)."""
+DRIFTED_SEED = 101  # the seed of the drifted tenant's world (``acme``); ``--seed`` replays another
+
+
+def demo_tenants(small: bool = False, seed: int | None = None) -> list[TenantSpec]:
+    """The default tenants, with concept drift injected for ``acme`` (or a small pair for tests);
+    ``seed``: acme's world (default ``DRIFTED_SEED``), to check the loop on another draw of it."""
     horizon = WORLD_DAYS
     drift = DEMO_START_DAY + DRIFT_AFTER
+    seed = DRIFTED_SEED if seed is None else seed
     if small:
         # acme's payments come from 3,000 accounts: fraud is rare (about 4 a day then), and with
         # churn's 900 the first champion's holdout holds too few frauds to carry a decay floor.
         return [
-            TenantSpec(name="acme", region="eu", n_accounts=900, seed=101, days=horizon,
+            TenantSpec(name="acme", region="eu", n_accounts=900, seed=seed, days=horizon,
                        scenario="concept_drift", drift_day=drift, today=DEMO_START_DAY,
                        use_case_accounts={"fraud": 3000}),
             TenantSpec(name="globex", region="us", n_accounts=600, seed=202, days=horizon, today=DEMO_START_DAY),
         ]
     return [
-        TenantSpec(name="acme", region="eu", n_accounts=6000, seed=101, days=horizon,
+        TenantSpec(name="acme", region="eu", n_accounts=6000, seed=seed, days=horizon,
                    scenario="concept_drift", drift_day=drift, today=DEMO_START_DAY),
         TenantSpec(name="globex", region="us", n_accounts=3000, seed=202, days=horizon, today=DEMO_START_DAY),
         TenantSpec(name="initech", region="us", n_accounts=1500, seed=303, days=horizon, today=DEMO_START_DAY),
@@ -301,9 +306,11 @@ def _in_flight(instance, tenant: str) -> bool:
 class ClosedLoopDemo:
     def __init__(self, home: str | None, *, headless: bool, small: bool, service_port: int = 3001,
                  ui_port: int = 3000, max_days: int = REPLAY_DAYS, stop_after_promotion_days: int = 1,
-                 until_restored: bool = True, use_cases: tuple[str, ...] = DEFAULT_USE_CASES):
+                 until_restored: bool = True, use_cases: tuple[str, ...] = DEFAULT_USE_CASES,
+                 seed: int | None = None):
         self.root = configure_environment(home)
         self.headless, self.small = headless, small
+        self.specs = demo_tenants(small, seed)
         self.service_url = f"http://127.0.0.1:{service_port}"
         self.service_port, self.ui_port = service_port, ui_port
         self.max_days = max_days
@@ -349,9 +356,9 @@ class ClosedLoopDemo:
         self.settings, self.catalog, self.registry = settings, catalog, registry
         settings.ensure_home()
         registry.ensure_experiment()
-        for spec in demo_tenants(self.small):
+        for spec in self.specs:
             catalog.add(spec)
-        self.tenants = [s.name for s in demo_tenants(self.small)]
+        self.tenants = [s.name for s in self.specs]
         self.instance = DagsterInstance.from_config(str(settings.dagster_home))
         existing = set(self.instance.get_dynamic_partitions("tenant"))
         self.instance.add_dynamic_partitions("tenant", [t for t in self.tenants if t not in existing])
@@ -624,7 +631,7 @@ class ClosedLoopDemo:
 
         entry = self.manifest_entries(DemoUseCase(CHURN))[tenant]
         snapshot = pd.read_parquet(serving_dir(self.root) / entry["snapshot"]["file"], columns=["account_id"])
-        spec = next(s for s in demo_tenants(self.small) if s.name == tenant)
+        spec = next(s for s in self.specs if s.name == tenant)
         churn = simulate_tenant(dataclasses.replace(spec, today=self.day))["raw_churn_events"]
         return live_accounts(snapshot, churn, self.day)
 
@@ -642,7 +649,7 @@ class ClosedLoopDemo:
 
         if tenant not in self.payments:
             uc = load_usecase(PROJECT_ROOT / "usecases" / "fraud")
-            spec = next(s for s in demo_tenants(self.small) if s.name == tenant)
+            spec = next(s for s in self.specs if s.name == tenant)
             self.payments[tenant] = load_simulator(uc)(dataclasses.replace(spec.for_use_case(uc.name), today=None))[
                 "raw_payments"]
         payments = self.payments[tenant]
@@ -748,7 +755,7 @@ class ClosedLoopDemo:
         self.promoted_pending: list[tuple[str, str]] = []
         self.pending_alerts: dict[tuple[str, str], int] = {}
         self.last_request: dict[tuple[str, str], object] = {}
-        drifted = [s for s in demo_tenants(self.small) if s.scenario != "none"]
+        drifted = [s for s in self.specs if s.scenario != "none"]
         self.drifted = [(s.name, uc.name) for s in drifted for uc in self.use_cases]
         print(f"MLOPS_HOME {self.root}; use cases {', '.join(self.use_case_names)}; concept drift for "
               f"{', '.join(f'{s.name} from day {s.drift_day} ({SIMULATION_START + dt.timedelta(days=s.drift_day)})' for s in drifted)}",

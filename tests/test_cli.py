@@ -30,6 +30,18 @@ def test_the_command_is_installed_and_lists_every_command(tmp_path):
         assert command in result.stdout
 
 
+def test_the_demo_seed_draws_another_world_for_the_drifted_tenant_only(tmp_path):
+    """``mlops demo --seed`` (and ``benchmarks.loop --demo --seed``): acme's world, nothing else."""
+    from mlops.demo import DRIFTED_SEED, demo_tenants
+
+    for small in (True, False):
+        default, other = demo_tenants(small), demo_tenants(small, seed=7)
+        assert default[0].scenario != "none" and default[0].seed == DRIFTED_SEED and other[0].seed == 7
+        assert [s.scenario for s in default[1:]] == ["none"] * (len(default) - 1) and default[1:] == other[1:]
+    result = mlops("demo", "--help", home=tmp_path)
+    assert result.returncode == 0 and "--seed" in result.stdout, result.stdout
+
+
 def test_env_points_library_clis_at_the_home_with_telemetry_off(tmp_path):
     result = mlops("env", home=tmp_path)
     assert result.returncode == 0, result.stderr
