@@ -418,3 +418,28 @@ def test_compare_shadow_estimates_a_regression_with_dle():
     decision, reason = promotion_decision(out, POLICY, RMSE)
     assert decision == "promote" and "estimated RMSE" in reason and "DLE sampling error on 1000 shadow" in reason
     assert promotion_decision(out, POLICY, RMSE, require_improvement=True)[0] == "wait"
+
+
+def test_the_estimated_average_precision_and_its_sampling_error_do_not_depend_on_the_global_rng():
+    """NannyML resamples the reference with numpy's global RNG for average precision's sampling
+    error: the platform fits under a fixed seed, so the shadow comparison of the same data gives the
+    same interval in a Dagster run and on the simulated clock, and leaves the caller's RNG alone."""
+    models = {"1": _champion, "2": _challenger}
+    references = {v: _frame(3000, seed, "2024-01-01").pipe(lambda f, v=v: f.assign(score=models[v](f)))
+                  for v, seed in (("1", 1), ("2", 2))}
+    traffic = _frame(2500, 3, "2024-03-01").assign(prediction_id=lambda f: [f"p{i}" for i in range(len(f))])
+    pairs = pd.DataFrame({"prediction_id": traffic["prediction_id"], "champion_score": _champion(traffic),
+                          "challenger_score": _challenger(traffic), "champion_latency_ms": 1.0,
+                          "challenger_latency_ms": 1.0})
+    logged = traffic.assign(score=_champion(traffic), label=np.nan)  # no label yet: the estimate decides
+    runs = []
+    for state in (7, 8):
+        np.random.seed(state)
+        out = compare_shadow(pairs, logged, references, models, spec=SPEC, metric=PR_AUC,
+                             score=lambda booster, rows: booster(rows))
+        runs.append((out["champion_estimated_average_precision_sampling_error"],
+                     out["challenger_estimated_average_precision_sampling_error"],
+                     out["estimated_difference"]["low"], np.random.random()))
+    assert runs[0][:3] == runs[1][:3] and runs[0][0] > 0
+    np.random.seed(7)
+    assert runs[0][3] == np.random.random()  # the caller's random state is as if nothing had run

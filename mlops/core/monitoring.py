@@ -27,6 +27,7 @@ may also choose the decay metric: ``decay_metric``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import pickle
@@ -319,6 +320,23 @@ def reference_performance(reference: pd.DataFrame, spec: MonitorSpec) -> dict[st
             "mae": float(metrics.mean_absolute_error(y, reference[SCORE]))}
 
 
+@contextlib.contextmanager
+def seeded_sampling_errors(seed: int = 0):
+    """Run NannyML fits with numpy's global RNG seeded, then restore its state.
+
+    NannyML 0.13 estimates the sampling error of average precision (binary and multiclass) by
+    resampling the reference with ``np.random.choice``, unseeded: the same reference gave a shadow
+    comparison's CBPE interval of -0.0053..+1.1888 in the demo's Dagster run and one excluding 0 on
+    the simulated clock, a day's difference in a promotion. Under a fixed seed the figures depend on
+    the data alone; the caller's random state is left as it was."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 class TenantMonitor:
     """NannyML calculators fitted on one model version's reference data, for one use case
     (``spec``; churn's by default: the binary case with churn's columns)."""
@@ -351,41 +369,44 @@ class TenantMonitor:
                 bounds["average_precision"] = ConstantThreshold(lower=self.ap_floor)
             else:
                 bounds["roc_auc"] = ConstantThreshold(lower=self.auc_floor)
-        chunking = {"timestamp_column_name": TIMESTAMP, **policy.chunking()}
-        self.univariate = nml.UnivariateDriftCalculator(
-            column_names=features, treat_as_categorical=categorical,
-            continuous_methods=list(policy.continuous_drift_methods),
-            categorical_methods=list(policy.categorical_drift_methods), **chunking,
-            thresholds={"jensen_shannon": ConstantThreshold(upper=policy.jensen_shannon_threshold)},
-        ).fit(reference)
-        # A model's reference (its holdout) spans a few weekly dates only: a threshold from the
-        # spread of so few reference chunks is near zero and alerts on every chunk. The threshold
-        # is the reference's own reconstruction error plus a margin instead.
-        probe = nml.DataReconstructionDriftCalculator(column_names=features, **chunking).fit(reference)
-        reference_error = float(probe.calculate(reference).to_df()[("reconstruction_error", "value")].mean())
-        self.multivariate_threshold = reference_error * (1 + policy.multivariate_drift_margin)
-        self.multivariate = nml.DataReconstructionDriftCalculator(
-            column_names=features, threshold=ConstantThreshold(upper=self.multivariate_threshold),
-            **chunking).fit(reference)
-        metrics = list(spec.metrics)
-        if spec.problem_type == "regression":
-            self.estimator_method = "dle"
-            self.estimator = nml.DLE(feature_column_names=features, y_pred=SCORE, y_true=target, metrics=metrics,
-                                     thresholds=bounds, **chunking).fit(reference)
-            self.realized_calculator = nml.PerformanceCalculator(
-                metrics=metrics, y_true=target, y_pred=SCORE, problem_type="regression", thresholds=bounds,
+        # NannyML draws the resamples of its average-precision sampling error from numpy's global
+        # RNG: fitted under a fixed seed, the same reference gives the same monitor in any process.
+        with seeded_sampling_errors():
+            chunking = {"timestamp_column_name": TIMESTAMP, **policy.chunking()}
+            self.univariate = nml.UnivariateDriftCalculator(
+                column_names=features, treat_as_categorical=categorical,
+                continuous_methods=list(policy.continuous_drift_methods),
+                categorical_methods=list(policy.categorical_drift_methods), **chunking,
+                thresholds={"jensen_shannon": ConstantThreshold(upper=policy.jensen_shannon_threshold)},
+            ).fit(reference)
+            # A model's reference (its holdout) spans a few weekly dates only: a threshold from the
+            # spread of so few reference chunks is near zero and alerts on every chunk. The threshold
+            # is the reference's own reconstruction error plus a margin instead.
+            probe = nml.DataReconstructionDriftCalculator(column_names=features, **chunking).fit(reference)
+            reference_error = float(probe.calculate(reference).to_df()[("reconstruction_error", "value")].mean())
+            self.multivariate_threshold = reference_error * (1 + policy.multivariate_drift_margin)
+            self.multivariate = nml.DataReconstructionDriftCalculator(
+                column_names=features, threshold=ConstantThreshold(upper=self.multivariate_threshold),
                 **chunking).fit(reference)
-        else:
-            self.estimator_method = "cbpe"
-            proba = SCORE if spec.problem_type == "binary" else spec.proba_columns
-            classification = {"y_pred_proba": proba, "y_pred": PREDICTED, "y_true": target,
-                              "problem_type": _NANNYML_PROBLEM[spec.problem_type], "metrics": metrics}
-            self.estimator = nml.CBPE(**classification, thresholds=bounds, **chunking).fit(reference)
-            self.realized_calculator = nml.PerformanceCalculator(**classification, thresholds=bounds,
-                                                                 **chunking).fit(reference)
-        self.missing = nml.MissingValuesCalculator(column_names=features, **chunking).fit(reference)
-        self.unseen = (nml.UnseenValuesCalculator(column_names=categorical, **chunking).fit(reference)
-                       if categorical else None)
+            metrics = list(spec.metrics)
+            if spec.problem_type == "regression":
+                self.estimator_method = "dle"
+                self.estimator = nml.DLE(feature_column_names=features, y_pred=SCORE, y_true=target, metrics=metrics,
+                                         thresholds=bounds, **chunking).fit(reference)
+                self.realized_calculator = nml.PerformanceCalculator(
+                    metrics=metrics, y_true=target, y_pred=SCORE, problem_type="regression", thresholds=bounds,
+                    **chunking).fit(reference)
+            else:
+                self.estimator_method = "cbpe"
+                proba = SCORE if spec.problem_type == "binary" else spec.proba_columns
+                classification = {"y_pred_proba": proba, "y_pred": PREDICTED, "y_true": target,
+                                  "problem_type": _NANNYML_PROBLEM[spec.problem_type], "metrics": metrics}
+                self.estimator = nml.CBPE(**classification, thresholds=bounds, **chunking).fit(reference)
+                self.realized_calculator = nml.PerformanceCalculator(**classification, thresholds=bounds,
+                                                                     **chunking).fit(reference)
+            self.missing = nml.MissingValuesCalculator(column_names=features, **chunking).fit(reference)
+            self.unseen = (nml.UnseenValuesCalculator(column_names=categorical, **chunking).fit(reference)
+                           if categorical else None)
 
     @property
     def own_bound(self) -> float:

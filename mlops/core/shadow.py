@@ -21,7 +21,15 @@ import numpy as np
 import pandas as pd
 
 from mlops.core.model_inputs import to_model_matrix
-from mlops.core.monitoring import CHURN_SPEC, DECISION_THRESHOLD, PREDICTED, SCORE, MonitorSpec, prepare
+from mlops.core.monitoring import (
+    CHURN_SPEC,
+    DECISION_THRESHOLD,
+    PREDICTED,
+    SCORE,
+    MonitorSpec,
+    prepare,
+    seeded_sampling_errors,
+)
 from mlops.core.names import CHALLENGER, CHAMPION
 from mlops.core.prediction_log import prediction_log_table
 
@@ -335,7 +343,8 @@ def _estimated(metric: PromotionMetric, spec: MonitorSpec, reference: pd.DataFra
     else:
         estimator = nml.CBPE(metrics=[metric.name], y_pred_proba=SCORE, y_pred=PREDICTED, y_true=spec.target,
                              problem_type="classification_binary", chunk_number=1)
-    estimator.fit(prepare(reference, spec))
+    with seeded_sampling_errors():
+        estimator.fit(prepare(reference, spec))
     result = estimator.estimate(data.drop(columns=[spec.target])).filter(period="analysis").to_df()
     error = result.get((metric.name, "sampling_error"))
     return float(result[(metric.name, "value")].iloc[0]), float(error.iloc[0]) if error is not None else float("nan")
