@@ -46,7 +46,7 @@ import requests
 
 from mlops.core.environment import PROJECT_ROOT, HomeLayout, configure_environment, write_atomic
 from mlops.core.names import CHALLENGER, CHAMPION, CHURN
-from mlops.process_guard import descendants, kill_leftovers
+from mlops.process_guard import child_dies_with, descendants, die_with_parent, kill_leftovers
 from resources.tenants import TenantSpec
 
 DEMO_START_DAY = 150  # the clock when the platform is first built: 150 days of history
@@ -191,7 +191,7 @@ def _worker_init(home: str) -> None:
     # Dagster's in-process execution maps SIGTERM to its SIGINT handler.
     os.setsid()
     signal.signal(signal.SIGUSR1, _worker_orphaned)
-    _die_with_parent(signal.SIGUSR1)
+    die_with_parent(signal.SIGUSR1)
 
     from dagster import BetaWarning, DagsterInstance, PreviewWarning
 
@@ -497,7 +497,7 @@ class ClosedLoopDemo:
             guarded = [sys.executable, "-m", "mlops.process_guard", "--grace", str(GUARD_GRACE_S), "--", *argv]
             self.processes.append(subprocess.Popen(guarded, cwd=PROJECT_ROOT, env=env, stdout=out,
                                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                                   preexec_fn=_child_dies_with(os.getpid())))
+                                                   preexec_fn=child_dies_with(os.getpid())))
             self.process_names[self.processes[-1].pid] = name
 
         spawn("service", [sys.executable, "-m", "bentoml", "serve", "bentos.service:ChurnService",
@@ -844,38 +844,6 @@ class _Stopper:
             return
         self.received = name
         raise KeyboardInterrupt
-
-
-def _prctl():
-    """libc's ``prctl`` (Linux), or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True).prctl
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(signum: int) -> None:
-    """Ask the kernel to send ``signum`` to this process when its parent dies (Linux)."""
-    prctl = _prctl()
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
-
-
-def _child_dies_with(parent: int):
-    """A ``preexec_fn``: SIGTERM to the child when ``parent`` (the driver) dies, even by SIGKILL.
-    libc is looked up here, before the fork: the child only calls it."""
-    prctl = _prctl()
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the driver died before the request took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-    return preexec
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -30,6 +30,38 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SCAN_INTERVAL_S = 2.0  # how often the command's process tree is read
 
 
+def _prctl():
+    """libc's ``prctl`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int) -> None:
+    """Ask the kernel to send ``signum`` to this process when its parent dies (Linux)."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+
+
+def child_dies_with(parent: int):
+    """A ``preexec_fn``: SIGTERM to the child when ``parent`` (the driver) dies, even by SIGKILL.
+    libc is looked up here, before the fork: the child only calls it."""
+    prctl = _prctl()
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the driver died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
 def descendants(pid: int) -> dict[int, str]:
     """Every process below ``pid`` (Linux /proc; empty elsewhere), with its start time."""
     children: dict[int, list[int]] = {}

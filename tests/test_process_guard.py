@@ -83,9 +83,9 @@ def test_a_guard_whose_parent_is_killed_ends_everything():
     the guard alone, and the guard ends the command's tree."""
     parent_code = (
         "import os, signal, subprocess, sys, time\n"
-        "from mlops.demo import _child_dies_with\n"
+        "from mlops.process_guard import child_dies_with\n"
         f"subprocess.Popen([sys.executable, '-m', 'mlops.process_guard', '--grace', '{GRACE_S}', '--', "
-        f"sys.executable, '-c', {STUBBORN!r}], start_new_session=True, preexec_fn=_child_dies_with(os.getpid()))\n"
+        f"sys.executable, '-c', {STUBBORN!r}], start_new_session=True, preexec_fn=child_dies_with(os.getpid()))\n"
         "time.sleep(120)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=PROJECT_ROOT,
