@@ -82,6 +82,7 @@ from typing import Annotated, Any
 import bentoml
 import numpy as np
 import pydantic_core
+from bentoml._internal.server.http import instruments as _instruments
 from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import Headers
@@ -1229,6 +1230,67 @@ class FastPredictMiddleware:
 
 
 ChurnService.add_asgi_middleware(FastPredictMiddleware)
+
+
+# --- bounded labels for BentoML's request metrics --------------------------------------------------
+# Paths labelled as they are: the service's routes and BentoML's own pages.
+_LABELLED_PATHS = frozenset({"/v1/predict", "/v1/predict_batch", "/", "/docs", "/docs.json", "/schema.json",
+                             "/livez", "/readyz", "/healthz", "/metrics"})
+UNMATCHED_ENDPOINT = "/{unmatched}"
+_RAW_PATH = "mlops.raw_path"
+
+
+def metrics_endpoint(path: str) -> str:
+    """The ``endpoint`` label of a request in BentoML's request metrics: one of the service's routes
+    as it is; ``/v1/<use case>/predict[_batch]`` by its use case when that is deployed, else by the
+    route's template; anything else one label (``UNMATCHED_ENDPOINT``). Labels come from a fixed set,
+    whatever paths clients send."""
+    if path in _LABELLED_PATHS:
+        return path
+    if path.startswith("/static_content/"):  # the Swagger UI's files
+        return "/static_content/{file}"
+    route = _usecase_route(path)
+    if route is not None:
+        use_case, endpoint = route
+        service = _SERVICE[0] if _SERVICE else None
+        deployed = service is not None and (use_case in service.usecases or (use_case == CHURN and service.deployments))
+        return f"/v1/{use_case}/{endpoint}" if deployed else f"/v1/{{use_case}}/{endpoint}"
+    return UNMATCHED_ENDPOINT
+
+
+class _RestorePath:
+    """Hands the request on with the path its client sent (see ``BoundedEndpointMetrics``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if _RAW_PATH in scope:
+            scope = {k: v for k, v in scope.items() if k != _RAW_PATH} | {"path": scope[_RAW_PATH]}
+        await self.app(scope, receive, send)
+
+
+class BoundedEndpointMetrics(_instruments.RunnerTrafficMetricsMiddleware):
+    """BentoML's request metrics (request count, duration histogram, in progress), labelled by
+    ``metrics_endpoint`` instead of the raw path. BentoML 1.4 labels each request by its path, so
+    every distinct path a client sends (a scanner's, a typo, any caller without a key) adds about 20
+    series to every worker for good: 200 requests to made-up paths grew /metrics from 107 to 4,107
+    lines (850 KB). The request itself reaches the service with its own path."""
+
+    def __init__(self, app, **options):
+        super().__init__(_RestorePath(app), **options)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"].startswith("http"):
+            label = metrics_endpoint(scope["path"])
+            if label != scope["path"]:
+                scope = {**scope, "path": label, _RAW_PATH: scope["path"]}
+        await super().__call__(scope, receive, send)
+
+
+# BentoML builds each worker's middleware stack after importing this module, and looks the class up
+# in its module then (``_bentoml_impl.server.app.ServiceAppFactory.middlewares``).
+_instruments.RunnerTrafficMetricsMiddleware = BoundedEndpointMetrics
 
 
 # --- the API contract (/docs.json) ----------------------------------------------------------------

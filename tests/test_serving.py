@@ -197,6 +197,33 @@ def test_health_and_metrics(service):
     assert "/v1/predict" in docs["paths"] and "/v1/predict_batch" in docs["paths"]
 
 
+def test_request_metrics_label_routes_not_the_paths_clients_send(service):
+    """BentoML labels its request metrics by the raw path: each made-up path a client sends, with or
+    without a key, would add series for good. Labels come from the service's routes."""
+    made_up = [f"/scan-{i}-{os.urandom(4).hex()}" for i in range(30)]
+    use_cases = [f"nouc{os.urandom(3).hex()}" for _ in range(30)]
+    for path in made_up:
+        assert requests.get(f"{service['url']}{path}", timeout=5).status_code == 404
+    for name in use_cases:  # an unknown use case is still answered by name: the request keeps its path
+        response = _post(service, f"/v1/{name}/predict", {"tenant": TENANT})
+        assert response.status_code == 404 and name in response.json()["error"], response.text
+    entry, snapshot = _snapshot(service["home"])
+    account = snapshot["account_id"].iloc[3]
+    assert _post(service, "/v1/churn/predict", {"tenant": TENANT, "account_id": account}).status_code == 200
+    assert _post(service, "/v1/predict", {"tenant": TENANT, "account_id": account}).status_code == 200
+
+    metrics = requests.get(f"{service['url']}/metrics", timeout=5).text
+    assert not [line for line in metrics.splitlines() if any(p in line for p in made_up + use_cases)]
+
+    def requests_total(endpoint: str, code: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("bentoml_service_request_total{") and f'endpoint="{endpoint}"' in line
+                   and f'http_response_code="{code}"' in line)
+    assert requests_total("/{unmatched}", "404") >= 30
+    assert requests_total("/v1/{use_case}/predict", "404") >= 30
+    assert requests_total("/v1/churn/predict", "200") >= 1 and requests_total("/v1/predict", "200") >= 1
+
+
 @pytest.fixture(scope="module")
 def with_challenger(service, platform_home):
     """Retrain with the default gates: the new version becomes challenger and is published."""
