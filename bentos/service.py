@@ -964,10 +964,14 @@ class ChurnService:
     # handling (400 for validation errors, the generic 401/403 body), metrics and context. The body
     # is taken whole (a positional-only ``dict`` parameter: BentoML's root input) and validated
     # here by the use case's request model, built from the manifest's declaration.
+    def deployed_use_cases(self) -> set[str]:
+        """The use cases this service answers for: the declared ones deployed, and churn when it is."""
+        return {*self.usecases, *([CHURN] if self.deployments else [])}
+
     def _served_usecase(self, use_case: str) -> ServedUseCase:
         served = self.usecases.get(use_case)
         if served is None:
-            deployed = sorted({*self.usecases, *([CHURN] if self.deployments else [])})
+            deployed = sorted(self.deployed_use_cases())
             raise ServiceError(HTTPStatus.NOT_FOUND,
                                f"unknown use case {use_case!r}; deployed: {', '.join(deployed) or 'none'}")
         return served
@@ -1233,9 +1237,9 @@ ChurnService.add_asgi_middleware(FastPredictMiddleware)
 
 
 # --- bounded labels for BentoML's request metrics --------------------------------------------------
-# Paths labelled as they are: the service's routes and BentoML's own pages.
-_LABELLED_PATHS = frozenset({"/v1/predict", "/v1/predict_batch", "/", "/docs", "/docs.json", "/schema.json",
-                             "/livez", "/readyz", "/healthz", "/metrics"})
+# Paths labelled as they are: churn's routes and BentoML's own pages.
+_LABELLED_PATHS = frozenset({*_FAST_ROUTES, "/", "/docs", "/docs.json", "/schema.json", "/livez", "/readyz",
+                             "/healthz", "/metrics"})
 UNMATCHED_ENDPOINT = "/{unmatched}"
 _RAW_PATH = "mlops.raw_path"
 
@@ -1252,8 +1256,7 @@ def metrics_endpoint(path: str) -> str:
     route = _usecase_route(path)
     if route is not None:
         use_case, endpoint = route
-        service = _SERVICE[0] if _SERVICE else None
-        deployed = service is not None and (use_case in service.usecases or (use_case == CHURN and service.deployments))
+        deployed = bool(_SERVICE) and use_case in _SERVICE[0].deployed_use_cases()
         return f"/v1/{use_case}/{endpoint}" if deployed else f"/v1/{{use_case}}/{endpoint}"
     return UNMATCHED_ENDPOINT
 
