@@ -173,6 +173,7 @@ def demo(home: str | None, headless: bool, small: bool, reset: bool, max_days: i
     tenant until the platform has retrained, promoted and restored performance on its own, for
     every use case (churn and payment fraud)."""
     from mlops.demo import DEFAULT_USE_CASES, DEMO_USE_CASES, ClosedLoopDemo, prepare_home
+    from mlops.process_guard import exit_without_teardown
 
     names = DEFAULT_USE_CASES if use_cases is None else tuple(
         dict.fromkeys(n.strip() for n in use_cases.split(",") if n.strip()))
@@ -182,9 +183,9 @@ def demo(home: str | None, headless: bool, small: bool, reset: bool, max_days: i
                                  f"{', '.join(DEMO_USE_CASES)}", param_hint="--use-cases")
     _quiet_libraries()
     prepare_home(home, reset=reset)
-    raise SystemExit(ClosedLoopDemo(home, headless=headless, small=small, max_days=max_days,
-                                    service_port=service_port, ui_port=ui_port,
-                                    until_restored=until == "restored", use_cases=names, seed=seed).run())
+    code = ClosedLoopDemo(home, headless=headless, small=small, max_days=max_days, service_port=service_port,
+                          ui_port=ui_port, until_restored=until == "restored", use_cases=names, seed=seed).run()
+    exit_without_teardown(code)  # everything it started is stopped and its files written
 
 
 @main.command("add-tenant")
