@@ -200,19 +200,23 @@ class ReplayOutcomes:
 
     def realized_by_day(self, window: int | None = None) -> pd.DataFrame:
         """Realized performance (``metric_name``) of what was served, from every prediction's eventual
-        label, pooled over ``window`` days from each day (days whose labels the horizon has not closed
-        are left out)."""
+        label, pooled over the trailing ``window`` days: the row of ``day`` covers the predictions of
+        days ``first_day`` .. ``day`` (= ``day - window + 1`` .. ``day``), so a day's figure is known on
+        that day and never credits a model with predictions served after it. Windows with a day
+        missing or whose labels the horizon has not closed are left out."""
         window = window or self.realized_window_days
         served = pd.concat([f for f in self.log if f["role"].iat[0] == CHAMPION], ignore_index=True)
         served["y"] = self.eventual_labels(served).to_numpy()
         served = served[served[TIMESTAMP] < self.labels_closed_before()]
         served["day"] = (served[TIMESTAMP] - self.origin).dt.days
         out = []
-        for d in sorted(served["day"].unique()):
-            rows = served[(served["day"] >= d) & (served["day"] < d + window)]
+        for last in sorted(served["day"].unique()):
+            first = last - window + 1
+            rows = served[(served["day"] >= first) & (served["day"] <= last)]
             if rows["day"].nunique() == window and rows["y"].nunique() == 2:
-                out.append({"day": int(d), self.metric_name: self.metric(rows["y"], rows["score"]),
-                            "version": self.served[int(d)]})
+                out.append({"day": int(last), "first_day": int(first),
+                            self.metric_name: self.metric(rows["y"], rows["score"]),
+                            "version": self.served[int(last)]})
         return pd.DataFrame(out)
 
     def summary(self, oracle: float | None = None, tolerance: float = 0.03) -> dict:
@@ -228,7 +232,8 @@ class ReplayOutcomes:
                "promotion_days": [e.day for e in self.events if e.kind == "promoted"]}
         if drift is not None and len(realized):
             value = realized[self.metric_name]
-            after_drift = realized[realized["day"] >= drift]
+            # "before": windows that end before the drift; "after": windows that start on or after it
+            after_drift = realized[realized["first_day"] >= drift]
             out["before"] = float(value[realized["day"] < drift].tail(7).mean())
             out["after_drift"] = float(after_drift[self.metric_name].head(7).mean()) if len(after_drift) else None
             out["final"] = float(value.tail(7).mean())

@@ -194,3 +194,40 @@ def test_an_inherited_floor_judges_the_realized_metric_only():
         assert other["lower_threshold"].tolist() == [0.70, 0.70]
         assert other["alert"].tolist() == before["alert"].tolist()
     assert TenantMonitor.apply_bound(monitor, results, 0.70) is results
+
+
+def test_the_replay_dates_realized_performance_by_the_last_day_it_covers():
+    """A 7-day window of served predictions is known on its last day: a model promoted on day 15 that
+    serves perfectly is restored on day 21, not on a day before it served (the window's first day)."""
+    import numpy as np
+
+    from mlops.core.names import CHAMPION
+    from mlops.loop_replay import ReplayOutcomes
+
+    rng = np.random.default_rng(0)
+    origin = pd.Timestamp("2026-06-01")
+
+    class Replay(ReplayOutcomes):
+        spec = SimpleNamespace(seed=1, scenario="concept_drift", drift_day=10)
+        events: list = []
+        served = {d: ("1" if d < 15 else "2") for d in range(30)}
+
+        def eventual_labels(self, rows):
+            return rows["y_true"]
+
+        def labels_closed_before(self):
+            return origin + pd.Timedelta(days=30)
+
+    replay = Replay()
+    replay.origin, replay.log = origin, []
+    for d in range(30):
+        y = rng.integers(0, 2, 200)
+        score = (y if d >= 15 else 1 - y) + rng.normal(0, 0.1, 200)  # v1 is wrong, v2 right
+        replay.log.append(pd.DataFrame({"role": CHAMPION, "model_version": replay.served[d], "y_true": y,
+                                        "score": score, "prediction_id": [f"{d}-{i}" for i in range(200)],
+                                        "timestamp": origin + pd.Timedelta(days=d, hours=12)}))
+    realized = replay.realized_by_day()
+    assert list(realized["day"]) == list(range(6, 30)) and (realized["day"] - realized["first_day"] == 6).all()
+    summary = replay.summary(oracle=1.0, tolerance=0.03)
+    assert summary["restored_day"] == 21 and summary["days_to_restore"] == 11
+    assert summary["before"] < 0.1 and summary["final"] > 0.97
