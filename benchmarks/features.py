@@ -495,6 +495,26 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+def time_declared(con: duckdb.DuckDBPyConnection, repeat: int) -> tuple[list[float], list[str]]:
+    """Time churn's declared feature view, built by the declared use cases' store, and compare its
+    table with the hand-written ``account_features`` (built just before): every row, exactly."""
+    from mlops.core import usecase_store
+    from mlops.core.environment import PROJECT_ROOT
+    from mlops.core.usecase import load_usecase
+
+    churn = load_usecase(PROJECT_ROOT / "usecases" / "churn", file="declaration.yaml")
+    print("timing DuckDB: churn's declared feature view (mlops.core.usecase_store.build_feature_table)")
+    times, _, _ = timed(lambda: usecase_store.build_feature_table(con, churn), repeat, "declared CTAS")
+    columns = ", ".join(["account_id", "available_at", *churn.features.columns])
+    problems = []
+    for a, b in ((usecase_store.feature_table(churn), FEATURE_TABLE), (FEATURE_TABLE, usecase_store.feature_table(churn))):
+        extra = con.execute(f"SELECT count(*) FROM (SELECT {columns} FROM {a} EXCEPT ALL "  # noqa: S608 - known tables
+                            f"SELECT {columns} FROM {b})").fetchone()[0]
+        if extra:
+            problems.append(f"{extra:,} rows of {a} are not in {b}")
+    return times, problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=DEFAULT_EVENTS, help="usage event rows to simulate")
@@ -503,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="also print EXPLAIN ANALYZE of the feature build (CTAS)"
     )
     parser.add_argument("--no-file", action="store_true", help="skip the build in a DuckDB database file")
+    parser.add_argument("--declared", action="store_true",
+                        help="also time churn's declared feature view (usecases/churn/declaration.yaml, run by "
+                             "mlops.core.usecase_store.build_feature_table) and check it builds the same table")
     args = parser.parse_args(argv)
     repeat = max(3, args.repeat)
 
@@ -532,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"timing DuckDB: resources.feature_store.build_feature_table (CREATE OR REPLACE TABLE {FEATURE_TABLE} AS ...)")
     ctas_times, ctas_cpu, n_rows = timed(lambda: build_feature_table(con), repeat, "duckdb CTAS")
+    declared_times: list[float] = []
+    declared_problems: list[str] = []
+    if args.declared:
+        declared_times, declared_problems = time_declared(con, repeat)
     print(f"timing DuckDB: resources.feature_store.compute_features(con, {origin}, {-weeks}, -1) -> DataFrame")
     query_times, _, _ = timed(lambda: compute_features(con, origin, -weeks, -1), repeat, "duckdb query+df")
     file_times: list[float] = []
@@ -594,12 +621,19 @@ def main(argv: list[str] | None = None) -> int:
         f"| {n_events:,} | {_fmt(ctas_times)} | {_fmt(query_times)} | {file_cell} | {_fmt(pandas_times)} "
         f"| {speedup:.2f}x | {speed_verdict} | {time_verdict} |"
     )
+    if declared_times:
+        print(f"churn's declared feature view (usecase_store.build_feature_table, a full build), best / median: "
+              f"{_fmt(declared_times)} s against {_fmt(ctas_times)} s for the hand-written view "
+              f"({min(declared_times) / ctas_best:.2f}x its time); "
+              + ("the same rows: yes" if not declared_problems else "the same rows: NO: " + "; ".join(declared_problems)))
     if file_times:
         print(
             f"in a database file (the asset's case), best: {min(file_times):.2f} s, "
             f"{pandas_best / min(file_times):.2f}x faster than pandas (the targets apply to the in-memory build)"
         )
     print()
+    if declared_problems:
+        return 1
     if problems:
         print(f"results match: NO ({len(problems)} columns differ)")
         for p in problems:

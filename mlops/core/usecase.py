@@ -166,6 +166,12 @@ class FeatureSpec(_Spec):
     clock_column: str
     # How far back the online snapshot reads: the newest row per entity must be this recent.
     lookback_days: Annotated[int, Field(ge=1, le=3660)] = 120
+    # Whether a daily build may keep the rows available before the last build and compute only the
+    # newer ones (``usecase_store.build_feature_table``). That holds when a row's values and its
+    # ``available_at`` depend on the events before it alone; a view whose rows are anchored to the
+    # clock (churn's weeks end on the day before ``$as_of``, so every row moves by a day each day)
+    # declares ``false`` and is rebuilt over the whole history at every build.
+    incremental: bool = True
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -421,15 +427,22 @@ def load_tables(path: Path | str) -> dict[str, TableSpec]:
     return {t.name: t for t in tables}
 
 
-def load_usecase(folder: Path | str) -> UseCase:
-    """Read and check the use case declared in ``folder``; every problem names file and field."""
+def load_usecase(folder: Path | str, file: str = USECASE_FILE) -> UseCase:
+    """Read and check the use case declared in ``folder`` (its ``file``); every problem names file and
+    field. ``tables`` is a list of tables, or the name of a YAML file in the folder whose ``tables``
+    list declares them (``load_tables``), which the platform's own code may read too."""
     folder = Path(folder).resolve()
-    path = folder / USECASE_FILE
+    path = folder / file
     if not path.is_file():
-        raise UseCaseError(f"{folder}: no {USECASE_FILE}")
+        raise UseCaseError(f"{folder}: no {file}")
     raw = _read_mapping(path)
     if raw.get("name") != folder.name:
         raise UseCaseError(f"{path}: name {raw.get('name')!r} must be the folder's name {folder.name!r}")
+    if isinstance(raw.get("tables"), str):
+        tables_file = raw["tables"]
+        if Path(tables_file).name != tables_file or not (folder / tables_file).is_file():
+            raise UseCaseError(f"{path}: tables: no file {tables_file!r} in {folder}")
+        raw = {**raw, "tables": list(load_tables(folder / tables_file).values())}
     try:
         usecase = UseCase(**raw, folder=folder)
     except ValidationError as exc:

@@ -270,8 +270,9 @@ def build_feature_table(con: duckdb.DuckDBPyConnection, uc: UseCase) -> int:
     are kept (by the feature view's contract they read only events before their ``available_at``)
     and only those from A on are computed again, with ``$since`` = A. Otherwise, and the first
     time, the whole history is built. A daily load of new events so costs a day's rows; a delivery
-    that changes an old row (a corrected payment, a new attribute) rebuilds everything. The
-    state's ``built_since`` says which (the start of time: a full build)."""
+    that changes an old row (a corrected payment, a new attribute) rebuilds everything, and so does
+    every build of a view declared ``features.incremental: false``. The state's ``built_since``
+    says which (the start of time: a full build)."""
     as_of = clock(con, uc)
     sql = uc.feature_sql
     table, version = _ident(feature_table(uc)), feature_view_version(uc)
@@ -279,7 +280,7 @@ def build_feature_table(con: duckdb.DuckDBPyConnection, uc: UseCase) -> int:
     exists = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?",
                          [feature_table(uc)]).fetchall()[0][0]
     since = START_OF_TIME
-    if state is not None and exists and state["view_version"] == version:
+    if uc.features.incremental and state is not None and exists and state["view_version"] == version:
         built = state["built_as_of"]
         if built <= as_of and _raw_before(con, uc, built) == state["raw_before"]:
             since = built
@@ -291,8 +292,9 @@ def build_feature_table(con: duckdb.DuckDBPyConnection, uc: UseCase) -> int:
         con.execute(f"DELETE FROM {table} WHERE {AVAILABLE_AT} >= ?", [since.to_pydatetime()])  # noqa: S608
         con.execute(f"INSERT INTO {table} SELECT * FROM ({_feature_select(uc, sql)}) _new "  # noqa: S608
                     f"WHERE {AVAILABLE_AT} >= $since_", {**_bind(sql, params), "since_": since.to_pydatetime()})
+    raw_before = _raw_before(con, uc, as_of) if uc.features.incremental else ""  # read by incremental builds only
     con.execute("INSERT OR REPLACE INTO usecase_feature_state VALUES (?, ?, ?, ?, ?)",
-                [uc.name, version, as_of.to_pydatetime(), _raw_before(con, uc, as_of), since.to_pydatetime()])
+                [uc.name, version, as_of.to_pydatetime(), raw_before, since.to_pydatetime()])
     return con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]  # noqa: S608
 
 
