@@ -1,22 +1,27 @@
 """Churn as a declared use case (issue 12, the first step of moving churn onto the generated
 lifecycle): ``usecases/churn/declaration.yaml`` with its ``features.sql`` and ``labels.sql``, run by
-the declared use cases' store (``mlops.core.usecase_store``), gives exactly the feature rows, online
-snapshot, training set, early labels and model inputs of the hand-written path
-(``resources.feature_store``, ``mlops.core.model_inputs``) on the same warehouse."""
+the declared use cases' store and model code (``mlops.core.usecase_store``, ``usecase_model``), gives
+exactly the feature rows, online snapshot, training set, early labels, model scores, model inputs,
+gate thresholds and monitoring spec of the hand-written path (``resources.feature_store``,
+``mlops.core.modeling``, ``model_inputs``, ``resources.gates``) on the same warehouse."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from mlops.core import usecase_store
 from mlops.core.environment import PROJECT_ROOT
 from mlops.core.model_inputs import CHURN_INPUTS, ModelInputs
+from mlops.core.modeling import FAIRNESS_ATTRIBUTE
+from mlops.core.monitoring import CHURN_SPEC, MonitorSpec
 from mlops.core.usecase import load_usecase
 from mlops.replay import load_world
 from resources import feature_store
+from resources.schemas import RAW_TABLES
 from resources.tenants import TenantSpec
 
 # A drifting world (concept drift on day 182, attributes that change) cut on day 200.
@@ -85,8 +90,43 @@ def test_the_declared_labels_and_training_set_are_the_hand_written_ones(churn, w
                                   check_exact=True)
 
 
+def test_the_declared_model_scores_as_the_hand_written_one(churn, warehouse):
+    """The same split (the latest quarter of prediction dates held out, a 30-day embargo before it),
+    the same booster, the same scores on the holdout."""
+    from mlops.core import modeling, usecase_model
+
+    feature_store.build_feature_table(warehouse)
+    usecase_store.build_feature_table(warehouse, churn)
+    hand = modeling.time_split(feature_store.build_training_set(warehouse), embargo_days=feature_store.LABEL_HORIZON_DAYS)
+    declared = usecase_model.time_split(churn, usecase_store.build_training_set(warehouse, churn))
+    assert declared.cutoff == hand.cutoff and len(declared.train) == len(hand.train) > 2_000
+    order = ["account_id", "prediction_time"]
+    holdout = hand.holdout.sort_values(order, ignore_index=True)
+    hand_scores = modeling.score(modeling.train_booster(hand.train), holdout)
+    declared_scores = usecase_model.predict(churn, usecase_model.train(churn, declared.train), holdout)
+    assert len(holdout) > 1_000 and 0.01 < hand_scores.mean() < 0.99
+    np.testing.assert_array_equal(declared_scores, hand_scores)
+
+
 def test_the_declared_model_inputs_are_the_hand_written_ones(churn):
     inputs = ModelInputs.of(churn)
     assert inputs.columns == CHURN_INPUTS.columns
     assert inputs.categorical == CHURN_INPUTS.categorical
-    assert churn.tables == tuple(load_usecase(PROJECT_ROOT / "usecases" / "churn", file="declaration.yaml").tables)
+    # The raw tables are churn's one declaration (tables.yaml), which the hand-written path reads too.
+    assert {t.name: t for t in churn.tables} == RAW_TABLES
+    # Monitoring watches the same features, label and metric with the same thresholds.
+    assert MonitorSpec.of(churn) == CHURN_SPEC
+
+
+def test_the_declared_gates_are_the_hand_written_policy(churn):
+    from mlops.core.usecase_model import gate_thresholds
+    from resources.gates import GatePolicy
+
+    gates, policy = gate_thresholds(churn), GatePolicy()
+    assert gates["fairness_attribute"] == FAIRNESS_ATTRIBUTE
+    for declared, hand in (("min_roc_auc", "min_roc_auc"), ("champion_tolerance", "champion_auc_tolerance"),
+                           ("max_expected_calibration_error", "max_expected_calibration_error"),
+                           ("max_fairness_gap", "max_fairness_gap"), ("fairness_min_group_size", "fairness_min_group_size"),
+                           ("fairness_min_class_rows", "fairness_min_class_rows"),
+                           ("max_single_row_p99_ms", "max_single_row_p99_ms"), ("max_model_bytes", "max_model_bytes")):
+        assert gates[declared] == getattr(policy, hand), declared

@@ -275,6 +275,10 @@ class ModelSpec(_Spec):
     num_boost_round: Annotated[int, Field(ge=1, le=100_000)] = 200
     # Rows of the latest prediction dates held out for the gates and as the monitoring reference.
     holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    # Training rows whose label window (this many days from their prediction time) reaches into the
+    # holdout are left out of training, so no label the model learns from overlaps the rows it is
+    # judged on (churn: its 30-day window). 0: every row before the holdout trains.
+    embargo_days: Annotated[int, Field(ge=0, le=3660)] = 0
 
 
 class ServingSpec(_Spec):

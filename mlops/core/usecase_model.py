@@ -71,7 +71,8 @@ GATE_DEFAULTS: dict[str, dict[str, Any]] = {
 def time_split(uc: UseCase, training: pd.DataFrame) -> TimeSplit:
     """Train on the earlier prediction dates, hold out the latest ``model.holdout_fraction`` of them."""
     return modeling_time_split(training, uc.model.holdout_fraction, label=uc.label.column,
-                               classification=uc.problem_type != "regression", who=f"use case {uc.name!r}")
+                               classification=uc.problem_type != "regression", who=f"use case {uc.name!r}",
+                               embargo_days=uc.model.embargo_days)
 
 
 def label_array(uc: UseCase, labels: pd.Series | np.ndarray) -> np.ndarray:
@@ -149,7 +150,7 @@ def fit_for_episode(uc: UseCase, training: pd.DataFrame, early: pd.DataFrame | N
         training, early, change_point, horizon_days=uc.label.horizon_days,
         fit=lambda rows, weight: train(uc, rows, weight=weight), score=lambda booster, rows: predict(uc, booster, rows),
         metric=episode_metric(uc), label=uc.label.column, holdout_fraction=uc.model.holdout_fraction,
-        who=who, acceptable=acceptable, embargo_days=0)
+        who=who, acceptable=acceptable, embargo_days=uc.model.embargo_days)
 
 
 # --- metrics ---------------------------------------------------------------------------------------
