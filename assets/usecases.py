@@ -152,20 +152,15 @@ def usecase_definitions(uc: UseCase) -> dg.Definitions:
     @dg.asset(key=key("training_set"), deps=[features], kinds={"duckdb"},
               description=f"Mature {uc.label.column} labels joined point-in-time to the features of {name}.",
               check_specs=[dg.AssetCheckSpec("training_data_integrity", asset=key("training_set"), blocking=True,
-                                             description="Rows, labels and point-in-time order of the training set.")],
+                                             description="Rows, labels, one row per entity and prediction time, "
+                                                         "point-in-time order and fresh labels.")],
               **common)
     def training_set(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse):
         with warehouse.transaction(context.partition_key) as con:
             frame = usecase_store.build_training_set(con, uc)
-        problems = []
-        if frame.empty:
-            problems.append("no mature labels joined to features")
-        else:
-            if frame[uc.label.column].isna().any():
-                problems.append(f"{int(frame[uc.label.column].isna().sum())} rows without a label")
-            leaks = int((frame["available_at"] > frame["prediction_time"]).sum())
-            if leaks:
-                problems.append(f"{leaks} rows use features newer than their label (leak)")
+            clock = usecase_store.clock(con, uc)
+        problems = usecase_store.training_set_problems(
+            uc, frame, clock, usecase_model.gate_thresholds(uc)["max_label_staleness_days"])
         yield dg.MaterializeResult(metadata={
             "rows": dg.MetadataValue.int(len(frame)),
             "entities": dg.MetadataValue.int(int(frame[uc.entity.key].nunique()) if len(frame) else 0),

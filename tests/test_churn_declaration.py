@@ -128,5 +128,26 @@ def test_the_declared_gates_are_the_hand_written_policy(churn):
                            ("max_expected_calibration_error", "max_expected_calibration_error"),
                            ("max_fairness_gap", "max_fairness_gap"), ("fairness_min_group_size", "fairness_min_group_size"),
                            ("fairness_min_class_rows", "fairness_min_class_rows"),
-                           ("max_single_row_p99_ms", "max_single_row_p99_ms"), ("max_model_bytes", "max_model_bytes")):
+                           ("max_single_row_p99_ms", "max_single_row_p99_ms"), ("max_model_bytes", "max_model_bytes"),
+                           ("max_label_staleness_days", "max_label_staleness_days")):
         assert gates[declared] == getattr(policy, hand), declared
+
+
+def test_the_declared_training_set_check_names_stale_repeated_and_leaking_rows(churn, warehouse):
+    """The blocking integrity check of a declared training set: as the hand-written churn check, it
+    refuses labels older than gates.max_label_staleness_days, repeated rows and leaks."""
+    from mlops.core.usecase_model import gate_thresholds
+
+    usecase_store.build_feature_table(warehouse, churn)
+    frame = usecase_store.build_training_set(warehouse, churn)
+    clock, limit = usecase_store.clock(warehouse, churn), gate_thresholds(churn)["max_label_staleness_days"]
+    assert usecase_store.training_set_problems(churn, frame, clock, limit) == []
+
+    stale = usecase_store.training_set_problems(churn, frame, clock + pd.Timedelta(days=30), limit)
+    assert len(stale) == 1 and "older than gates.max_label_staleness_days 45" in stale[0], stale
+    broken = pd.concat([frame, frame.head(3)], ignore_index=True)
+    broken.loc[0, "available_at"] = broken.loc[0, "prediction_time"] + pd.Timedelta(days=1)
+    assert usecase_store.training_set_problems(churn, broken, clock, limit) == [
+        "3 rows repeat an account and prediction time", "1 rows use features newer than their label (leak)"]
+    assert usecase_store.training_set_problems(churn, frame.head(0), clock, limit) == [
+        "no mature labels joined to features"]

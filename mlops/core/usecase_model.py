@@ -54,6 +54,9 @@ _COMMON_GATES: dict[str, Any] = {
     "fairness_min_class_rows": 20,
     "max_single_row_p99_ms": 10.0,
     "max_model_bytes": 20_000_000,
+    # The training set's newest label may be at most this many days older than the clock (None: not
+    # checked). A blocking check of the training set, not of the model.
+    "max_label_staleness_days": None,
 }
 # Optional binary gates for rare positives (off unless declared): a floor on PR AUC (average
 # precision), and a floor on the recall reached at a fixed precision (``recall_precision``).

@@ -390,6 +390,34 @@ def build_training_set(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFr
     return _labelled_set(con, uc, training_table(uc), _MATURED, {})
 
 
+def training_set_problems(uc: UseCase, frame: pd.DataFrame, clock: pd.Timestamp,
+                          max_staleness_days: int | None = None) -> list[str]:
+    """What makes a training set unfit to train on (empty when nothing): no rows, rows without a
+    label, two rows of one entity and prediction time, a feature row newer than its label (a leak),
+    and, with ``max_staleness_days``, a newest label older than that at ``clock`` (deliveries
+    stopped, so the model would learn from an old world)."""
+    if frame.empty:
+        return ["no mature labels joined to features"]
+    problems = []
+    missing = int(frame[uc.label.column].isna().sum())
+    if missing:
+        problems.append(f"{missing} rows without a label")
+    twice = int(frame.duplicated([uc.entity.key, PREDICTION_TIME]).sum())
+    if twice:
+        problems.append(f"{twice} rows repeat an {uc.entity.name} and prediction time")
+    leaks = int((frame[AVAILABLE_AT] > frame[PREDICTION_TIME]).sum())
+    if leaks:
+        problems.append(f"{leaks} rows use features newer than their label (leak)")
+    if max_staleness_days is not None:
+        newest = pd.Timestamp(frame[PREDICTION_TIME].max())
+        age = (pd.Timestamp(clock) - newest).days
+        if age > int(max_staleness_days):
+            problems.append(f"the newest label (predicted {newest.date()}) is {age} days old at the clock "
+                            f"{pd.Timestamp(clock).date()}: older than gates.max_label_staleness_days "
+                            f"{max_staleness_days}")
+    return problems
+
+
 def build_provisional_set(con: duckdb.DuckDBPyConnection, uc: UseCase) -> pd.DataFrame:
     """Early labels (``label.early_after_days``): the label rows whose window has not closed by the
     clock but that were observed at least ``early_after_days``, with the label as known so far (a
