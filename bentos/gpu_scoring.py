@@ -50,8 +50,8 @@ BACKENDS = ("hummingbird-cuda", "hummingbird-cpu", "lightgbm")
 DEVICES = ("auto", "cuda", "cpu", "lightgbm")
 INSTALL_HINT = (
     "the GPU scorer needs torch and hummingbird-ml, which are not part of the default dependency set; "
-    "install them into the project venv with: "
-    "python3 -m pip --python .venv/bin/python install torch==2.13.0 hummingbird-ml==0.4.12"
+    "install them into the project venv (the versions bentos/gpu-extras.txt pins) with: "
+    "python3 -m pip --python .venv/bin/python install -r bentos/gpu-extras.txt"
 )
 # LightGBM treats |x| <= kZeroThreshold (1e-35f, widened to double) as zero.
 K_ZERO_THRESHOLD = 1.0000000180025095e-35

@@ -298,8 +298,10 @@ def test_gpu_bento(bentos):
     assert "ENV PIP_BREAK_SYSTEM_PACKAGES=" in dockerfile
     assert dockerfile.index("python3-pip") < dockerfile.index("uv venv --python 3.11")
     reqs = _bento_requirements(path)
-    assert reqs["torch"] == "2.13.0"
-    assert reqs["hummingbird-ml"] == "0.4.12"
+    pins = dict(line.split("==") for line in (BENTOS.parent / GPU_EXTRAS).read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert set(pins) == {"torch", "hummingbird-ml"}
+    assert reqs["torch"] == pins["torch"] and reqs["hummingbird-ml"] == pins["hummingbird-ml"]
     assert reqs["lightgbm"] == md.version("lightgbm")
     assert _bundle_files(path) == EXPECTED_BUNDLE | _compiled(bentos["context"] / ".mlops" / "serving")
     for module in ("service.py", "service_gpu.py", "gpu_scoring.py"):
