@@ -719,3 +719,33 @@ def test_delivery_kpis_asset_counts_what_the_audit_log_and_runs_say(platform_hom
     assert metadata["runs"] == len(runs_before) + 1
     assert metadata["failed_runs"] == sum(r.status == dg.DagsterRunStatus.FAILURE for r in runs_before)
     assert metadata["decay_episodes"] == episodes
+
+
+@pytest.mark.parametrize("metric", ["realized_average_precision", "realized_roc_auc"])
+def test_the_batched_bootstrap_metric_is_sklearns(metric):
+    """``batched_binary_metric`` (the bootstraps of ``decay_evidence``, hundreds of draws scored at
+    once) gives sklearn's average precision and ROC AUC: tied scores, sample weights with zeros (a
+    resampled entity drawn no time), many label vectors or many weight vectors, and NaN for a draw
+    with one class, which sklearn refuses."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from mlops.core.monitoring import batched_binary_metric
+
+    sk = average_precision_score if metric.endswith("average_precision") else roc_auc_score
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        n = int(rng.integers(5, 300))
+        score = np.round(rng.random(n), int(rng.integers(1, 4)))  # ties
+        labels = (rng.random((12, n)) < rng.uniform(0.02, 0.5)).astype(float)
+        weights = rng.multinomial(n, np.full(n, 1 / n), size=12).astype(float)
+        for y, w in ((labels, None), (labels[0], weights)):
+            got = batched_binary_metric(metric, y, score, w)
+            assert got.shape == (12,)
+            for b in range(12):
+                yb = labels[b] if w is None else labels[0]
+                keep = np.ones(n, bool) if w is None else w[b] > 0
+                if len(np.unique(yb[keep])) < 2:
+                    assert np.isnan(got[b])
+                    continue
+                expected = sk(yb[keep], score[keep], sample_weight=None if w is None else w[b][keep])
+                assert abs(got[b] - expected) < 1e-12, (b, got[b], expected)
