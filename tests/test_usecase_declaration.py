@@ -57,6 +57,30 @@ def test_a_bad_declaration_is_refused_naming_the_file_and_field(tmp_path, change
     assert str(folder / "usecase.yaml") in str(err.value)
 
 
+def test_the_tables_may_be_a_file_of_the_folder_and_a_missing_or_bad_one_is_named(tmp_path):
+    folder = write_spend_usecase(tmp_path)
+    declaration = yaml.safe_load((folder / "usecase.yaml").read_text())
+    (folder / "tables.yaml").write_text(yaml.safe_dump({"tables": declaration["tables"]}))
+    edited(folder, lambda d: d.update(tables="tables.yaml"))
+    assert [t.name for t in load_usecase(folder).tables] == ["raw_customers", "raw_orders"]
+
+    for name, message in (("nowhere.yaml", "tables: no file 'nowhere.yaml'"), ("../tables.yaml", "tables: no file")):
+        edited(folder, lambda d, name=name: d.update(tables=name))
+        with pytest.raises(UseCaseError, match=message):
+            load_usecase(folder)
+    edited(folder, lambda d: d.update(tables="tables.yaml"))
+    (folder / "tables.yaml").write_text(yaml.safe_dump({"tables": [{**declaration["tables"][0], "key": ["nope"]}]}))
+    with pytest.raises(UseCaseError) as err:
+        load_usecase(folder)
+    assert str(folder / "tables.yaml") in str(err.value) and "nope" in str(err.value)
+    # Another file name: the declaration a folder keeps beside (churn's, until it is discovered).
+    (folder / "usecase.yaml").rename(folder / "draft.yaml")
+    with pytest.raises(UseCaseError, match="no usecase.yaml"):
+        load_usecase(folder)
+    (folder / "tables.yaml").write_text(yaml.safe_dump({"tables": declaration["tables"]}))
+    assert load_usecase(folder, file="draft.yaml").name == "spend"
+
+
 def test_sql_that_is_not_a_select_is_refused(tmp_path):
     folder = write_spend_usecase(tmp_path)
     (folder / "labels.sql").write_text("DROP TABLE raw_orders")
