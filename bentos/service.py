@@ -964,14 +964,19 @@ class ChurnService:
     # handling (400 for validation errors, the generic 401/403 body), metrics and context. The body
     # is taken whole (a positional-only ``dict`` parameter: BentoML's root input) and validated
     # here by the use case's request model, built from the manifest's declaration.
-    def deployed_use_cases(self) -> set[str]:
-        """The use cases this service answers for: the declared ones deployed, and churn when it is."""
-        return {*self.usecases, *([CHURN] if self.deployments else [])}
+    def deploys(self, use_case: str) -> bool:
+        """Whether this service answers for ``use_case``: a declared one deployed, or churn when it is
+        (asked for every request's metrics label, so no set is built)."""
+        return use_case in self.usecases or (use_case == CHURN and bool(self.deployments))
+
+    def deployed_use_cases(self) -> list[str]:
+        """The use cases this service answers for, sorted (``deploys``)."""
+        return sorted(u for u in {*self.usecases, CHURN} if self.deploys(u))
 
     def _served_usecase(self, use_case: str) -> ServedUseCase:
         served = self.usecases.get(use_case)
         if served is None:
-            deployed = sorted(self.deployed_use_cases())
+            deployed = self.deployed_use_cases()
             raise ServiceError(HTTPStatus.NOT_FOUND,
                                f"unknown use case {use_case!r}; deployed: {', '.join(deployed) or 'none'}")
         return served
@@ -1256,7 +1261,7 @@ def metrics_endpoint(path: str) -> str:
     route = _usecase_route(path)
     if route is not None:
         use_case, endpoint = route
-        deployed = bool(_SERVICE) and use_case in _SERVICE[0].deployed_use_cases()
+        deployed = bool(_SERVICE) and _SERVICE[0].deploys(use_case)
         return f"/v1/{use_case}/{endpoint}" if deployed else f"/v1/{{use_case}}/{endpoint}"
     return UNMATCHED_ENDPOINT
 

@@ -806,10 +806,11 @@ def decay_evidence(monitor: TenantMonitor, analysis: pd.DataFrame, results: pd.D
     if len(np.unique(y)) < 2:
         return True, None
     clusters = cluster.max() + 1
+    uniform = np.full(clusters, 1 / clusters)
     # Resample the entities (each draw a weight per row), in batches of draws scored at once.
     values = np.concatenate([
         batched_binary_metric(metric, y, score, np.stack([
-            rng.multinomial(clusters, np.full(clusters, 1 / clusters))[cluster] for _ in range(size)]))
+            rng.multinomial(clusters, uniform)[cluster] for _ in range(size)]))
         for size in _batches(n_boot, len(y))])
     values = values[~np.isnan(values)]  # a draw with one class has no metric
     if not len(values):
